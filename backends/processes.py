@@ -1,0 +1,159 @@
+"""Process ownership for sessions: spawn in a fresh process group, tag, and kill it all.
+
+Every process a session starts carries `AGENTFLOW_SESSION=<tag>` in its environment.
+Descendants inherit it, so `ProcessGroupOwner.aclose` can find and kill even the ones
+that left the process group (`setsid`, daemons) or were re-parented to init.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+
+log = logging.getLogger(__name__)
+
+SESSION_ENV_MARKER = "AGENTFLOW_SESSION"
+
+
+def pids_with_marker(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries `AGENTFLOW_SESSION=<tag>`."""
+    needle = f"{SESSION_ENV_MARKER}={tag}".encode()
+    found: list[int] = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = Path(entry.path, "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (children first), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = stat.rsplit(")", 1)[-1].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    stack = list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        out.append(child)
+        stack.extend(children.get(child, []))
+    return out
+
+
+def kill_pids(pids: Sequence[int], sig: signal.Signals = signal.SIGKILL) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def session_env(tag: str, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """An environment for a session's process: `base` (default: ours) plus the marker."""
+    env = dict(os.environ if base is None else base)
+    env.update(extra)
+    env[SESSION_ENV_MARKER] = tag
+    return env
+
+
+class ProcessGroupOwner:
+    """Owns every process one session starts; `aclose` leaves none behind.
+
+    Processes are started with `start_new_session=True` (own process group) and the
+    session marker in their environment. Closing sends SIGTERM to each group, waits up
+    to `grace` seconds, then SIGKILLs the groups and sweeps /proc for anything still
+    carrying the marker.
+    """
+
+    def __init__(self, tag: str, *, grace: float = 1.0) -> None:
+        self.tag = tag
+        self.grace = grace
+        self.processes: list[Process] = []
+        self.closed = False
+
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+        **kwargs: Any,
+    ) -> Process:
+        """Start `argv` (never a shell string) in its own process group, tagged with the session."""
+        if self.closed:
+            raise RuntimeError("session processes already closed")
+        process = await anyio.open_process(
+            list(argv),
+            env=session_env(self.tag, env),
+            cwd=cwd,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            **kwargs,
+        )
+        self.processes.append(process)
+        return process
+
+    def pids(self) -> list[int]:
+        """Every live process of this session (spawned directly or descended)."""
+        live = {p.pid for p in self.processes if p.returncode is None}
+        live.update(pids_with_marker(self.tag))
+        return sorted(live)
+
+    async def aclose(self) -> None:
+        """Terminate everything; safe to call twice; never raises."""
+        self.closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._terminate_all()
+        except Exception:
+            log.exception("cleaning up processes of session %s", self.tag)
+
+    async def _terminate_all(self) -> None:
+        live = [p for p in self.processes if p.returncode is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        with anyio.move_on_after(self.grace):
+            for p in live:
+                await p.wait()
+        for p in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+        kill_pids(pids_with_marker(self.tag))
+        for p in self.processes:
+            with anyio.move_on_after(self.grace):
+                await p.wait()
+            await _close_streams(p)
+        self.processes.clear()
+
+
+async def _close_streams(process: Process) -> None:
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
