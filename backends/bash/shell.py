@@ -1,0 +1,276 @@
+"""One persistent bash process driven over pipes.
+
+Each command is written to a private file and `source`d (stdin from /dev/null), so
+quotes can't desync the protocol, a command can't eat the shell's input, and `cd`,
+variables (even `declare`d ones) and functions persist. After it, the shell prints a
+per-shell sentinel with the exit code on stdout and on stderr; the reader stops at the
+sentinel, so a round trip costs well under a millisecond.
+
+Interrupting: the shell runs with `trap 'return 130' INT`, re-armed before every
+command. On timeout or cancellation it gets SIGINT and the processes the command
+started get SIGKILL; `return` inside a sourced file abandons the rest of the command
+(even a busy builtin loop), and the sentinel follows. Only if the shell fails to
+answer is it killed and restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+from backends.base import ProgressFn
+from backends.bash.capture import BoundedCapture, SentinelScanner
+from backends.processes import ProcessGroupOwner, descendants, kill_pids
+
+log = logging.getLogger(__name__)
+
+#: How long a timed-out command's shell gets to print its sentinel after its children die.
+RECOVERY_GRACE = 3.0
+PROGRESS_EVERY = 5.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    truncated: bool
+    stdout_bytes: int
+    stderr_bytes: int
+    duration_ms: float
+    timed_out: bool = False
+    shell_exited: bool = False
+    shell_restarted: bool = False
+
+
+class PersistentShell:
+    """A bash process kept alive across commands; restartable if it dies."""
+
+    def __init__(
+        self,
+        owner: ProcessGroupOwner,
+        *,
+        argv: list[str],
+        env: Mapping[str, str],
+        cwd: str,
+        control_dir: Path,
+        max_output_bytes: int,
+    ) -> None:
+        self.owner = owner
+        self.control_dir = control_dir
+        self.command_file = control_dir / "command.sh"
+        self.argv = argv
+        self.env = dict(env)
+        self.cwd = cwd
+        self.max_output_bytes = max_output_bytes
+        self.marker = f"__AF_{uuid.uuid4().hex}_"
+        self.process: Process | None = None
+        self._scanners: tuple[SentinelScanner, SentinelScanner] | None = None
+        self.restarts = 0
+
+    # -- lifetime --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.process = await self.owner.spawn(
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._scanners = (SentinelScanner(self.marker), SentinelScanner(self.marker))
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def kill(self) -> None:
+        """Kill the shell and everything in its process group."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        kill_pids(descendants(process.pid))
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+    # -- commands --------------------------------------------------------------------
+
+    async def run(self, command: str, time_limit: float, progress: ProgressFn | None = None) -> CommandResult:
+        """Run one command; on timeout the command's processes are killed and the shell kept."""
+        restarted = False
+        if not self.alive:
+            await self.kill()
+            await self.start()
+            self.restarts += 1
+            restarted = True
+        assert self.process is not None
+        assert self.process.stdin is not None
+        pending = _Pending(self.max_output_bytes)
+        started = time.monotonic()
+        started_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+        self._write_command(command)
+        sentinel = f"printf '\\n{self.marker}%d__\\n' \"$__af_rc\""
+        line = (
+            f"trap 'return 130' INT; source {self.command_file} </dev/null\n"
+            f"__af_rc=$?; {sentinel}; {sentinel} >&2\n"
+        )
+        timed_out = False
+        try:
+            await self.process.stdin.send(line.encode("utf-8", "surrogateescape"))
+            with anyio.move_on_after(time_limit):
+                await self._collect(pending, progress, started)
+            if not pending.finished and not pending.exited:
+                timed_out = True
+                self._kill_command(started_ticks)
+                with anyio.move_on_after(RECOVERY_GRACE):
+                    await self._collect(pending, None, started)
+        except BaseException:
+            # Cancelled (client gave up, session destroyed) or the pipe broke: stop the
+            # command, and drop the shell unless it answers promptly.
+            with anyio.CancelScope(shield=True):
+                self._kill_command(started_ticks)
+                with anyio.move_on_after(1.0):
+                    await self._collect(pending, None, started)
+                if not pending.finished or pending.exited:
+                    await self.kill()
+            raise
+        exit_code = pending.codes[0]
+        exited = pending.exited or not pending.finished or not self.alive
+        if exited:
+            exit_code = await self._exit_status() if not timed_out else None
+            await self.kill()
+        out, err = pending.captures
+        return CommandResult(
+            stdout=out.text(),
+            stderr=err.text(),
+            exit_code=130 if timed_out and exit_code is None else exit_code,
+            truncated=out.truncated or err.truncated,
+            stdout_bytes=out.total,
+            stderr_bytes=err.total,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            timed_out=timed_out,
+            shell_exited=exited,
+            shell_restarted=restarted,
+        )
+
+    async def _exit_status(self) -> int | None:
+        if self.process is None:
+            return None
+        with anyio.move_on_after(1.0):
+            return await self.process.wait()
+        return None
+
+    def _write_command(self, command: str) -> None:
+        # Small local write; recreated in case the command deleted it last time.
+        self.control_dir.mkdir(parents=True, exist_ok=True)
+        self.command_file.write_bytes(command.encode("utf-8", "surrogateescape") + b"\n")
+
+    def _kill_command(self, since_ticks: int) -> None:
+        """Interrupt the shell (abandons the command) and SIGKILL what this command started.
+
+        Background jobs started by earlier commands live on.
+        """
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGINT)
+        victims = [pid for pid in descendants(self.process.pid) if _start_ticks(pid) >= since_ticks - 1]
+        kill_pids(victims)
+
+    async def _collect(self, pending: _Pending, progress: ProgressFn | None, started: float) -> None:
+        """Read the streams still short of their sentinel; stop early if the shell exits."""
+        if pending.finished or pending.exited or self.process is None:
+            return
+        assert self._scanners is not None
+        process = self.process
+        streams = (process.stdout, process.stderr)
+
+        async with anyio.create_task_group() as tg:
+
+            async def read(index: int) -> None:
+                stream = streams[index]
+                assert stream is not None
+                code = await _read_to_sentinel(stream, self._scanners[index], pending.captures[index])
+                if code is None:
+                    pending.exited = True
+                    tg.cancel_scope.cancel()
+                pending.codes[index] = code
+                if pending.finished:
+                    tg.cancel_scope.cancel()
+
+            async def watch_exit() -> None:
+                await process.wait()
+                await anyio.sleep(0.2)  # let the pipes drain what the shell wrote last
+                pending.exited = True
+                tg.cancel_scope.cancel()
+
+            async def tick() -> None:
+                while progress is not None:
+                    await anyio.sleep(PROGRESS_EVERY)
+                    elapsed = time.monotonic() - started
+                    await progress(elapsed, None, f"command running for {elapsed:.0f}s")
+
+            for index in (0, 1):
+                if pending.codes[index] is None:
+                    tg.start_soon(read, index)
+            tg.start_soon(watch_exit)
+            if progress is not None:
+                tg.start_soon(tick)
+
+
+class _Pending:
+    """Per-command progress across reads: captures, and each stream's exit code once seen."""
+
+    def __init__(self, cap: int) -> None:
+        self.captures = (BoundedCapture(cap), BoundedCapture(cap))
+        self.codes: list[int | None] = [None, None]
+        self.exited = False
+
+    @property
+    def finished(self) -> bool:
+        return self.codes[0] is not None and self.codes[1] is not None
+
+
+async def _read_to_sentinel(
+    stream: ByteReceiveStream, scanner: SentinelScanner, capture: BoundedCapture
+) -> int | None:
+    code = scanner.feed(b"", capture)
+    while code is None:
+        try:
+            chunk = await stream.receive(65536)
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            scanner.drain(capture)
+            return None
+        code = scanner.feed(chunk, capture)
+    return code
+
+
+def _start_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[-1].split()[19])

@@ -1,0 +1,674 @@
+"""The session engine: workers, explicit and temporary sessions, TTL reaping, calls.
+
+Locking discipline (the original server's global lock across backend I/O is what this
+avoids): registry changes happen between awaits, so they need no lock at all. A new
+session reserves its slot in state CREATING, `initialize` runs with no lock held, and
+the slot is published or rolled back. Calls on one session queue on that session's
+FIFO lock; calls on different sessions never wait for each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+from pydantic import BaseModel, ValidationError
+
+from backends.base import Backend, BackendKind, Image, ProgressFn, ToolContext, ToolResult, ToolSpec
+from session.envelope import Envelope, ResultMeta, failure, success
+from session.errors import (
+    BackendError,
+    ParameterError,
+    ResourceTypeNotFound,
+    ResourceUnavailable,
+    SandboxError,
+    ServiceUnavailable,
+    SessionError,
+    ToolNotFound,
+)
+from session.models import Session, SessionStatus, SessionView, Worker
+from session.validation import describe_validation_error
+
+log = logging.getLogger(__name__)
+
+CLEANUP_TIMEOUT = 30.0
+DEFAULT_TTL = 300.0
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    """A finished tool call: the envelope, plus images to send beside it."""
+
+    envelope: Envelope
+    images: list[Image] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_sessions: int | None = None
+    per_resource: Mapping[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns backends, workers and sessions; an async context manager.
+
+    Leaving it destroys every session, waits for pending cleanups, then shuts the
+    backends down.
+    """
+
+    def __init__(
+        self,
+        backends: Mapping[str, Backend[Any, Any]],
+        *,
+        session_ttl: float = DEFAULT_TTL,
+        limits: Limits | None = None,
+    ) -> None:
+        self.backends: dict[str, Backend[Any, Any]] = dict(backends)
+        self.session_ttl = session_ttl
+        self.limits = limits or Limits()
+        self.workers: dict[str, Worker] = {}
+        self._warm: set[str] = set()
+        self._warm_locks: dict[str, anyio.Lock] = {name: anyio.Lock() for name in self.backends}
+        self._live = 0
+        self._live_by_resource: dict[str, int] = {}
+        self._tg: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._wake_reaper = anyio.Event()
+        self._stopping = False
+
+    # -- lifetime --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        stack.push_async_callback(self._shutdown_backends)
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        self._tg.start_soon(self._reap_forever, name="session-reaper")
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._stopping = True
+        with anyio.CancelScope(shield=True):
+            await self._destroy_everything()
+        assert self._tg is not None
+        assert self._stack is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._tg = None
+
+    async def _destroy_everything(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for worker in list(self.workers.values()):
+                tg.start_soon(self.close_worker, worker.worker_id)
+
+    async def _shutdown_backends(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for name in list(self._warm):
+                try:
+                    with anyio.fail_after(CLEANUP_TIMEOUT):
+                        await self.backends[name].shutdown()
+                except Exception:
+                    log.exception("shutdown of backend %s failed", name)
+            self._warm.clear()
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def backend(self, resource: str) -> Backend[Any, Any]:
+        try:
+            return self.backends[resource]
+        except KeyError:
+            raise ResourceTypeNotFound(
+                f"unknown resource type {resource!r}; this server has: {', '.join(sorted(self.backends))}"
+            ) from None
+
+    def session_backend(self, resource: str) -> Backend[Any, Any]:
+        backend = self.backend(resource)
+        if backend.kind() is BackendKind.SHARED:
+            raise ParameterError(
+                f"{resource!r} is a shared backend: it has no sessions; call its tools directly"
+            )
+        return backend
+
+    def find_tool(self, name: str) -> tuple[str, ToolSpec]:
+        """Resolve `resource:action` (or `resource_action`) to its backend and tool."""
+        resource, sep, action = name.partition(":")
+        if not sep:
+            for candidate in sorted(self.backends, key=len, reverse=True):
+                if name.startswith(candidate + "_"):
+                    resource, action = candidate, name[len(candidate) + 1 :]
+                    break
+            else:
+                raise ToolNotFound(f"unknown tool {name!r}; tools are named resource:action, e.g. 'bash:run'")
+        tools = self.backend(resource).tools()
+        if action not in tools:
+            raise ToolNotFound(
+                f"resource {resource!r} has no tool {action!r}; its tools are: {', '.join(sorted(tools))}"
+            )
+        return resource, tools[action]
+
+    def worker(self, worker_id: str) -> Worker:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = self.workers[worker_id] = Worker(worker_id)
+        return worker
+
+    def _live_session(self, worker_id: str, resource: str) -> Session:
+        worker = self.workers.get(worker_id)
+        session = worker.sessions.get(resource) if worker else None
+        if session is None:
+            have = ", ".join(sorted(worker.sessions)) if worker and worker.sessions else "none"
+            raise SessionError(
+                f"this worker has no {resource!r} session (its sessions: {have}); "
+                f"create one with create_session({resource!r})"
+            )
+        return session
+
+    # -- warmup ----------------------------------------------------------------------
+
+    async def ensure_warm(self, resource: str) -> bool:
+        """Warm a backend once; returns True if this call did the warming."""
+        backend = self.backend(resource)
+        if resource in self._warm or backend.kind() is BackendKind.SESSION:
+            return False
+        async with self._warm_locks[resource]:
+            if resource in self._warm:
+                return False
+            try:
+                await backend.warmup()
+            except SandboxError:
+                raise
+            except Exception as exc:
+                log.exception("warmup of %s failed", resource)
+                raise BackendError(f"warmup of {resource!r} failed: {type(exc).__name__}: {exc}") from exc
+            self._warm.add(resource)
+            return True
+
+    async def warmup(self, resources: list[str] | None = None) -> dict[str, str]:
+        names = resources if resources is not None else sorted(self.backends)
+        for name in names:
+            self.backend(name)
+        result: dict[str, str] = {}
+        for name in names:
+            if self.backend(name).kind() is BackendKind.SESSION:
+                result[name] = "nothing to warm (per-session backend)"
+            else:
+                result[name] = "warmed" if await self.ensure_warm(name) else "already warm"
+        return result
+
+    def forget_warm(self, resource: str) -> None:
+        """Mark a backend cold so the next use warms it again (e.g. its process crashed)."""
+        self._warm.discard(resource)
+
+    # -- session creation and destruction -------------------------------------------
+
+    def _reserve(self, resource: str) -> None:
+        per = self.limits.per_resource.get(resource)
+        if self.limits.max_sessions is not None and self._live >= self.limits.max_sessions:
+            raise ResourceUnavailable(
+                f"the server's session limit ({self.limits.max_sessions}) is reached; "
+                "destroy sessions you no longer need"
+            )
+        if per is not None and self._live_by_resource.get(resource, 0) >= per:
+            raise ResourceUnavailable(f"the limit of {per} live {resource!r} sessions is reached; try later")
+        self._live += 1
+        self._live_by_resource[resource] = self._live_by_resource.get(resource, 0) + 1
+
+    def _release(self, resource: str) -> None:
+        self._live -= 1
+        self._live_by_resource[resource] -= 1
+
+    def _new_session(
+        self, worker_id: str, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
+    ) -> Session:
+        backend = self.session_backend(resource)
+        requested = dict(config or {})
+        name = requested.pop("custom_name", None)
+        if name is not None and not isinstance(name, str):
+            raise ParameterError("custom_name must be a string")
+        try:
+            validated = backend.session_config(requested)
+        except ValidationError as exc:
+            raise ParameterError(
+                describe_validation_error(exc, f"config of {resource!r}"),
+                data={"config_schema": backend.Config.model_json_schema()},
+            ) from None
+        if self._stopping:
+            raise ServiceUnavailable("the server is shutting down")
+        self._reserve(resource)
+        prefix = "tmp" if temporary else resource
+        return Session(
+            session_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
+            worker_id=worker_id,
+            resource_type=resource,
+            name=name,
+            config=validated,
+            requested_config=requested,
+            temporary=temporary,
+        )
+
+    async def _start(self, session: Session) -> None:
+        """Run `initialize` for a reserved session (no lock held); roll back on failure."""
+        backend = self.backends[session.resource_type]
+        try:
+            await self.ensure_warm(session.resource_type)
+            session.state = await backend.initialize(session.worker_id, session.config)
+        except BaseException as exc:
+            session.status = SessionStatus.CLOSED
+            session.failure = str(exc)
+            session.ready.set()
+            self._release(session.resource_type)
+            if isinstance(exc, SandboxError):
+                raise SessionError(f"could not start {session.resource_type!r}: {exc.message}") from exc
+            if isinstance(exc, Exception):
+                log.exception("initialize of %s failed", session.resource_type)
+                raise SessionError(
+                    f"could not start {session.resource_type!r}: {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        session.status = SessionStatus.ACTIVE
+        session.touch()
+        session.ready.set()
+
+    async def _stop(self, session: Session) -> None:
+        """Run `cleanup` for a session; shielded, bounded, logged, never raises."""
+        if session.status is SessionStatus.CLOSED:
+            return
+        session.status = SessionStatus.CLOSING
+        for scope in list(session.running):
+            scope.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(CLEANUP_TIMEOUT):
+                    async with session.lock:
+                        await self.backends[session.resource_type].cleanup(session.worker_id, session)
+            except Exception:
+                log.exception("cleanup of %s session %s failed", session.resource_type, session.session_id)
+            finally:
+                session.status = SessionStatus.CLOSED
+                self._release(session.resource_type)
+
+    async def create_sessions(
+        self, worker_id: str, request: str | list[str] | Mapping[str, Mapping[str, Any] | None],
+        config: Mapping[str, Any] | None = None,
+    ) -> list[tuple[SessionView, bool]]:
+        """Create one or several sessions; all or nothing.
+
+        Returns (view, created) pairs; `created` is False for a session that existed.
+        """
+        wanted = normalise_request(request, config)
+        worker = self.worker(worker_id)
+        fresh: list[Session] = []
+        results: list[tuple[Session, bool]] = []
+        try:
+            for resource, cfg in wanted.items():
+                existing = worker.sessions.get(resource)
+                if existing is not None and existing.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
+                    results.append((existing, False))
+                    continue
+                session = self._new_session(worker_id, resource, cfg, temporary=False)
+                worker.sessions[resource] = session
+                fresh.append(session)
+                results.append((session, True))
+            async with anyio.create_task_group() as tg:
+                for session in fresh:
+                    tg.start_soon(self._start_published, worker, session)
+            for session, _ in results:
+                await session.ready.wait()
+                if session.status is not SessionStatus.ACTIVE:
+                    raise SessionError(
+                        f"could not start {session.resource_type!r}: {session.failure or 'it was destroyed'}"
+                    )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for session in fresh:
+                    if worker.sessions.get(session.resource_type) is session:
+                        del worker.sessions[session.resource_type]
+                    if session.status is SessionStatus.ACTIVE:
+                        await self._stop(session)
+            raise
+        self._wake_reaper.set()
+        return [(s.view(self.session_ttl), created) for s, created in results]
+
+    async def _start_published(self, worker: Worker, session: Session) -> None:
+        try:
+            await self._start(session)
+        except SessionError:
+            if worker.sessions.get(session.resource_type) is session:
+                del worker.sessions[session.resource_type]
+            raise
+
+    async def destroy_sessions(self, worker_id: str, resources: list[str] | None = None) -> list[SessionView]:
+        """Destroy the named sessions, or all of the worker's; each cleanup runs concurrently."""
+        worker = self.workers.get(worker_id)
+        if resources is None:
+            targets = list(worker.sessions.values()) if worker else []
+        else:
+            for resource in resources:
+                self.backend(resource)
+            targets = [self._live_session(worker_id, r) for r in dict.fromkeys(resources)]
+        views = [s.view(self.session_ttl) for s in targets]
+        if worker is not None:
+            for session in targets:
+                if worker.sessions.get(session.resource_type) is session:
+                    del worker.sessions[session.resource_type]
+        async with anyio.create_task_group() as tg:
+            for session in targets:
+                tg.start_soon(self._stop_when_started, session)
+        for view in views:
+            view.status = SessionStatus.CLOSED.value
+        return views
+
+    async def _stop_when_started(self, session: Session) -> None:
+        await session.ready.wait()
+        await self._stop(session)
+
+    async def close_worker(self, worker_id: str) -> None:
+        """The worker went away (disconnect): destroy all it holds and forget it."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return
+        worker.closed = True
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for session in list(worker.sessions.values()):
+                    tg.start_soon(self._stop_when_started, session)
+            worker.sessions.clear()
+
+    def close_worker_soon(self, worker_id: str) -> None:
+        """Schedule `close_worker` on the engine's task group (for bounded disconnect hooks)."""
+        if self._tg is not None and worker_id in self.workers:
+            self._tg.start_soon(self.close_worker, worker_id)
+
+    async def reinitialize(
+        self, worker_id: str, resource: str, new_config: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Replace one session with a fresh one built from `new_config`; others untouched.
+
+        The new session is started first, so a config that fails leaves the old one
+        working.
+        """
+        self.session_backend(resource)
+        worker = self.worker(worker_id)
+        old = worker.sessions.get(resource)
+        cfg = dict(new_config or {})
+        if old is not None and "custom_name" not in cfg and old.name is not None:
+            cfg["custom_name"] = old.name
+        new = self._new_session(worker_id, resource, cfg, temporary=False)
+        await self._start(new)
+        if worker.closed:
+            await self._stop(new)
+            raise SessionError("the worker disconnected while reinitializing")
+        worker = self.worker(worker_id)
+        old = worker.sessions.get(resource, old)
+        worker.sessions[resource] = new
+        if old is not None and old is not new:
+            await old.ready.wait()
+            await self._stop(old)
+        self._wake_reaper.set()
+        applied = dict(new_config or {})
+        return {
+            "status": "success",
+            "old_session_id": old.session_id if old else None,
+            "new_session_id": new.session_id,
+            "config_applied": applied,
+            "session": new.view(self.session_ttl).model_dump(),
+        }
+
+    # -- listing and refreshing (read-only calls do not refresh) ---------------------
+
+    def list_sessions(self, worker_id: str) -> list[SessionView]:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return []
+        return [s.view(self.session_ttl) for s in worker.sessions.values()]
+
+    def refresh_sessions(self, worker_id: str, resource: str | None = None) -> list[SessionView]:
+        if resource is None:
+            worker = self.workers.get(worker_id)
+            targets = list(worker.sessions.values()) if worker else []
+        else:
+            self.backend(resource)
+            targets = [self._live_session(worker_id, resource)]
+        for session in targets:
+            session.touch()
+        return [s.view(self.session_ttl) for s in targets]
+
+    def status(self, worker_id: str | None = None) -> dict[str, Any]:
+        backends = {
+            name: {
+                "kind": b.kind().value,
+                "warm": name in self._warm if b.kind() is not BackendKind.SESSION else None,
+                "live_sessions": self._live_by_resource.get(name, 0),
+                "tools": sorted(b.tools()),
+            }
+            for name, b in sorted(self.backends.items())
+        }
+        out: dict[str, Any] = {
+            "status": "stopping" if self._stopping else "running",
+            "session_ttl": self.session_ttl,
+            "workers": len(self.workers),
+            "live_sessions": self._live,
+            "backends": backends,
+        }
+        if worker_id is not None:
+            out["worker_id"] = worker_id
+            out["your_sessions"] = [v.model_dump() for v in self.list_sessions(worker_id)]
+        return out
+
+    # -- tool calls ------------------------------------------------------------------
+
+    async def call_tool(
+        self,
+        worker_id: str,
+        tool_name: str,
+        arguments: Mapping[str, Any] | None,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> CallOutcome:
+        """Run one tool call and always return an envelope (never raises a SandboxError)."""
+        started = anyio.current_time()
+        meta = ResultMeta(tool=tool_name)
+        try:
+            resource, spec = self.find_tool(tool_name)
+            meta.tool, meta.resource_type = spec.name, resource
+            args = validate_arguments(spec, arguments)
+            data, images = await self._dispatch(worker_id, resource, spec, args, meta, progress)
+            envelope = success(data, meta)
+        except SandboxError as exc:
+            envelope, images = failure(exc, meta), []
+        except Exception as exc:
+            envelope, images = failure(exc, meta), []
+        meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
+        return CallOutcome(envelope, images)
+
+    async def _dispatch(
+        self,
+        worker_id: str,
+        resource: str,
+        spec: ToolSpec,
+        args: BaseModel,
+        meta: ResultMeta,
+        progress: ProgressFn | None,
+    ) -> tuple[dict[str, Any], list[Image]]:
+        backend = self.backends[resource]
+        if backend.kind() is BackendKind.SHARED:
+            await self.ensure_warm(resource)
+            ctx = ToolContext(worker_id=worker_id, session_id=None, state=None, **_progress(progress))
+            return await _invoke(backend, spec, ctx, args)
+        worker = self.workers.get(worker_id)
+        session = worker.sessions.get(resource) if worker else None
+        if session is not None and session.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
+            meta.session_id = session.session_id
+            try:
+                return await self._run_in_session(session, spec, args, progress)
+            finally:
+                meta.expires_at = session.expires_at(self.session_ttl)
+        return await self._run_temporary(worker_id, resource, spec, args, meta, progress)
+
+    async def _run_temporary(
+        self,
+        worker_id: str,
+        resource: str,
+        spec: ToolSpec,
+        args: BaseModel,
+        meta: ResultMeta,
+        progress: ProgressFn | None,
+    ) -> tuple[dict[str, Any], list[Image]]:
+        """A session private to this one call: created, used, destroyed before returning."""
+        session = self._new_session(worker_id, resource, None, temporary=True)
+        meta.session_id, meta.temporary_session = session.session_id, True
+        await self._start(session)
+        try:
+            return await self._run_in_session(session, spec, args, progress)
+        finally:
+            await self._stop(session)
+
+    async def _run_in_session(
+        self, session: Session, spec: ToolSpec, args: BaseModel, progress: ProgressFn | None
+    ) -> tuple[dict[str, Any], list[Image]]:
+        backend = self.backends[session.resource_type]
+        session.active_calls += 1
+        try:
+            await session.ready.wait()
+            async with session.lock:
+                if session.status is not SessionStatus.ACTIVE:
+                    raise SessionError(
+                        f"the {session.resource_type!r} session {session.session_id} was destroyed "
+                        "before this call could run"
+                    )
+                problem = await backend.health(session.state)
+                if problem:
+                    raise SessionError(
+                        f"the {session.resource_type!r} session {session.session_id} is broken: {problem}; "
+                        f"call reinitialize({session.resource_type!r}) or destroy_session and create it again"
+                    )
+                ctx = ToolContext(
+                    worker_id=session.worker_id,
+                    session_id=session.session_id,
+                    state=session.state,
+                    config=session.config,
+                    **_progress(progress),
+                )
+                with anyio.CancelScope() as scope:
+                    session.running.add(scope)
+                    try:
+                        return await _invoke(backend, spec, ctx, args)
+                    finally:
+                        session.running.discard(scope)
+                raise SessionError(
+                    f"the {session.resource_type!r} session {session.session_id} "
+                    "was destroyed during this call"
+                )
+        finally:
+            session.calls += 1
+            session.active_calls -= 1
+            session.touch()
+
+    # -- TTL reaper ------------------------------------------------------------------
+
+    async def _reap_forever(self) -> None:
+        """Destroy sessions idle longer than the TTL; sleeps until the next deadline."""
+        while True:
+            now = anyio.current_time()
+            next_deadline = math.inf
+            for worker in list(self.workers.values()):
+                for session in list(worker.sessions.values()):
+                    if session.status is not SessionStatus.ACTIVE:
+                        continue
+                    deadline = session.deadline(self.session_ttl)
+                    if deadline is None:
+                        continue
+                    if deadline <= now:
+                        log.info("session %s (%s) expired after %.1fs idle",
+                                 session.session_id, session.resource_type, self.session_ttl)
+                        del worker.sessions[session.resource_type]
+                        assert self._tg is not None
+                        self._tg.start_soon(self._stop, session)
+                    else:
+                        next_deadline = min(next_deadline, deadline)
+                if not worker.sessions:
+                    # A worker is only a namespace: an empty one costs nothing to forget and
+                    # is made again on its next use (its disconnect hook then finds nothing).
+                    self.workers.pop(worker.worker_id, None)
+            self._wake_reaper = anyio.Event()
+            # Deadlines only move later (calls refresh them), so sleeping until the
+            # earliest one is exact; a capped nap also covers calls ending meanwhile.
+            delay = min(max(next_deadline - anyio.current_time(), 0.01), 1.0)
+            with anyio.move_on_after(delay):
+                await self._wake_reaper.wait()
+
+
+def _progress(progress: ProgressFn | None) -> dict[str, Any]:
+    return {"progress": progress} if progress is not None else {}
+
+
+async def _invoke(
+    backend: Backend[Any, Any], spec: ToolSpec, ctx: ToolContext[Any], args: BaseModel
+) -> tuple[dict[str, Any], list[Image]]:
+    try:
+        result = await spec.handler(backend, ctx, args)
+    except SandboxError:
+        raise
+    except Exception as exc:
+        log.exception("tool %s:%s raised", backend.name, spec.name)
+        raise BackendError(f"{backend.name}:{spec.name} failed: {type(exc).__name__}: {exc}") from exc
+    return normalise_result(result)
+
+
+def normalise_result(result: Any) -> tuple[dict[str, Any], list[Image]]:
+    images: list[Image] = []
+    if isinstance(result, ToolResult):
+        images = list(result.images)
+        result = result.data
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json"), images
+    if result is None:
+        return {}, images
+    if isinstance(result, dict):
+        return result, images
+    return {"result": result}, images
+
+
+def validate_arguments(spec: ToolSpec, arguments: Mapping[str, Any] | None) -> BaseModel:
+    try:
+        return spec.args_model.model_validate(dict(arguments or {}))
+    except ValidationError as exc:
+        raise ParameterError(
+            describe_validation_error(exc, f"arguments of {spec.name}"),
+            data={"input_schema": spec.input_schema()},
+        ) from None
+
+
+def normalise_request(
+    request: str | list[str] | Mapping[str, Mapping[str, Any] | None],
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Mapping[str, Any] | None]:
+    """`"vm"`, `["vm", "bash"]` or `{"vm": {...}, "bash": None}` -> resource -> config."""
+    if isinstance(request, str):
+        return {request: config}
+    if config:
+        raise ParameterError("config applies to a single resource; pass a mapping resource -> config instead")
+    if isinstance(request, Mapping):
+        return dict(request)
+    if isinstance(request, list) and request and all(isinstance(r, str) for r in request):
+        return dict.fromkeys(request)
+    raise ParameterError(
+        "resource must be a name ('bash'), a list of names (['bash', 'vm']) or a mapping name -> config"
+    )
+
+
+def envelope_for(tool: str, data: dict[str, Any], message: str = "success") -> Envelope:
+    return success(data, ResultMeta(tool=tool), message)

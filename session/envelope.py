@@ -1,0 +1,86 @@
+"""The result envelope every tool call returns, and the one place errors become codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, field_serializer
+
+from session.errors import SandboxError
+
+log = logging.getLogger(__name__)
+
+
+def utc_iso(moment: datetime) -> str:
+    """`2026-11-25T14:05:00.123Z`: the form agents and humans both read."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ResultMeta(BaseModel):
+    """Facts about the call: which tool, which session, how long, and when the session expires."""
+
+    tool: str
+    resource_type: str | None = None
+    session_id: str | None = None
+    temporary_session: bool = False
+    execution_time_ms: float = 0.0
+    expires_at: datetime | None = Field(
+        default=None, description="When the explicit session is reaped if left idle (UTC)."
+    )
+
+    @field_serializer("expires_at")
+    def _iso(self, value: datetime | None) -> str | None:
+        return utc_iso(value) if value is not None else None
+
+
+class Envelope(BaseModel):
+    """`{"code", "message", "data", "meta"}`; `code != 0` is an error (see `session.errors`)."""
+
+    code: int = 0
+    message: str = "success"
+    data: dict[str, Any] = Field(default_factory=dict)
+    meta: ResultMeta
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def text(self, limit: int = 4000) -> str:
+        """A short human/LLM-readable rendering for the MCP text content block."""
+        head = f"[{self.meta.tool}] " if self.meta.tool else ""
+        if not self.ok:
+            head += f"error {self.code}: {self.message}"
+        else:
+            head += "ok"
+        if self.meta.session_id:
+            kind = "temporary session" if self.meta.temporary_session else "session"
+            head += f" ({kind} {self.meta.session_id}"
+            if self.meta.expires_at is not None:
+                head += f", expires {utc_iso(self.meta.expires_at)}"
+            head += ")"
+        if self.data:
+            body = json.dumps(self.data, ensure_ascii=False, default=str)
+            if len(body) > limit:
+                body = body[:limit] + f"... [{len(body) - limit} more characters in structuredContent]"
+            head += "\n" + body
+        return head
+
+
+def success(data: dict[str, Any], meta: ResultMeta, message: str = "success") -> Envelope:
+    return Envelope(code=0, message=message, data=data, meta=meta)
+
+
+def failure(exc: BaseException, meta: ResultMeta) -> Envelope:
+    """Turn any exception into an error envelope; never a traceback in the result.
+
+    Sandbox errors keep their code and message. Anything else is a bug or a backend
+    surprise: it is logged with its traceback here and reported as 2001 (raised inside
+    a backend tool) by the caller wrapping it in `BackendError` first, or 5000.
+    """
+    if isinstance(exc, SandboxError):
+        return Envelope(code=exc.code, message=exc.message, data=exc.data, meta=meta)
+    log.error("internal error in %s", meta.tool, exc_info=exc)
+    return Envelope(code=5000, message=f"internal error: {type(exc).__name__}: {exc}", meta=meta)
