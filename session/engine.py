@@ -40,6 +40,8 @@ from session.validation import describe_validation_error
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 30.0
+# First words of the session-management tool names: a typo there is an unknown tool, not resource.
+_NOT_RESOURCES = frozenset({"create", "destroy", "list", "refresh", "reinitialize", "warmup", "get"})
 DEFAULT_TTL = 300.0
 
 
@@ -137,9 +139,7 @@ class Engine:
     def session_backend(self, resource: str) -> Backend[Any, Any]:
         backend = self.backend(resource)
         if backend.kind() is BackendKind.SHARED:
-            raise ParameterError(
-                f"{resource!r} is a shared backend: it has no sessions; call its tools directly"
-            )
+            raise ParameterError(f"{resource!r} is a shared backend: it has no sessions; call its tools directly")
         return backend
 
     def find_tool(self, name: str) -> tuple[str, ToolSpec]:
@@ -151,7 +151,13 @@ class Engine:
                     resource, action = candidate, name[len(candidate) + 1 :]
                     break
             else:
-                raise ToolNotFound(f"unknown tool {name!r}; tools are named resource:action, e.g. 'bash:run'")
+                prefix = name.partition("_")[0]
+                if prefix and prefix not in _NOT_RESOURCES:
+                    raise ResourceTypeNotFound(
+                        f"unknown resource type {prefix!r} (in tool {name!r}); "
+                        f"this server has: {', '.join(sorted(self.backends))}"
+                    )
+                raise ToolNotFound(f"unknown tool {name!r}; tools are named resource_action, e.g. 'bash_run'")
         tools = self.backend(resource).tools()
         if action not in tools:
             raise ToolNotFound(
@@ -274,9 +280,7 @@ class Engine:
                 raise SessionError(f"could not start {session.resource_type!r}: {exc.message}") from exc
             if isinstance(exc, Exception):
                 log.exception("initialize of %s failed", session.resource_type)
-                raise SessionError(
-                    f"could not start {session.resource_type!r}: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise SessionError(f"could not start {session.resource_type!r}: {type(exc).__name__}: {exc}") from exc
             raise
         session.status = SessionStatus.ACTIVE
         session.touch()
@@ -301,7 +305,9 @@ class Engine:
                 self._release(session.resource_type)
 
     async def create_sessions(
-        self, worker_id: str, request: str | list[str] | Mapping[str, Mapping[str, Any] | None],
+        self,
+        worker_id: str,
+        request: str | list[str] | Mapping[str, Mapping[str, Any] | None],
         config: Mapping[str, Any] | None = None,
     ) -> list[tuple[SessionView, bool]]:
         """Create one or several sessions; all or nothing.
@@ -392,9 +398,7 @@ class Engine:
         if self._tg is not None and worker_id in self.workers:
             self._tg.start_soon(self.close_worker, worker_id)
 
-    async def reinitialize(
-        self, worker_id: str, resource: str, new_config: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
+    async def reinitialize(self, worker_id: str, resource: str, new_config: Mapping[str, Any] | None) -> dict[str, Any]:
         """Replace one session with a fresh one built from `new_config`; others untouched.
 
         The new session is started first, so a config that fails leaves the old one
@@ -569,8 +573,7 @@ class Engine:
                     finally:
                         session.running.discard(scope)
                 raise SessionError(
-                    f"the {session.resource_type!r} session {session.session_id} "
-                    "was destroyed during this call"
+                    f"the {session.resource_type!r} session {session.session_id} was destroyed during this call"
                 )
         finally:
             session.calls += 1
@@ -592,8 +595,12 @@ class Engine:
                     if deadline is None:
                         continue
                     if deadline <= now:
-                        log.info("session %s (%s) expired after %.1fs idle",
-                                 session.session_id, session.resource_type, self.session_ttl)
+                        log.info(
+                            "session %s (%s) expired after %.1fs idle",
+                            session.session_id,
+                            session.resource_type,
+                            self.session_ttl,
+                        )
                         del worker.sessions[session.resource_type]
                         assert self._tg is not None
                         self._tg.start_soon(self._stop, session)

@@ -37,9 +37,7 @@ class BashConfig(BaseModel):
         description="Working directory the shell starts in (must exist); default: the session's scratch dir.",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
-    timeout: float = Field(
-        default=30.0, gt=0, le=MAX_TIMEOUT, description="Default per-command timeout in seconds."
-    )
+    timeout: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT, description="Default per-command timeout in seconds.")
     max_output_bytes: int = Field(
         default=64 * 1024,
         ge=1024,

@@ -133,10 +133,7 @@ class PersistentShell:
         started_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
         self._write_command(command)
         sentinel = f"printf '\\n{self.marker}%d__\\n' \"$__af_rc\""
-        line = (
-            f"trap 'return 130' INT; source {self.command_file} </dev/null\n"
-            f"__af_rc=$?; {sentinel}; {sentinel} >&2\n"
-        )
+        line = f"trap 'return 130' INT; source {self.command_file} </dev/null\n__af_rc=$?; {sentinel}; {sentinel} >&2\n"
         timed_out = False
         try:
             await self.process.stdin.send(line.encode("utf-8", "surrogateescape"))
@@ -254,9 +251,7 @@ class _Pending:
         return self.codes[0] is not None and self.codes[1] is not None
 
 
-async def _read_to_sentinel(
-    stream: ByteReceiveStream, scanner: SentinelScanner, capture: BoundedCapture
-) -> int | None:
+async def _read_to_sentinel(stream: ByteReceiveStream, scanner: SentinelScanner, capture: BoundedCapture) -> int | None:
     code = scanner.feed(b"", capture)
     while code is None:
         try:

@@ -1,0 +1,210 @@
+"""One session's slice of the shared browser: a context, its tabs, console and downloads.
+
+`BrowserSession` is the state `initialize` returns. It follows the context's events (new
+tabs, closed tabs, console messages, page errors, dialogs, downloads) so tools only read
+it. Everything here belongs to one worker; nothing is shared with other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import BrowserContext, ConsoleMessage, Dialog, Download, Page, Route
+
+from session.errors import BackendError, SessionError
+
+from .config import BrowserConfig
+from .launcher import BrowserHandle
+
+log = logging.getLogger(__name__)
+
+CONSOLE_KEEP = 300
+MESSAGE_CHARS = 2_000
+
+
+@dataclass(eq=False)
+class BrowserSession:
+    """State of one browser session (what tools see as `ctx.state`)."""
+
+    worker_id: str
+    config: BrowserConfig
+    handle: BrowserHandle
+    context: BrowserContext
+    download_dir: Path
+    pages: list[Page] = field(default_factory=list)
+    active: int = 0
+    console: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=CONSOLE_KEEP))
+    console_seen: int = 0
+    downloads: list[dict[str, Any]] = field(default_factory=list)
+    crashed_pages: set[int] = field(default_factory=set)
+    context_closed: bool = False
+    closed: bool = False
+    blocked: re.Pattern[str] | None = None
+    tab_opened: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+
+    # -- wiring ------------------------------------------------------------------------
+
+    async def wire(self) -> None:
+        """Follow the context's events and install URL blocking. Call once, before opening a page."""
+        self.context.on("page", self.adopt)
+        self.context.on("close", lambda _c: self._on_context_close())
+        if self.config.block:
+            patterns = [p.strip() for p in self.config.block if p.strip()]
+            blocked = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+
+            async def route(route: Route) -> None:
+                if blocked.match(route.request.url):
+                    await route.abort("blockedbyclient")
+                else:
+                    await route.fallback()
+
+            self.blocked = blocked
+            await self.context.route("**/*", route)
+
+    def adopt(self, page: Page) -> None:
+        """Track a tab (opened by us, by a link with target=_blank, or by window.open); make it active."""
+        if page in self.pages:
+            return
+        self.pages.append(page)
+        self.active = len(self.pages) - 1
+        self.tab_opened.set()
+        page.on("console", lambda msg: self._on_console(page, msg))
+        page.on("pageerror", lambda err: self._log(page, "pageerror", str(err)))
+        page.on("crash", lambda p: self._on_crash(p))
+        page.on("close", lambda p: self._on_page_close(p))
+        page.on("dialog", lambda dialog: self._spawn(self._on_dialog(page, dialog)))
+        page.on("download", lambda download: self._spawn(self._on_download(page, download)))
+
+    # -- what tools use ----------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Raise `SessionError` (1003) if this session's context can no longer be used."""
+        problem = self.problem()
+        if problem:
+            raise SessionError(problem)
+
+    def problem(self) -> str | None:
+        if self.closed:
+            return "this browser session was closed; create a new one"
+        if self.handle.crashed or not self.handle.alive:
+            return (
+                "the shared browser crashed and has been (or will be) restarted; this session's tabs, "
+                "cookies and storage are lost. Destroy this browser session and create a new one "
+                "(or reinitialize it)"
+            )
+        if self.context_closed:
+            return (
+                "this session's browser context was closed unexpectedly; "
+                "destroy the session and create a new one"
+            )
+        return None
+
+    async def page(self) -> Page:
+        """The active tab (a fresh blank one if every tab was closed)."""
+        self.check_alive()
+        if not self.pages:
+            await self.new_page()
+        page = self.pages[self.active]
+        if id(page) in self.crashed_pages:
+            raise BackendError(
+                "the active tab's renderer crashed; call reload, or close it with tabs(action='close')"
+            )
+        return page
+
+    async def new_page(self) -> Page:
+        page = await self.context.new_page()
+        self.adopt(page)
+        self.active = self.pages.index(page)
+        return page
+
+    def is_blocked(self, url: str) -> bool:
+        return self.blocked is not None and self.blocked.match(url) is not None
+
+    def recent_console(self, limit: int, clear: bool) -> tuple[list[dict[str, Any]], int]:
+        items = list(self.console)[-limit:] if limit else []
+        dropped = max(0, self.console_seen - len(self.console))
+        if clear:
+            self.console.clear()
+        return items, dropped
+
+    async def close(self) -> None:
+        """Close every tab and the context. Never raises."""
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if not self.context_closed and self.handle.alive:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.context.close(), 10)
+        self.pages.clear()
+
+    # -- event handlers ----------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self.closed:
+            log.debug("browser event handler failed: %r", task.exception())
+
+    def _log(self, page: Page, kind: str, text: str, **extra: Any) -> None:
+        self.console_seen += 1
+        entry = {"type": kind, "text": text[:MESSAGE_CHARS], "url": page.url, "time": round(time.time(), 3)}
+        entry.update(extra)
+        self.console.append(entry)
+
+    def _on_console(self, page: Page, msg: ConsoleMessage) -> None:
+        location = msg.location or {}
+        where = f"{location.get('url', '')}:{location.get('lineNumber', 0)}" if location.get("url") else None
+        self._log(page, msg.type, msg.text, **({"source": where} if where else {}))
+
+    def _on_crash(self, page: Page) -> None:
+        self.crashed_pages.add(id(page))
+        self._log(page, "crash", "the tab's renderer process crashed")
+
+    def _on_page_close(self, page: Page) -> None:
+        self.crashed_pages.discard(id(page))
+        if page not in self.pages:
+            return
+        index = self.pages.index(page)
+        self.pages.remove(page)
+        if self.active >= index and self.active > 0:
+            self.active -= 1
+
+    def _on_context_close(self) -> None:
+        self.context_closed = True
+
+    async def _on_dialog(self, page: Page, dialog: Dialog) -> None:
+        self._log(page, "dialog", f"{dialog.type}: {dialog.message}", handled=self.config.dialogs)
+        if self.config.dialogs == "accept":
+            await dialog.accept()
+        else:
+            await dialog.dismiss()
+
+    async def _on_download(self, page: Page, download: Download) -> None:
+        name = Path(download.suggested_filename).name or "download"
+        target = self.download_dir / name
+        stem, suffix, n = target.stem, target.suffix, 1
+        while target.exists():
+            target = self.download_dir / f"{stem} ({n}){suffix}"
+            n += 1
+        entry: dict[str, Any] = {"file": target.name, "path": str(target), "url": download.url}
+        try:
+            await download.save_as(target)
+            entry["size"] = target.stat().st_size
+        except Exception as exc:  # the download failed or was cancelled: say so, keep going
+            entry["error"] = str(exc).splitlines()[0]
+        self.downloads.append(entry)
+        self._log(page, "download", f"downloaded {download.url} -> {target.name}")

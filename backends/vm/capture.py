@@ -1,0 +1,116 @@
+"""Screenshots (mss grab + Pillow PNG) and the mapping between screen and model coordinates.
+
+A session may ask for screenshots scaled down to fit a maximum size (`scale_to`), as
+computer-use models expect; `Geometry` maps the model's coordinates back to the
+screen and checks they are on it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import mss
+from PIL import Image as PILImage
+
+from session.errors import ParameterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Screen size, and the size screenshots are shown at (equal unless scaled)."""
+
+    screen_width: int
+    screen_height: int
+    width: int
+    height: int
+
+    @classmethod
+    def fit(cls, screen: tuple[int, int], scale_to: tuple[int, int] | None) -> Geometry:
+        """Shown size: the screen scaled down (never up) to fit `scale_to`, aspect kept."""
+        sw, sh = screen
+        if scale_to is None:
+            return cls(sw, sh, sw, sh)
+        factor = min(scale_to[0] / sw, scale_to[1] / sh, 1.0)
+        return cls(sw, sh, max(1, round(sw * factor)), max(1, round(sh * factor)))
+
+    @property
+    def scaled(self) -> bool:
+        return (self.width, self.height) != (self.screen_width, self.screen_height)
+
+    @property
+    def scale(self) -> float:
+        """Shown pixels per screen pixel (1.0 when not scaled)."""
+        return self.width / self.screen_width
+
+    def to_screen(self, x: int, y: int) -> tuple[int, int]:
+        """Model (screenshot) coordinates to screen coordinates.
+
+        Raises:
+            ParameterError: the point lies outside the screenshot.
+        """
+        if not (0 <= x < self.width and 0 <= y < self.height):
+            raise ParameterError(self._off_screen(x, y))
+        if not self.scaled:
+            return x, y
+        sx = min(self.screen_width - 1, int((x + 0.5) * self.screen_width / self.width))
+        sy = min(self.screen_height - 1, int((y + 0.5) * self.screen_height / self.height))
+        return sx, sy
+
+    def to_model(self, x: int, y: int) -> tuple[int, int]:
+        """Screen coordinates to model (screenshot) coordinates."""
+        if not self.scaled:
+            return x, y
+        mx = min(self.width - 1, int((x + 0.5) * self.width / self.screen_width))
+        my = min(self.height - 1, int((y + 0.5) * self.height / self.screen_height))
+        return mx, my
+
+    def _off_screen(self, x: int, y: int) -> str:
+        size = f"{self.width}x{self.height}"
+        text = (
+            f"point ({x}, {y}) is outside the screen, which is {size}: "
+            f"x must be 0..{self.width - 1} and y 0..{self.height - 1}"
+        )
+        if self.scaled:
+            text += (
+                f" (coordinates are in screenshot pixels; the real screen is "
+                f"{self.screen_width}x{self.screen_height})"
+            )
+        return text
+
+
+class ScreenCapture:
+    """Grabs one display through mss (XCB, MIT-SHM when available) and encodes PNG."""
+
+    def __init__(self, display_name: str, *, with_cursor: bool = False) -> None:
+        self.display_name = display_name
+        self._mss = mss.MSS(display=display_name, with_cursor=with_cursor)
+
+    def close(self) -> None:
+        try:
+            self._mss.close()
+        except Exception:  # the server may already be gone
+            log.debug("closing screenshot connection", exc_info=True)
+
+    def grab(self, geometry: Geometry) -> PILImage.Image:
+        """The whole screen as an RGB image, scaled to the shown size."""
+        region = {"left": 0, "top": 0, "width": geometry.screen_width, "height": geometry.screen_height}
+        shot = self._mss.grab(region)
+        image = PILImage.frombytes("RGB", shot.size, shot.bgra, "raw", "BGRX")
+        if geometry.scaled:
+            image = image.resize(
+                (geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0
+            )
+        return image
+
+    def png(self, geometry: Geometry, compress_level: int) -> bytes:
+        return encode_png(self.grab(geometry), compress_level)
+
+
+def encode_png(image: PILImage.Image, compress_level: int) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=compress_level)
+    return out.getvalue()

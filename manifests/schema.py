@@ -1,0 +1,55 @@
+"""The manifest's shape (the original system's config layout), validated with pydantic."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+RESOURCE_NAME = r"^[a-z][a-z0-9]{0,31}$"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_ttl: float = Field(default=300.0, gt=0, description="Idle seconds before a session is reaped.")
+    transport: Literal["stdio", "sse", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = Field(default=18890, ge=0, le=65535)
+    max_sessions: int | None = Field(default=None, ge=1, description="Live sessions across all workers.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ResourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    backend_class: str | None = Field(
+        default=None,
+        description="Import path 'package.module.Class' (or 'package.module:Class'); built-ins need none.",
+    )
+    config: dict[str, Any] = Field(default_factory=dict, description="Defaults for every session config.")
+    max_sessions: int | None = Field(default=None, ge=1, description="Live sessions of this resource.")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    resources: dict[str, ResourceSpec] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _names(cls, value: dict[str, ResourceSpec]) -> dict[str, ResourceSpec]:
+        import re
+
+        for name in value:
+            if not re.match(RESOURCE_NAME, name):
+                raise ValueError(
+                    f"resource name {name!r} must be a short lowercase word (letters and digits, "
+                    "starting with a letter): it prefixes MCP tool names as name_action"
+                )
+        return value
+
+    def enabled(self) -> dict[str, ResourceSpec]:
+        return {name: spec for name, spec in self.resources.items() if spec.enabled}

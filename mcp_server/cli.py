@@ -1,0 +1,96 @@
+"""`agentflow-sandbox`: serve, validate a manifest, list tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from manifests import build_backends, load_manifest
+from manifests.schema import Manifest
+from mcp_server.app import build_server, tool_listing
+from mcp_server.factory import engine_from_manifest
+from mcp_server.transports import MCP_PATH, SSE_PATH, serve_http, serve_stdio
+from session.errors import ConfigurationError
+
+log = logging.getLogger("agentflow_sandbox")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentflow-sandbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the MCP server")
+    serve.add_argument("--transport", choices=["stdio", "sse", "http"], help="default: the manifest's (stdio)")
+    serve.add_argument("--manifest", help="JSON or TOML manifest (default: the packaged default.toml)")
+    serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 18890)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    validate = sub.add_parser("validate", help="check a manifest and the backends it names")
+    validate.add_argument("--manifest")
+    tools = sub.add_parser("tools", help="list the MCP tools a manifest gives, with their schemas")
+    tools.add_argument("--manifest")
+    tools.add_argument("--json", action="store_true", help="full JSON (name, description, input schema)")
+    return parser
+
+
+def cli_logic(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest)
+        if args.command == "validate":
+            backends = build_backends(manifest)
+            summary = ", ".join(f"{n} ({b.kind().value}, {len(b.tools())} tools)" for n, b in backends.items())
+            sys.stdout.write(f"manifest OK: {summary}; session_ttl={manifest.server.session_ttl:g}s\n")
+            return 0
+        if args.command == "tools":
+            return _list_tools(manifest, as_json=args.json)
+        return _serve(manifest, args)
+    except ConfigurationError as exc:
+        sys.stderr.write(f"agentflow-sandbox: configuration error: {exc.message}\n")
+        return 2
+
+
+def _list_tools(manifest: Manifest, *, as_json: bool) -> int:
+    tools = tool_listing(engine_from_manifest(manifest))
+    if as_json:
+        payload: list[dict[str, Any]] = [
+            tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in tools
+        ]
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        for tool in tools:
+            params = ", ".join((tool.input_schema or {}).get("properties", {}))
+            first_line = (tool.description or "").split(". ")[0]
+            sys.stdout.write(f"{tool.name}({params})\n    {first_line}\n")
+    return 0
+
+
+def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
+    settings = manifest.server
+    transport = args.transport or settings.transport
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    level = args.log_level or settings.log_level
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = engine_from_manifest(manifest)
+
+    async def run() -> None:
+        async with engine:
+            server = build_server(engine)
+            if transport == "stdio":
+                await serve_stdio(engine, server)
+            else:
+                log.info("serving MCP on http://%s:%d%s (streamable HTTP) and %s (SSE)", host, port, MCP_PATH, SSE_PATH)
+                await serve_http(engine, server, host=host, port=port, log_level=level)
+
+    anyio.run(run)
+    return 0
+
+
+def main() -> None:
+    sys.exit(cli_logic())

@@ -1,0 +1,93 @@
+"""Which worker a request belongs to, and when that worker ends.
+
+The one module that touches SDK internals (`ctx.session._connection`, pinned to
+`mcp==2.3.*`); tests cover it per transport and protocol era so an upgrade fails here.
+
+| how the client talks                         | worker                     | ends when                  |
+| stdio, either era                            | the process pipe           | stdin EOF                  |
+| SSE, either era                              | the SSE connection         | the stream closes          |
+| streamable HTTP, handshake (Mcp-Session-Id)  | the MCP session            | DELETE / idle expiry       |
+| streamable HTTP, 2026-07-28 (no session)     | the `_meta` worker key     | TTL only                   |
+
+A worker key in the request `_meta` (`agentflow/worker_id`) names the worker on every
+transport; where a connection exists it still decides the worker's end. Without key
+or connection each request is a worker of its own: only temporary sessions work.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcp.server import ServerRequestContext
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from session.errors import ParameterError
+
+WORKER_META_KEY = "agentflow/worker_id"
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+
+@dataclass(eq=False)
+class RunScope:
+    """What the server lifespan yields: the exit stack of one `Server.run` (stdio, SSE)."""
+
+    exit_stack: AsyncExitStack
+    scope_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    registered: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRef:
+    worker_id: str
+    ephemeral: bool = False
+    """True when nothing identifies the caller beyond this one request."""
+
+
+def resolve_worker(ctx: ServerRequestContext[Any, Any], on_close: Callable[[str], Awaitable[None]]) -> WorkerRef:
+    """Name the request's worker; tie its end to the connection's teardown, once.
+
+    Raises:
+        ParameterError: the `_meta` worker key is malformed.
+    """
+    key = (ctx.meta or {}).get(WORKER_META_KEY)
+    if key is not None and (not isinstance(key, str) or not _KEY_PATTERN.match(key)):
+        raise ParameterError(
+            f"_meta[{WORKER_META_KEY!r}] must be 8-128 characters of letters, digits and ._:- (a random id)"
+        )
+    scope = _connection_scope(ctx)
+    if key is not None:
+        worker_id = f"key:{key}"
+    elif scope is not None:
+        worker_id = f"conn:{scope[0]}"
+    else:
+        return WorkerRef(f"req:{uuid.uuid4().hex}", ephemeral=True)
+    if scope is not None:
+        _, stack, registered = scope
+        if worker_id not in registered:
+            registered.add(worker_id)
+            stack.push_async_callback(on_close, worker_id)
+    return WorkerRef(worker_id)
+
+
+def _connection_scope(ctx: ServerRequestContext[Any, Any]) -> tuple[str, AsyncExitStack, set[str]] | None:
+    request = ctx.request
+    sse_id = request.query_params.get("session_id") if request is not None else None
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        connection = ctx.session._connection  # private in mcp 2.3; the public accessor is planned
+        if request is None or sse_id or connection.session_id:
+            state = connection.state
+            scope_id = state.setdefault("agentflow.scope", connection.session_id or sse_id or uuid.uuid4().hex)
+            registered: set[str] = state.setdefault("agentflow.workers", set())
+            return scope_id, connection.exit_stack, registered
+        return None  # stateless HTTP in the handshake era: no connection outlives the request
+    if request is None or sse_id:
+        # Modern era over stdio/SSE: one `Server.run` spans the connection; its lifespan is ours.
+        run = ctx.lifespan_context
+        if isinstance(run, RunScope):
+            return (sse_id or run.scope_id), run.exit_stack, run.registered
+    return None

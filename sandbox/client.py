@@ -1,0 +1,226 @@
+"""`Sandbox`: the seed's client API, speaking MCP underneath.
+
+- `Sandbox()` runs the server in-process on the default manifest (nothing to start);
+- `Sandbox(url="http://127.0.0.1:18890/mcp")` talks to a running server (`.../sse` for SSE);
+- `Sandbox(command=["agentflow-sandbox", "serve"])` spawns one over stdio.
+
+One `Sandbox` is one worker: it sends its worker key in every request's `_meta`, so its
+sessions hold on every transport and protocol revision, and closing it destroys them.
+`execute` returns the result envelope as a dict (a failing tool is data, not an
+exception); the session methods return the envelope's `data` and raise
+`SandboxError` (with `.code`) on failure. Nothing is ever retried: a command runs once.
+"""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from os import PathLike
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import mcp_types as t
+from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
+from mcp.shared.exceptions import MCPError
+
+from manifests import load_manifest
+from manifests.schema import Manifest
+from mcp_server.app import build_server
+from mcp_server.factory import engine_from_manifest
+from mcp_server.worker_identity import WORKER_META_KEY
+from session import errors
+from session.errors import SandboxError, ServiceUnavailable
+
+_BY_CODE: dict[int, type[SandboxError]] = {
+    cls.code: cls
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, SandboxError) and cls is not SandboxError
+}
+
+Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
+
+
+class Sandbox:
+    """A worker's handle on a sandbox server; use `async with` or `start()`/`close()`."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        command: str | Sequence[str] | None = None,
+        manifest: str | PathLike[str] | Manifest | None = None,
+        worker_id: str | None = None,
+        mode: Literal["auto", "legacy"] | str = "auto",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if url is not None and command is not None:
+            raise ValueError("give either url or command, not both")
+        if manifest is not None and (url is not None):
+            raise ValueError("manifest applies to an in-process or spawned server, not to url")
+        self.url = url
+        self.command = command
+        self.manifest = manifest
+        self.mode = mode
+        self.env = dict(env) if env is not None else None
+        self.worker_id = worker_id or f"sandbox-{uuid.uuid4().hex}"
+        self._stack: AsyncExitStack | None = None
+        self._client: Client | None = None
+
+    # -- lifetime --------------------------------------------------------------------
+
+    async def start(self) -> Self:
+        if self._client is not None:
+            return self
+        stack = AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(await self._make_client(stack))
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def _make_client(self, stack: AsyncExitStack) -> Client:
+        if self.url is not None:
+            if self.url.rstrip("/").endswith("/sse"):
+                return Client(sse_client(self.url), mode=self.mode)
+            return Client(self.url, mode=self.mode)
+        if self.command is not None:
+            argv = shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+            if self.manifest is not None and not isinstance(self.manifest, Manifest):
+                argv += ["--manifest", str(self.manifest)]
+            params = StdioServerParameters(command=argv[0], args=argv[1:], env=self.env)
+            return Client(params, mode=self.mode)
+        manifest = self.manifest if isinstance(self.manifest, Manifest) else load_manifest(self.manifest)
+        engine = await stack.enter_async_context(engine_from_manifest(manifest))
+        return Client(build_server(engine), mode=self.mode)
+
+    async def close(self) -> None:
+        """Destroy this worker's sessions and disconnect. Safe to call twice."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        try:
+            if self._client is not None:
+                await self._call("destroy_session", {})
+        except (SandboxError, MCPError, OSError):
+            pass  # the server may already be gone; its disconnect or TTL cleanup covers it
+        finally:
+            self._client = None
+            await stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- the seed's API --------------------------------------------------------------
+
+    async def create_session(self, resource: Resources, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Create a session (or several); later calls of that resource reuse it."""
+        return await self._meta_call("create_session", {"resource": _resources(resource), "config": config})
+
+    async def destroy_session(self, resource: str | Sequence[str] | None = None) -> dict[str, Any]:
+        """Destroy one resource's session, several, or (no argument) all of this worker's."""
+        args = {} if resource is None else {"resource": resource if isinstance(resource, str) else list(resource)}
+        return await self._meta_call("destroy_session", args)
+
+    async def execute(self, tool: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run `resource:action` (e.g. `"bash:run"`); returns the envelope `{code, message, data, meta}`.
+
+        Images (screenshots) are in `data["image"]` as base64 PNG. To bound the wait, wrap
+        the call in `anyio.fail_after(...)`: a cancelled call is stopped on the server (a
+        shell command is interrupted) and never retried. The tool's own `timeout`
+        argument, where it has one, is the better tool: it returns the partial output.
+        """
+        return await self._call(tool.replace(":", "_", 1), dict(params or {}))
+
+    async def list_sessions(self) -> dict[str, Any]:
+        return await self._meta_call("list_sessions", {})
+
+    async def refresh_sessions(self, resource: str | None = None) -> dict[str, Any]:
+        return await self._meta_call("refresh_sessions", {} if resource is None else {"resource": resource})
+
+    async def reinitialize(self, resource: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Replace one session with a fresh one from `config`; returns old/new session ids."""
+        return await self._meta_call("reinitialize", {"resource": resource, "config": dict(config or {})})
+
+    async def warmup(self, resources: str | Sequence[str] | None = None) -> dict[str, Any]:
+        args = {} if resources is None else {"resources": resources if isinstance(resources, str) else list(resources)}
+        return await self._meta_call("warmup", args)
+
+    async def get_status(self) -> dict[str, Any]:
+        return await self._meta_call("get_status", {})
+
+    async def get_tools(self) -> list[dict[str, Any]]:
+        """Every tool: `name` as `execute` takes it (`bash:run`), MCP name, description, schema."""
+        listing = await self._require().list_tools()
+        tools = []
+        for tool in listing.tools:
+            resource, sep, action = tool.name.partition("_")
+            is_backend_tool = bool(sep) and (tool.description or "").startswith(f"[{resource}]")
+            tools.append(
+                {
+                    "name": f"{resource}:{action}" if is_backend_tool else tool.name,
+                    "mcp_name": tool.name,
+                    "description": tool.description,
+                    "input_schema": tool.input_schema,
+                }
+            )
+        return tools
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _require(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("Sandbox is not started: use 'async with Sandbox() as sandbox' or await start()")
+        return self._client
+
+    async def _meta_call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        envelope = await self._call(name, {k: v for k, v in args.items() if v is not None})
+        if envelope.get("code", 5000) != 0:
+            cls = _BY_CODE.get(envelope.get("code", 5000), SandboxError)
+            raise cls(envelope.get("message", "unknown error"), data=envelope.get("data") or {})
+        return envelope.get("data") or {}
+
+    async def _call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        client = self._require()
+        try:
+            result = await client.call_tool(name, args, meta={WORKER_META_KEY: self.worker_id})
+        except MCPError as exc:
+            raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
+        return _envelope_of(name, result)
+
+
+def _resources(resource: Resources) -> str | list[str] | dict[str, Any]:
+    if isinstance(resource, str):
+        return resource
+    if isinstance(resource, Mapping):
+        return {k: (dict(v) if v is not None else None) for k, v in resource.items()}
+    return list(resource)
+
+
+def _envelope_of(name: str, result: t.CallToolResult) -> dict[str, Any]:
+    envelope = dict(result.structured_content or {})
+    if not envelope:
+        text = " ".join(c.text for c in result.content if isinstance(c, t.TextContent))
+        envelope = {
+            "code": 5000 if result.is_error else 0,
+            "message": text or "no structured result",
+            "data": {},
+            "meta": {"tool": name},
+        }
+    images = [c for c in result.content if isinstance(c, t.ImageContent)]
+    if images:
+        data = envelope.setdefault("data", {})
+        data["image"] = images[0].data
+        data.setdefault("mime_type", images[0].mime_type)
+        if len(images) > 1:
+            data["images"] = [c.data for c in images]
+    return envelope
