@@ -103,6 +103,12 @@ class ToolSpec:
     read_only: bool = False
     destructive: bool = False
     open_world: bool = False
+    takes_args: bool = True
+
+    async def invoke(self, backend: Backend[Any, Any], ctx: ToolContext[Any], args: BaseModel) -> Any:
+        if self.takes_args:
+            return await self.handler(backend, ctx, args)
+        return await self.handler(backend, ctx)
 
     def input_schema(self) -> dict[str, Any]:
         schema = self.args_model.model_json_schema()
@@ -147,6 +153,7 @@ def tool(
             read_only=read_only,
             destructive=destructive,
             open_world=open_world,
+            takes_args="args" in inspect.signature(fn).parameters,
         )
         setattr(fn, _TOOL_ATTR, spec)
         return fn

@@ -334,9 +334,7 @@ class Engine:
             for session, _ in results:
                 await session.ready.wait()
                 if session.status is not SessionStatus.ACTIVE:
-                    raise SessionError(
-                        f"could not start {session.resource_type!r}: {session.failure or 'it was destroyed'}"
-                    )
+                    raise SessionError(session.failure or f"the {session.resource_type!r} session was destroyed")
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for session in fresh:
@@ -349,12 +347,13 @@ class Engine:
         return [(s.view(self.session_ttl), created) for s, created in results]
 
     async def _start_published(self, worker: Worker, session: Session) -> None:
+        """Start one of several sessions; a failure is recorded on it (the caller reports it)."""
         try:
             await self._start(session)
-        except SessionError:
+        except SessionError as exc:
+            session.failure = exc.message
             if worker.sessions.get(session.resource_type) is session:
                 del worker.sessions[session.resource_type]
-            raise
 
     async def destroy_sessions(self, worker_id: str, resources: list[str] | None = None) -> list[SessionView]:
         """Destroy the named sessions, or all of the worker's; each cleanup runs concurrently."""
@@ -626,7 +625,7 @@ async def _invoke(
     backend: Backend[Any, Any], spec: ToolSpec, ctx: ToolContext[Any], args: BaseModel
 ) -> tuple[dict[str, Any], list[Image]]:
     try:
-        result = await spec.handler(backend, ctx, args)
+        result = await spec.invoke(backend, ctx, args)
     except SandboxError:
         raise
     except Exception as exc:

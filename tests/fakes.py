@@ -1,0 +1,128 @@
+"""A small in-process backend implementing the real `Backend` contract, for engine tests.
+
+It records every hook call, and can be told to stall (on an `anyio.Event`) or fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, tool
+
+
+class FakeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = "default"
+    init_delay: float = 0.0
+    fail_init: bool = False
+
+
+@dataclass
+class FakeState:
+    label: str
+    values: dict[str, Any] = field(default_factory=dict)
+    running: int = 0
+    max_running: int = 0
+    order: list[int] = field(default_factory=list)
+    broken: str | None = None
+
+
+class SetArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    value: int
+
+
+class GetArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+
+
+class WorkArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seq: int = 0
+    seconds: float = Field(default=0.0, ge=0)
+
+
+class FakeBackend(Backend[FakeConfig, FakeState]):
+    """A session backend whose state is a dict."""
+
+    Config = FakeConfig
+
+    def __init__(self, name: str = "fake", defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(name, defaults)
+        self.events: list[tuple[str, str]] = []
+        self.live: set[int] = set()
+        self.gate: anyio.Event | None = None
+
+    async def initialize(self, worker_id: str, config: FakeConfig) -> FakeState:
+        self.events.append(("initialize", worker_id))
+        if config.init_delay:
+            await anyio.sleep(config.init_delay)
+        if self.gate is not None:
+            await self.gate.wait()
+        if config.fail_init:
+            raise RuntimeError("init exploded")
+        state = FakeState(label=config.label)
+        self.live.add(id(state))
+        return state
+
+    async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
+        self.events.append(("cleanup", worker_id))
+        self.live.discard(id(session_info.state))
+
+    async def health(self, state: FakeState) -> str | None:
+        return state.broken
+
+    @tool(description="Store a value in the session.")
+    async def set(self, ctx: ToolContext[FakeState], args: SetArgs) -> dict[str, Any]:
+        ctx.state.values[args.key] = args.value
+        return {"stored": args.key}
+
+    @tool(description="Read a value from the session.", read_only=True)
+    async def get(self, ctx: ToolContext[FakeState], args: GetArgs) -> dict[str, Any]:
+        return {"value": ctx.state.values.get(args.key), "label": ctx.state.label}
+
+    @tool(description="Work for a while, recording concurrency.")
+    async def work(self, ctx: ToolContext[FakeState], args: WorkArgs) -> dict[str, Any]:
+        state = ctx.state
+        state.running += 1
+        state.max_running = max(state.max_running, state.running)
+        state.order.append(args.seq)
+        try:
+            await anyio.sleep(args.seconds)
+        finally:
+            state.running -= 1
+        return {"seq": args.seq, "session": ctx.session_id}
+
+    @tool(description="Raise an unexpected exception.")
+    async def boom(self, ctx: ToolContext[FakeState]) -> dict[str, Any]:
+        raise ZeroDivisionError("divided by zero")
+
+    @tool(description="Return a tiny image.")
+    async def picture(self, ctx: ToolContext[FakeState]) -> ToolResult:
+        return ToolResult(data={"width": 1, "height": 1}, images=[Image(b"\x89PNG fake")])
+
+
+class SharedFake(Backend[Any, None]):
+    """A shared backend (warmup/shutdown only), like document search."""
+
+    def __init__(self, name: str = "search", defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(name, defaults)
+        self.warmups = 0
+        self.shutdowns = 0
+
+    async def warmup(self) -> None:
+        self.warmups += 1
+
+    async def shutdown(self) -> None:
+        self.shutdowns += 1
+
+    @tool(description="Echo the query.", read_only=True)
+    async def query(self, ctx: ToolContext[None], args: GetArgs) -> dict[str, Any]:
+        return {"echo": args.key, "warmups": self.warmups}

@@ -1,0 +1,359 @@
+"""The session engine against an in-process fake backend: semantics, isolation, concurrency, TTL."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from backends.base import BackendKind
+from session.engine import Engine, Limits
+from session.errors import ParameterError, ResourceTypeNotFound, ResourceUnavailable, SessionError
+from tests.fakes import FakeBackend, SharedFake
+
+
+def make_engine() -> Engine:
+    # Entered inside each test, not in a fixture: an engine owns a task group, which must be
+    # entered and left by the same task (pytest-asyncio runs fixture setup and teardown apart).
+    return Engine({"fake": FakeBackend(), "search": SharedFake()}, session_ttl=300)
+
+
+def fake(engine: Engine) -> FakeBackend:
+    backend = engine.backends["fake"]
+    assert isinstance(backend, FakeBackend)
+    return backend
+
+
+async def test_backend_kinds_follow_the_hooks_they_override():
+    assert FakeBackend.kind() is BackendKind.SESSION
+    assert SharedFake.kind() is BackendKind.SHARED
+
+
+async def test_explicit_session_keeps_state_between_calls():
+    async with make_engine() as engine:
+        [(view, created)] = await engine.create_sessions("w1", "fake", {"label": "mine", "custom_name": "n"})
+        assert created
+        assert view.session_name == "n"
+        assert (await engine.call_tool("w1", "fake:set", {"key": "a", "value": 1})).envelope.code == 0
+        got = (await engine.call_tool("w1", "fake_get", {"key": "a"})).envelope
+        assert got.data == {"value": 1, "label": "mine"}
+        assert got.meta.session_id == view.session_id
+        assert got.meta.temporary_session is False
+        assert got.meta.expires_at is not None
+
+
+async def test_temporary_sessions_are_fresh_private_and_unlisted():
+    async with make_engine() as engine:
+        first = (await engine.call_tool("w1", "fake:set", {"key": "a", "value": 1})).envelope
+        second = (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope
+        assert first.meta.temporary_session and second.meta.temporary_session
+        assert first.meta.session_id != second.meta.session_id
+        assert second.data["value"] is None
+        assert engine.list_sessions("w1") == []
+        assert fake(engine).live == set()
+
+
+async def test_concurrent_temporary_calls_of_one_worker_never_share_a_session():
+    async with make_engine() as engine:
+        results = []
+
+        async def call(seq: int) -> None:
+            results.append((await engine.call_tool("w1", "fake:work", {"seq": seq, "seconds": 0.05})).envelope)
+
+        async with anyio.create_task_group() as tg:
+            for seq in range(10):
+                tg.start_soon(call, seq)
+        assert all(r.code == 0 for r in results)
+        assert len({r.meta.session_id for r in results}) == 10
+        assert fake(engine).live == set()
+
+
+async def test_calls_on_one_session_run_one_at_a_time_in_arrival_order():
+    async with make_engine() as engine:
+        await engine.create_sessions("w1", "fake")
+        state = engine.workers["w1"].sessions["fake"].state
+        async with anyio.create_task_group() as tg:
+            for seq in range(8):
+                tg.start_soon(engine.call_tool, "w1", "fake:work", {"seq": seq, "seconds": 0.01})
+                await anyio.sleep(0)  # fix the arrival order
+        assert state.max_running == 1
+        assert state.order == list(range(8))
+
+
+async def test_calls_on_different_sessions_run_in_parallel():
+    async with make_engine() as engine:
+        await engine.create_sessions("w1", "fake")
+        await engine.create_sessions("w2", "fake")
+        states = [engine.workers[w].sessions["fake"].state for w in ("w1", "w2")]
+        gate = anyio.Event()
+
+        async def call(worker: str) -> None:
+            await engine.call_tool(worker, "fake:work", {"seconds": 0.2})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "w1")
+            tg.start_soon(call, "w2")
+            with anyio.fail_after(5):
+                while not all(s.running for s in states):
+                    await anyio.sleep(0.01)
+            gate.set()
+
+
+async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_calls():
+    async with make_engine() as engine:
+        await engine.create_sessions("fast", "fake")
+        backend = fake(engine)
+        backend.gate = anyio.Event()  # worker "slow" stalls inside initialize until we say so
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.create_sessions, "slow", "fake")
+            with anyio.fail_after(5):
+                while ("initialize", "slow") not in backend.events:
+                    await anyio.sleep(0.001)
+            # while "slow" is stuck in initialize, "fast" gets through create, call, list, refresh, destroy
+            with anyio.fail_after(1):
+                assert (await engine.call_tool("fast", "fake:set", {"key": "k", "value": 2})).envelope.code == 0
+                engine.list_sessions("fast")
+                engine.refresh_sessions("fast")
+                await engine.create_sessions("other", "fake", {"label": "x"}) if False else None
+                await engine.destroy_sessions("fast", ["fake"])
+            backend.gate.set()
+        assert engine.list_sessions("slow")[0].status == "active"
+
+
+async def test_a_two_second_initialize_does_not_block_other_workers():
+    async with make_engine() as engine:
+        await engine.create_sessions("b", "fake")
+        started = anyio.Event()
+        finished_b = anyio.Event()
+        durations: list[float] = []
+
+        async def slow_create() -> None:
+            started.set()
+            await engine.create_sessions("a", "fake", {"init_delay": 2.0})
+
+        async def b_calls() -> None:
+            await started.wait()
+            for _ in range(20):
+                t0 = anyio.current_time()
+                await engine.call_tool("b", "fake:get", {"key": "x"})
+                durations.append(anyio.current_time() - t0)
+            finished_b.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow_create)
+            tg.start_soon(b_calls)
+            await finished_b.wait()
+            # B finished all its calls while A is still inside its 2 s initialize
+            assert engine.workers["a"].sessions["fake"].status == "creating"
+        assert max(durations) < 1.0
+
+
+async def test_workers_are_isolated():
+    async with make_engine() as engine:
+        await engine.create_sessions("a", "fake")
+        await engine.call_tool("a", "fake:set", {"key": "secret", "value": 7})
+        assert engine.list_sessions("b") == []
+        with pytest.raises(SessionError, match="no 'fake' session"):
+            await engine.destroy_sessions("b", ["fake"])
+        seen = (await engine.call_tool("b", "fake:get", {"key": "secret"})).envelope
+        assert seen.data["value"] is None
+        assert seen.meta.temporary_session
+        assert engine.list_sessions("a")[0].status == "active"
+
+
+async def test_create_accepts_one_a_list_or_a_mapping():
+    async with make_engine() as engine:
+        engine.backends["other"] = FakeBackend("other")
+        engine._warm_locks["other"] = anyio.Lock()
+        await engine.create_sessions("w1", "fake")
+        await engine.create_sessions("w2", ["fake", "other"])
+        await engine.create_sessions("w3", {"fake": {"label": "m"}, "other": None})
+        assert {v.resource_type for v in engine.list_sessions("w2")} == {"fake", "other"}
+        assert (await engine.call_tool("w3", "fake:get", {"key": "k"})).envelope.data["label"] == "m"
+        again = await engine.create_sessions("w1", "fake")
+        assert again[0][1] is False  # existed: kept, not re-created
+        destroyed = await engine.destroy_sessions("w2")
+        assert len(destroyed) == 2
+        assert engine.list_sessions("w2") == []
+
+
+async def test_failed_initialize_rolls_back_and_is_not_sticky():
+    async with make_engine() as engine:
+        with pytest.raises(SessionError, match="init exploded"):
+            await engine.create_sessions("w1", "fake", {"fail_init": True})
+        assert engine.list_sessions("w1") == []
+        await engine.create_sessions("w1", "fake")
+        assert engine.list_sessions("w1")[0].status == "active"
+
+
+async def test_multi_create_is_all_or_nothing():
+    async with make_engine() as engine:
+        engine.backends["other"] = FakeBackend("other")
+        engine._warm_locks["other"] = anyio.Lock()
+        with pytest.raises(SessionError):
+            await engine.create_sessions("w1", {"fake": None, "other": {"fail_init": True}})
+        assert engine.list_sessions("w1") == []
+        assert fake(engine).live == set()
+
+
+async def test_bad_config_and_unknown_resource_are_parameter_and_resource_errors():
+    async with make_engine() as engine:
+        with pytest.raises(ParameterError, match="'nope' is not a known field"):
+            await engine.create_sessions("w1", "fake", {"nope": 1})
+        with pytest.raises(ResourceTypeNotFound, match="this server has: fake, search"):
+            await engine.create_sessions("w1", "vmx")
+        with pytest.raises(ParameterError, match="shared backend"):
+            await engine.create_sessions("w1", "search")
+
+
+async def test_errors_come_back_as_envelopes_with_the_spec_codes():
+    async with make_engine() as engine:
+        cases = {
+            ("fake:nope", None): 1001,
+            ("ghost_run", None): 1005,
+            ("fake:set", "missing"): 1002,
+            ("fake:set", "wrong-type"): 1002,
+            ("fake:boom", None): 2001,
+        }
+        args = {"missing": {"key": "a"}, "wrong-type": {"key": "a", "value": "x"}, None: {}}
+        for (name, which), code in cases.items():
+            env = (await engine.call_tool("w1", name, args[which])).envelope
+            assert env.code == code, (name, env)
+            assert env.message
+            assert "Traceback" not in env.message
+        boom = (await engine.call_tool("w1", "fake:boom", {})).envelope
+        assert "ZeroDivisionError: divided by zero" in boom.message
+
+
+async def test_broken_session_reports_1003_instead_of_hanging():
+    async with make_engine() as engine:
+        await engine.create_sessions("w1", "fake")
+        engine.workers["w1"].sessions["fake"].state.broken = "the X server died"
+        env = (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope
+        assert env.code == 1003
+        assert "the X server died" in env.message
+        assert "reinitialize" in env.message
+
+
+async def test_reinitialize_replaces_one_session_and_leaves_others():
+    async with make_engine() as engine:
+        engine.backends["other"] = FakeBackend("other")
+        engine._warm_locks["other"] = anyio.Lock()
+        await engine.create_sessions("w1", {"fake": {"label": "old"}, "other": None})
+        await engine.call_tool("w1", "other:set", {"key": "keep", "value": 1})
+        old_id = engine.list_sessions("w1")[0].session_id
+        result = await engine.reinitialize("w1", "fake", {"label": "new"})
+        assert result["status"] == "success"
+        assert result["old_session_id"] == old_id
+        assert result["new_session_id"] != old_id
+        assert result["config_applied"] == {"label": "new"}
+        assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.data["label"] == "new"
+        assert (await engine.call_tool("w1", "other:get", {"key": "keep"})).envelope.data["value"] == 1
+        assert len(fake(engine).live) == 1
+
+
+async def test_reinitialize_with_a_bad_config_keeps_the_old_session():
+    async with make_engine() as engine:
+        await engine.create_sessions("w1", "fake", {"label": "old"})
+        with pytest.raises(SessionError):
+            await engine.reinitialize("w1", "fake", {"fail_init": True})
+        assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.data["label"] == "old"
+
+
+async def test_idle_sessions_expire_after_the_ttl_and_calls_refresh_it():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=0.3) as engine:
+        await engine.create_sessions("w1", "fake")
+        for _ in range(5):  # 0.5 s of activity: each call pushes the deadline
+            await anyio.sleep(0.1)
+            assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.meta.temporary_session is False
+        with anyio.fail_after(3):
+            while engine.list_sessions("w1"):
+                await anyio.sleep(0.02)
+        assert backend.live == set()
+        assert ("cleanup", "w1") in backend.events
+
+
+async def test_refresh_sessions_extends_the_lease():
+    async with Engine({"fake": FakeBackend()}, session_ttl=0.4) as engine:
+        await engine.create_sessions("w1", "fake")
+        for _ in range(4):
+            await anyio.sleep(0.2)
+            engine.refresh_sessions("w1", "fake")
+        assert engine.list_sessions("w1")
+        engine.refresh_sessions("w1")
+        assert engine.list_sessions("w1")[0].expires_at is not None
+
+
+async def test_a_session_with_a_call_in_progress_is_never_reaped():
+    async with Engine({"fake": FakeBackend()}, session_ttl=0.2) as engine:
+        await engine.create_sessions("w1", "fake")
+        env = (await engine.call_tool("w1", "fake:work", {"seconds": 0.6})).envelope
+        assert env.code == 0
+        assert not env.meta.temporary_session
+        assert engine.list_sessions("w1")  # the TTL counts from the end of the call
+
+
+async def test_destroy_during_a_call_cancels_it_with_a_session_error():
+    async with make_engine() as engine:
+        await engine.create_sessions("w1", "fake")
+        result = {}
+
+        async def long_call() -> None:
+            result["env"] = (await engine.call_tool("w1", "fake:work", {"seconds": 30})).envelope
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_call)
+            await anyio.sleep(0.05)
+            with anyio.fail_after(2):
+                await engine.destroy_sessions("w1", ["fake"])
+        assert result["env"].code == 1003
+        assert "destroyed during this call" in result["env"].message
+
+
+async def test_shared_backend_warms_once_and_shuts_down_with_the_engine():
+    shared = SharedFake()
+    async with Engine({"search": shared, "fake": FakeBackend()}) as engine:
+        one = (await engine.call_tool("w1", "search:query", {"key": "q"})).envelope
+        two = (await engine.call_tool("w2", "search_query", {"key": "q"})).envelope
+        assert one.data == {"echo": "q", "warmups": 1}
+        assert two.data["warmups"] == 1
+        assert one.meta.session_id is None
+        assert await engine.warmup(["search"]) == {"search": "already warm"}
+    assert shared.shutdowns == 1
+
+
+async def test_engine_exit_destroys_every_session():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}) as engine:
+        for worker in ("a", "b", "c"):
+            await engine.create_sessions(worker, "fake")
+        assert len(backend.live) == 3
+    assert backend.live == set()
+
+
+async def test_close_worker_destroys_its_sessions_only():
+    async with make_engine() as engine:
+        await engine.create_sessions("a", "fake")
+        await engine.create_sessions("b", "fake")
+        await engine.close_worker("a")
+        assert engine.list_sessions("a") == []
+        assert len(engine.list_sessions("b")) == 1
+        assert len(fake(engine).live) == 1
+
+
+async def test_session_limits_give_resource_unavailable():
+    async with Engine({"fake": FakeBackend()}, limits=Limits(per_resource={"fake": 1})) as engine:
+        await engine.create_sessions("a", "fake")
+        with pytest.raises(ResourceUnavailable, match="limit of 1"):
+            await engine.create_sessions("b", "fake")
+        env = (await engine.call_tool("c", "fake:get", {"key": "k"})).envelope
+        assert env.code == 2004
+        await engine.destroy_sessions("a")
+        await engine.create_sessions("b", "fake")
+
+
+async def test_images_travel_beside_the_envelope():
+    async with make_engine() as engine:
+        outcome = await engine.call_tool("w1", "fake:picture", {})
+        assert outcome.envelope.data == {"width": 1, "height": 1}
+        assert outcome.images[0].data.startswith(b"\x89PNG")
