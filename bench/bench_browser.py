@@ -25,19 +25,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.base import ToolContext  # noqa: E402
-from backends.browser import BrowserBackend  # noqa: E402
-from backends.browser.args import ClickArgs, NavigateArgs, ScreenshotArgs, SnapshotArgs  # noqa: E402
-from backends.browser.launcher import process_tree_pss_kb  # noqa: E402
-from backends.browser.session import BrowserSession  # noqa: E402
-from backends.processes import descendants  # noqa: E402
+from backends.base import ToolContext
+from backends.browser import BrowserBackend
+from backends.browser.args import ClickArgs, NavigateArgs, ScreenshotArgs, SnapshotArgs
+from backends.browser.launcher import process_tree_pss_kb
+from backends.browser.session import BrowserSession
+from backends.processes import descendants
 
-PAGE = """<!doctype html><title>Bench</title>
+PAGE = (
+    """<!doctype html><title>Bench</title>
 <h1>Benchmark page</h1>
 <nav><a href="/next">Next page</a> <a href="/">Home</a></nav>
 <form action="/next"><label>Name <input name="q"></label><button type="button" id="b"
   onclick="this.textContent = 'Clicked ' + (++window.n || (window.n = 1))">Press me</button></form>
-<ul>""" + "".join(f"<li><a href='/item/{i}'>Item {i}</a> some text about item {i}</li>" for i in range(30)) + "</ul>"
+<ul>"""
+    + "".join(f"<li><a href='/item/{i}'>Item {i}</a> some text about item {i}</li>" for i in range(30))
+    + "</ul>"
+)
 
 
 class Handler(BaseHTTPRequestHandler):

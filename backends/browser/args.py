@@ -39,9 +39,7 @@ class NavigateArgs(_Args):
 class SnapshotArgs(_Target):
     ref: str | None = Field(None, description="Only the subtree at this ref (default: the whole page).")
     selector: str | None = Field(None, description="Only the subtree at this selector.")
-    max_chars: int = Field(
-        20_000, ge=500, le=200_000, description="Cut the snapshot after this many characters."
-    )
+    max_chars: int = Field(20_000, ge=500, le=200_000, description="Cut the snapshot after this many characters.")
 
 
 class ClickArgs(_Target):
@@ -70,9 +68,7 @@ class TypeArgs(_Target):
 
 
 class PressArgs(_Target):
-    key: str = Field(
-        description="Key or chord: 'Enter', 'Tab', 'Escape', 'ArrowDown', 'Control+A', 'Shift+Tab'."
-    )
+    key: str = Field(description="Key or chord: 'Enter', 'Tab', 'Escape', 'ArrowDown', 'Control+A', 'Shift+Tab'.")
     ref: str | None = Field(None, description="Focus this element first (default: whatever has focus).")
 
 
@@ -86,9 +82,7 @@ class SelectOptionArgs(_Target):
 
 class ScrollArgs(_Target):
     direction: Literal["down", "up", "left", "right"] = Field("down", description="Which way to scroll.")
-    amount: int | None = Field(
-        None, ge=1, le=100_000, description="Pixels to scroll (default: most of the viewport)."
-    )
+    amount: int | None = Field(None, ge=1, le=100_000, description="Pixels to scroll (default: most of the viewport).")
     ref: str | None = Field(None, description="Scroll this element into view instead.")
 
 
@@ -126,17 +120,13 @@ class EvaluateArgs(_Args):
         "'el => el.value'. Promises are awaited."
     )
     ref: str | None = Field(None, description=REF)
-    timeout_ms: int = Field(
-        10_000, ge=100, le=60_000, description="Give up (and close a stuck tab) after this long."
-    )
+    timeout_ms: int = Field(10_000, ge=100, le=60_000, description="Give up (and close a stuck tab) after this long.")
     max_chars: int = Field(20_000, ge=100, le=200_000, description="Cut a larger JSON result.")
 
 
 class TabsArgs(_Args):
     action: Literal["list", "new", "select", "close"] = Field("list", description="What to do.")
-    index: int | None = Field(
-        None, ge=0, description="Tab index for select/close (close: default active tab)."
-    )
+    index: int | None = Field(None, ge=0, description="Tab index for select/close (close: default active tab).")
     url: str | None = Field(None, description="URL to open in the new tab (action='new').")
 
     @model_validator(mode="after")
@@ -148,7 +138,5 @@ class TabsArgs(_Args):
 
 class ConsoleArgs(_Args):
     limit: int = Field(50, ge=1, le=300, description="At most this many of the latest messages.")
-    errors_only: bool = Field(
-        False, description="Only errors, page errors (uncaught exceptions) and crashes."
-    )
+    errors_only: bool = Field(False, description="Only errors, page errors (uncaught exceptions) and crashes.")
     clear: bool = Field(False, description="Forget the messages after returning them.")

@@ -72,9 +72,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     def __init__(self, name: str, defaults: dict[str, Any] | None = None) -> None:
         super().__init__(name, defaults)
         launch_keys = LaunchSettings.model_fields.keys()
-        self.settings = LaunchSettings.model_validate(
-            {k: v for k, v in self.defaults.items() if k in launch_keys}
-        )
+        self.settings = LaunchSettings.model_validate({k: v for k, v in self.defaults.items() if k in launch_keys})
         self.launcher = Launcher(self.settings)
         self._sessions: set[BrowserSession] = set()
 
@@ -111,9 +109,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                     "or start the server with DISPLAY set"
                 )
         prefix = "agentflow-browser-" + re.sub(r"[^\w.-]", "_", worker_id)[:40] + "-"
-        download_dir = Path(
-            await anyio.to_thread.run_sync(functools.partial(tempfile.mkdtemp, prefix=prefix))
-        )
+        download_dir = Path(await anyio.to_thread.run_sync(functools.partial(tempfile.mkdtemp, prefix=prefix)))
         try:
             state = await self._open_context(worker_id, config, display, download_dir)
         except BaseException:
@@ -165,9 +161,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
             with anyio.CancelScope(shield=True):
                 await state.close()
                 await self.launcher.release(state.handle)
-                await anyio.to_thread.run_sync(
-                    functools.partial(shutil.rmtree, state.download_dir, ignore_errors=True)
-                )
+                await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, state.download_dir, ignore_errors=True))
 
     # -- navigation --------------------------------------------------------------------
 
@@ -240,12 +234,8 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         state, page = await _page(ctx)
         limit = self.settings.max_image_bytes
         async with translated("screenshot", state.config.timeout_ms):
-            target = (
-                await snapshot.locate(page, args.ref, args.selector) if args.ref or args.selector else page
-            )
-            shot = await capture(
-                target, full_page=args.full_page, limit=limit, timeout_ms=state.config.timeout_ms
-            )
+            target = await snapshot.locate(page, args.ref, args.selector) if args.ref or args.selector else page
+            shot = await capture(target, full_page=args.full_page, limit=limit, timeout_ms=state.config.timeout_ms)
         data = await _info(state)
         data.update(width=shot.width, height=shot.height, format=shot.mime_type.split("/")[1], scale=1.0)
         if shot.note:
@@ -292,9 +282,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         text = json.dumps(_jsonable(result), ensure_ascii=False)
         data = await _info(state)
         if len(text) > args.max_chars:
-            data.update(
-                result=text[: args.max_chars], truncated=True, note="result JSON cut; returned as text"
-            )
+            data.update(result=text[: args.max_chars], truncated=True, note="result JSON cut; returned as text")
         else:
             data.update(result=_jsonable(result), truncated=False)
         return data
@@ -557,9 +545,7 @@ async def _wait_for_new_tab(state: BrowserSession, tabs_before: int, seconds: fl
 async def _after_action(state: BrowserSession, page: Page, tabs_before: int) -> dict[str, Any]:
     """Let a navigation the action started reach DOMContentLoaded, then describe where we are."""
     with contextlib.suppress(Exception):
-        await page.wait_for_load_state(
-            "domcontentloaded", timeout=min(5_000, state.config.navigation_timeout_ms)
-        )
+        await page.wait_for_load_state("domcontentloaded", timeout=min(5_000, state.config.navigation_timeout_ms))
     data = await _info(state)
     if len(state.pages) > tabs_before:
         data["note"] = f"a new tab opened and is now active (tab {state.active})"
@@ -581,11 +567,7 @@ async def _goto(page: Page, url: str, wait_until: Any, timeout_ms: float) -> Res
             if "net::" in exc.message and "ERR_ABORTED" not in exc.message:
                 await _error_page_committed(page)
             interrupted = re.search(r'interrupted by another navigation to "([^"]*)"', exc.message)
-            if (
-                attempt == 1
-                and interrupted
-                and interrupted.group(1) in (url, "chrome-error://chromewebdata/")
-            ):
+            if attempt == 1 and interrupted and interrupted.group(1) in (url, "chrome-error://chromewebdata/"):
                 continue
             raise
     return None
@@ -596,9 +578,7 @@ async def _error_page_committed(page: Page) -> None:
     if page.url.startswith("chrome-error:"):
         return
     with contextlib.suppress(Exception):
-        await page.wait_for_event(
-            "framenavigated", predicate=lambda frame: frame == page.main_frame, timeout=1_000
-        )
+        await page.wait_for_event("framenavigated", predicate=lambda frame: frame == page.main_frame, timeout=1_000)
 
 
 def _check_url(state: BrowserSession, raw: str) -> str:
@@ -615,9 +595,7 @@ def _check_url(state: BrowserSession, raw: str) -> str:
     scheme = parts.scheme.lower()
     if scheme == "file":
         if not state.config.allow_file_urls:
-            raise PermissionDenied(
-                "file:// URLs are refused in this session (session config allow_file_urls=false)"
-            )
+            raise PermissionDenied("file:// URLs are refused in this session (session config allow_file_urls=false)")
     elif scheme not in _SCHEMES:
         hint = "; use evaluate to run scripts" if scheme == "javascript" else ""
         raise ParameterError(f"URL scheme {scheme!r} is not supported (http, https, data, about){hint}")

@@ -55,9 +55,7 @@ class BrowserConfig(BaseModel):
     user_agent: str | None = Field(None, description="User-Agent header and navigator.userAgent.")
     locale: str | None = Field(None, description="Locale such as 'en-US' or 'de-DE'.")
     timezone: str | None = Field(None, description="IANA time zone such as 'Europe/Berlin'.")
-    extra_headers: dict[str, str] = Field(
-        default_factory=dict, description="HTTP headers sent with every request."
-    )
+    extra_headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers sent with every request.")
     storage_state: dict[str, Any] | None = Field(
         None,
         description="Cookies and localStorage to start with (Playwright storage-state object: "
@@ -87,9 +85,7 @@ class BrowserConfig(BaseModel):
     def _sane_viewport(cls, value: tuple[int, int]) -> tuple[int, int]:
         width, height = value
         if not (100 <= width <= 7680 and 100 <= height <= 4320):
-            raise ValueError(
-                "viewport must be [width, height] with 100 <= width <= 7680, 100 <= height <= 4320"
-            )
+            raise ValueError("viewport must be [width, height] with 100 <= width <= 7680, 100 <= height <= 4320")
         return value
 
     @field_validator("display")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -25,7 +26,7 @@ import anyio
 from playwright.async_api import Browser, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
-from backends.processes import kill_pids, pids_with_marker, session_env
+from backends.processes import SESSION_ENV_MARKER, kill_pids, pids_with_marker, session_env
 from session.errors import BackendError
 
 from .config import CHROMIUM_ARGS, LaunchSettings
@@ -63,6 +64,7 @@ class Launcher:
         self._lock = asyncio.Lock()
         self._generation = 0
         self._home: Path | None = None
+        self._profiles: dict[str, str | None] = {}
 
     # -- public ------------------------------------------------------------------------
 
@@ -91,7 +93,11 @@ class Launcher:
 
     def pids(self) -> list[int]:
         """Every live process of every Chromium this launcher started."""
-        return sorted({pid for tag in self.tags for pid in pids_with_marker(tag)})
+        return sorted({pid for tag in self.tags for pid in self.pids_of(tag)})
+
+    def pids_of(self, tag: str) -> list[int]:
+        """Live processes of the one Chromium launched with marker `tag`."""
+        return chromium_pids(tag, self._profiles.get(tag))
 
     async def release(self, handle: BrowserHandle) -> None:
         """A context of `handle` closed; a headed browser nobody uses any more is closed too."""
@@ -171,9 +177,8 @@ class Launcher:
         except PlaywrightError as exc:
             await self._sweep(tag)
             first = exc.message.splitlines()[0] if exc.message else repr(exc)
-            raise BackendError(
-                f"could not launch Chromium ({self.settings.executable_path}): {first}"
-            ) from exc
+            raise BackendError(f"could not launch Chromium ({self.settings.executable_path}): {first}") from exc
+        self._profiles[tag] = await anyio.to_thread.run_sync(_profile_dir, tag)
         handle = BrowserHandle(browser=browser, tag=tag, display=display, generation=self._generation)
         browser.on("disconnected", lambda _b: self._on_disconnected(handle))
         log.info("launched Chromium %s (%s)", tag, f"display {display}" if display else "headless")
@@ -196,13 +201,56 @@ class Launcher:
 
     async def _sweep(self, tag: str) -> None:
         """Kill whatever still carries `tag` (crash handlers, orphaned renderers) and wait for it."""
+        profile = self._profiles.get(tag)
+        pids: list[int] = []
         for _ in range(50):
-            pids = await anyio.to_thread.run_sync(pids_with_marker, tag)
+            pids = await anyio.to_thread.run_sync(chromium_pids, tag, profile)
             if not pids:
                 return
             kill_pids(pids)
             await anyio.sleep(0.02)
-        log.error("processes of %s survive SIGKILL: %s", tag, pids_with_marker(tag))
+        log.error("processes of %s survive SIGKILL: %s", tag, pids)
+
+
+def chromium_pids(tag: str, profile: str | None) -> list[int]:
+    """Live processes of one launched Chromium: those carrying the marker `tag`, plus those
+    whose command line names its profile directory.
+
+    The marker alone is not enough: Chromium's child processes (zygotes, renderers, GPU,
+    utilities) rewrite their process title over the argv/environ area and zero the rest, so
+    /proc/<pid>/environ no longer shows `AGENTFLOW_SESSION`. Every one of them carries
+    `--user-data-dir=<the launch's unique temporary profile>` on its command line.
+    """
+    marker = f"{SESSION_ENV_MARKER}={tag}".encode()
+    token = f"--user-data-dir={profile}".encode() if profile else None
+    me = os.getpid()
+    found: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if marker in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+                continue
+            if token is not None:
+                words = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").split(b" ")
+                if token in words:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _profile_dir(tag: str) -> str | None:
+    """The `--user-data-dir` Playwright gave the Chromium launched with marker `tag`."""
+    for pid in pids_with_marker(tag):
+        with contextlib.suppress(OSError):
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            for word in words:
+                if word.startswith(b"--user-data-dir="):
+                    return word.split(b"=", 1)[1].decode(errors="replace")
+    log.warning("could not find the profile directory of Chromium %s", tag)
+    return None
 
 
 def process_tree_pss_kb(pids: list[int]) -> int:
@@ -217,4 +265,4 @@ def process_tree_pss_kb(pids: list[int]) -> int:
     return total
 
 
-__all__ = ["BrowserHandle", "Launcher", "process_tree_pss_kb"]
+__all__ = ["BrowserHandle", "Launcher", "chromium_pids", "process_tree_pss_kb"]

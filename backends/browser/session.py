@@ -103,10 +103,7 @@ class BrowserSession:
                 "(or reinitialize it)"
             )
         if self.context_closed:
-            return (
-                "this session's browser context was closed unexpectedly; "
-                "destroy the session and create a new one"
-            )
+            return "this session's browser context was closed unexpectedly; destroy the session and create a new one"
         return None
 
     async def page(self) -> Page:
@@ -116,9 +113,7 @@ class BrowserSession:
             await self.new_page()
         page = self.pages[self.active]
         if id(page) in self.crashed_pages:
-            raise BackendError(
-                "the active tab's renderer crashed; call reload, or close it with tabs(action='close')"
-            )
+            raise BackendError("the active tab's renderer crashed; call reload, or close it with tabs(action='close')")
         return page
 
     async def new_page(self) -> Page:

@@ -63,9 +63,7 @@ async def locate(page: Page, ref: str | None, selector: str | None) -> Locator:
     if ref:
         ref = ref.strip().removeprefix("ref=").strip("[]")
         if not REF_RE.match(ref):
-            raise ParameterError(
-                f"'{ref}' is not a ref; refs look like 'e12' and come from the snapshot tool"
-            )
+            raise ParameterError(f"'{ref}' is not a ref; refs look like 'e12' and come from the snapshot tool")
         locator = page.locator(f"aria-ref={ref}")
         if await locator.count() == 0:
             raise ParameterError(
