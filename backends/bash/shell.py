@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: How long a timed-out command's shell gets to print its sentinel after its children die.
 RECOVERY_GRACE = 3.0
 PROGRESS_EVERY = 5.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+COMMAND_ENV = "AGENTFLOW_COMMAND"
 
 
 @dataclass(slots=True)
@@ -79,6 +79,7 @@ class PersistentShell:
         self.process: Process | None = None
         self._scanners: tuple[SentinelScanner, SentinelScanner] | None = None
         self.restarts = 0
+        self.commands_run = 0
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -130,10 +131,14 @@ class PersistentShell:
         assert self.process.stdin is not None
         pending = _Pending(self.max_output_bytes)
         started = time.monotonic()
-        started_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+        self.commands_run += 1
+        command_tag = f"{self.commands_run}"
         self._write_command(command)
         sentinel = f"printf '\\n{self.marker}%d__\\n' \"$__af_rc\""
-        line = f"trap 'return 130' INT; source {self.command_file} </dev/null\n__af_rc=$?; {sentinel}; {sentinel} >&2\n"
+        line = (
+            f"trap 'return 130' INT; export {COMMAND_ENV}={command_tag}; source {self.command_file} </dev/null\n"
+            f"__af_rc=$?; {sentinel}; {sentinel} >&2\n"
+        )
         timed_out = False
         try:
             await self.process.stdin.send(line.encode("utf-8", "surrogateescape"))
@@ -141,19 +146,23 @@ class PersistentShell:
                 await self._collect(pending, progress, started)
             if not pending.finished and not pending.exited:
                 timed_out = True
-                self._kill_command(started_ticks)
+                self._kill_command(command_tag)
                 with anyio.move_on_after(RECOVERY_GRACE):
                     await self._collect(pending, None, started)
         except BaseException:
             # Cancelled (client gave up, session destroyed) or the pipe broke: stop the
             # command, and drop the shell unless it answers promptly.
             with anyio.CancelScope(shield=True):
-                self._kill_command(started_ticks)
+                self._kill_command(command_tag)
                 with anyio.move_on_after(1.0):
                     await self._collect(pending, None, started)
                 if not pending.finished or pending.exited:
                     await self.kill()
             raise
+        if not pending.finished:
+            assert self._scanners is not None
+            for scanner, capture in zip(self._scanners, pending.captures, strict=True):
+                scanner.drain(capture)
         exit_code = pending.codes[0]
         exited = pending.exited or not pending.finished or not self.alive
         if exited:
@@ -185,17 +194,18 @@ class PersistentShell:
         self.control_dir.mkdir(parents=True, exist_ok=True)
         self.command_file.write_bytes(command.encode("utf-8", "surrogateescape") + b"\n")
 
-    def _kill_command(self, since_ticks: int) -> None:
+    def _kill_command(self, command_tag: str) -> None:
         """Interrupt the shell (abandons the command) and SIGKILL what this command started.
 
-        Background jobs started by earlier commands live on.
+        Each command runs with `AGENTFLOW_COMMAND=<n>` exported, so its processes are told
+        apart from background jobs of earlier commands, which live on.
         """
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, signal.SIGINT)
-        victims = [pid for pid in descendants(self.process.pid) if _start_ticks(pid) >= since_ticks - 1]
-        kill_pids(victims)
+        needle = f"{COMMAND_ENV}={command_tag}".encode()
+        kill_pids([pid for pid in descendants(self.process.pid) if needle in _environ(pid)])
 
     async def _collect(self, pending: _Pending, progress: ProgressFn | None, started: float) -> None:
         """Read the streams still short of their sentinel; stop early if the shell exits."""
@@ -263,9 +273,8 @@ async def _read_to_sentinel(stream: ByteReceiveStream, scanner: SentinelScanner,
     return code
 
 
-def _start_ticks(pid: int) -> int:
+def _environ(pid: int) -> list[bytes]:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return -1
-    return int(stat.rsplit(")", 1)[-1].split()[19])
+        return []

@@ -1,0 +1,165 @@
+"""The bash backend against a real bash: persistence, timeouts, caps, cleanup."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import anyio
+import pytest
+
+from backends.base import ToolContext
+from backends.bash import BashBackend, RunArgs
+from backends.bash.backend import BashState
+from session.errors import ExecutionTimeout, ParameterError
+from tests.conftest import marked_pids
+
+
+@asynccontextmanager
+async def shell(**config: object) -> AsyncIterator[tuple[BashBackend, ToolContext[BashState]]]:
+    backend = BashBackend("bash", {})
+    cfg = backend.session_config(dict(config))
+    state = await backend.initialize("w", cfg)
+    try:
+        yield backend, ToolContext(worker_id="w", session_id="s", state=state, config=cfg)
+    finally:
+        await backend.cleanup("w", SimpleNamespace(state=state))
+
+
+async def run(backend: BashBackend, ctx: ToolContext[BashState], command: str, timeout: float | None = None):
+    return await backend.run(ctx, RunArgs(command=command, timeout=timeout))
+
+
+async def test_state_persists_between_commands():
+    async with shell() as (b, ctx):
+        await run(b, ctx, 'cd /tmp && export GREETING=hi; say() { echo "$GREETING $1"; }; declare -A m=([k]=v)')
+        result = await run(b, ctx, "pwd; say there; echo ${m[k]}")
+        assert result.stdout == "/tmp\nhi there\nv\n"
+        assert result.exit_code == 0
+
+
+async def test_stdout_stderr_and_exit_code_are_separate_and_exact():
+    async with shell() as (b, ctx):
+        result = await run(b, ctx, "printf 'no newline'; echo oops >&2; exit_code() { return 3; }; exit_code")
+        assert result.stdout == "no newline"
+        assert result.stderr == "oops\n"
+        assert result.exit_code == 3
+
+
+async def test_quotes_heredocs_and_unicode_pass_through_unchanged():
+    async with shell() as (b, ctx):
+        command = "cat <<'EOF'\n'single' \"double\" \\back $HOME `tick` 中文\nEOF"
+        result = await run(b, ctx, command)
+        assert result.stdout == "'single' \"double\" \\back $HOME `tick` 中文\n"
+
+
+async def test_commands_cannot_read_the_shells_stdin():
+    async with shell() as (b, ctx):
+        result = await run(b, ctx, 'read -r line; echo "got:$line:$?"', timeout=5)
+        assert result.stdout == "got::1\n"
+        assert (await run(b, ctx, "echo still-alive")).stdout == "still-alive\n"
+
+
+async def test_a_timed_out_command_is_interrupted_and_the_shell_keeps_its_state():
+    async with shell() as (b, ctx):
+        await run(b, ctx, "export KEEP=1; cd /tmp")
+        with pytest.raises(ExecutionTimeout) as caught:
+            await run(b, ctx, "echo started; sleep 30; echo never", timeout=0.5)
+        assert caught.value.code == 2002
+        assert caught.value.data["stdout"] == "started\n"  # partial output comes back
+        assert "never" not in caught.value.data["stdout"]
+        assert "state are kept" in caught.value.message
+        result = await run(b, ctx, "echo $KEEP; pwd")
+        assert result.stdout == "1\n/tmp\n"
+        assert not result.shell_restarted
+
+
+async def test_a_busy_builtin_loop_is_interrupted_too():
+    async with shell() as (b, ctx):
+        await run(b, ctx, "export KEEP=2")
+        with pytest.raises(ExecutionTimeout):
+            await run(b, ctx, "while true; do :; done", timeout=0.3)
+        assert (await run(b, ctx, "echo $KEEP")).stdout == "2\n"
+
+
+async def test_background_jobs_from_earlier_commands_survive_a_timeout():
+    async with shell() as (b, ctx):
+        await run(b, ctx, "sleep 60 & echo $! > bg.pid")
+        with pytest.raises(ExecutionTimeout):
+            await run(b, ctx, "sleep 30", timeout=0.3)
+        pid = int((await run(b, ctx, "cat bg.pid")).stdout)
+        assert Path(f"/proc/{pid}").exists()
+
+
+async def test_output_beyond_the_cap_keeps_head_and_tail():
+    async with shell(max_output_bytes=4096) as (b, ctx):
+        result = await run(b, ctx, "seq 1 100000")
+        assert result.truncated
+        assert result.stdout_bytes == len("".join(f"{i}\n" for i in range(1, 100001)))
+        assert result.stdout.startswith("1\n2\n3\n")
+        assert result.stdout.endswith("99999\n100000\n")
+        assert "bytes omitted" in result.stdout
+        assert len(result.stdout) < 4096 + 200
+
+
+async def test_exit_restarts_a_fresh_shell_on_the_next_command():
+    async with shell() as (b, ctx):
+        await run(b, ctx, "export GONE=1")
+        result = await run(b, ctx, "exit 7")
+        assert result.exit_code == 7
+        assert result.note and "fresh shell" in result.note
+        after = await run(b, ctx, "echo ${GONE:-unset}")
+        assert after.shell_restarted
+        assert after.stdout == "unset\n"
+
+
+async def test_config_cwd_env_and_a_private_home():
+    async with shell(cwd="/", env={"FOO": "bar"}) as (b, ctx):
+        result = await run(b, ctx, "pwd; echo $FOO; echo $HOME")
+        lines = result.stdout.splitlines()
+        assert lines[:2] == ["/", "bar"]
+        assert "agentflow-bash-" in lines[2]
+
+
+async def test_the_servers_environment_does_not_leak_into_the_shell(monkeypatch):
+    monkeypatch.setenv("SECRET_API_KEY", "hunter2")
+    async with shell() as (b, ctx):
+        assert (await run(b, ctx, "echo ${SECRET_API_KEY:-none}")).stdout == "none\n"
+
+
+async def test_bad_config_is_refused_with_the_field_named():
+    backend = BashBackend("bash", {})
+    with pytest.raises(ValueError, match="does not exist"):
+        backend.session_config({"cwd": "/no/such/dir"})
+    with pytest.raises(ValueError, match="timeout"):
+        backend.session_config({"timeout": -1})
+
+
+async def test_nul_bytes_are_a_parameter_error():
+    async with shell() as (b, ctx):
+        with pytest.raises(ParameterError):
+            await run(b, ctx, "echo a\0b")
+
+
+async def test_cleanup_kills_everything_the_session_started_even_daemons():
+    async with shell() as (b, ctx):
+        tag = ctx.state.owner.tag
+        scratch = ctx.state.scratch
+        await run(b, ctx, "sleep 300 & setsid sleep 301 & (setsid sleep 302 &) ; nohup sleep 303 >/dev/null 2>&1 &")
+        assert len(marked_pids(tag)) >= 5  # the shell and four sleeps
+    with anyio.fail_after(5):
+        while marked_pids(tag):
+            await anyio.sleep(0.05)
+    assert not scratch.exists()
+
+
+async def test_cancelling_a_call_stops_its_command():
+    async with shell() as (b, ctx):
+        with anyio.move_on_after(0.3):
+            await run(b, ctx, "sleep 40; touch should-not-exist")
+        result = await run(b, ctx, "ls should-not-exist 2>&1; pgrep -f 'sleep 40' || echo no-sleep")
+        assert "no-sleep" in result.stdout
+        assert os.path.exists("should-not-exist") is False

@@ -1,0 +1,156 @@
+"""The seed document's snippets, run as written (with `bash` for `vm` where the seed uses `vm`).
+
+The `vm` versions live in tests/backends/test_vm_seed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox import Sandbox, SandboxError
+from tests.conftest import marked_pids, wait_until_no_marked
+
+
+async def test_explicit_mode_reuses_one_session():
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("bash", {"cwd": "/tmp", "custom_name": "my_bash"})
+        first = await sandbox.execute("bash:run", {"command": "cd /; export SEEN=1"})
+        second = await sandbox.execute("bash:run", {"command": "pwd; echo $SEEN"})
+        third = await sandbox.execute("bash:run", {"command": "echo hello"})
+        assert second["data"]["stdout"] == "/\n1\n"  # state carried over
+        ids = {r["meta"]["session_id"] for r in (first, second, third)}
+        assert len(ids) == 1
+        assert not any(r["meta"]["temporary_session"] for r in (first, second, third))
+        listed = await sandbox.list_sessions()
+        assert listed["sessions"][0]["session_name"] == "my_bash"
+        await sandbox.destroy_session("bash")
+        assert (await sandbox.list_sessions()) == {"sessions": []}
+
+
+async def test_temporary_mode_gets_a_fresh_session_each_call():
+    async with Sandbox() as sandbox:
+        first = await sandbox.execute("bash:run", {"command": "cd /; export SEEN=1; pwd"})
+        second = await sandbox.execute("bash:run", {"command": "echo ${SEEN:-unset}"})
+        assert first["meta"]["temporary_session"] is True
+        assert second["meta"]["temporary_session"] is True
+        assert first["meta"]["session_id"] != second["meta"]["session_id"]
+        assert second["data"]["stdout"] == "unset\n"  # state did not carry over
+        assert (await sandbox.list_sessions())["sessions"] == []
+        assert marked_pids("bash-") == []  # destroyed before the result returned
+
+
+async def test_result_envelope_has_the_seeds_fields():
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("bash")
+        result = await sandbox.execute("bash:run", {"command": "echo hi"})
+        assert result["code"] == 0
+        assert result["message"] == "success"
+        assert result["data"]["stdout"] == "hi\n"
+        meta = result["meta"]
+        assert meta["tool"] == "run"
+        assert meta["resource_type"] == "bash"
+        assert meta["session_id"].startswith("bash-")
+        assert meta["temporary_session"] is False
+        assert meta["execution_time_ms"] > 0
+        assert meta["expires_at"].endswith("Z")
+
+
+async def test_refresh_one_and_all_sessions():
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("bash")
+        one = await sandbox.refresh_sessions("bash")
+        every = await sandbox.refresh_sessions()
+        assert one["refreshed"][0]["resource_type"] == "bash"
+        assert len(every["refreshed"]) == 1
+
+
+async def test_reinitialize_returns_old_and_new_ids_and_applies_config():
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("bash", {"cwd": "/tmp"})
+        result = await sandbox.reinitialize("bash", {"cwd": "/"})
+        assert result["status"] == "success"
+        assert result["old_session_id"] != result["new_session_id"]
+        assert result["config_applied"] == {"cwd": "/"}
+        pwd = await sandbox.execute("bash:run", {"command": "pwd"})
+        assert pwd["data"]["stdout"] == "/\n"
+        assert pwd["meta"]["session_id"] == result["new_session_id"]
+
+
+async def test_list_sessions_after_creating_several():
+    async with Sandbox() as sandbox:
+        await sandbox.create_session(["bash"])
+        sessions = (await sandbox.list_sessions())["sessions"]
+        assert [(s["resource_type"], s["status"]) for s in sessions] == [("bash", "active")]
+        assert {"session_id", "session_name", "created_at", "expires_at", "config"} <= set(sessions[0])
+
+
+async def test_best_practice_try_finally_destroys():
+    async with Sandbox() as sandbox:
+        try:
+            await sandbox.create_session("bash")
+            await sandbox.execute("bash:run", {"command": "sleep 0.01"})
+        finally:
+            await sandbox.destroy_session("bash")
+        assert (await sandbox.list_sessions())["sessions"] == []
+
+
+async def test_leaving_the_context_manager_cleans_up():
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("bash")
+        await sandbox.execute("bash:run", {"command": "sleep 300 &"})
+        assert marked_pids("bash-")
+    await wait_until_no_marked("bash-")
+
+
+async def test_session_methods_raise_typed_errors_with_codes():
+    async with Sandbox() as sandbox:
+        with pytest.raises(SandboxError) as caught:
+            await sandbox.destroy_session("bash")
+        assert caught.value.code == 1003
+        with pytest.raises(SandboxError) as caught:
+            await sandbox.create_session("nonexistent")
+        assert caught.value.code == 1005
+        with pytest.raises(SandboxError) as caught:
+            await sandbox.create_session("bash", {"cwd": 5})
+        assert caught.value.code == 1002
+        assert "cwd" in caught.value.message
+
+
+async def test_bad_tool_calls_come_back_as_error_envelopes_and_the_server_stays_healthy():
+    async with Sandbox() as sandbox:
+        cases = [
+            ("bash:nope", {}, 1001),
+            ("nowhere:run", {}, 1005),
+            ("bash:run", {}, 1002),
+            ("bash:run", {"command": 42}, 1002),
+            ("bash:run", {"command": "echo", "extra": 1}, 1002),
+            ("bash:run", {"command": "sleep 5", "timeout": 0.2}, 2002),
+        ]
+        for tool, params, code in cases:
+            result = await sandbox.execute(tool, params)
+            assert result["code"] == code, (tool, params, result)
+            assert result["message"]
+            assert "Traceback" not in str(result)
+        assert (await sandbox.execute("bash:run", {"command": "echo ok"}))["data"]["stdout"] == "ok\n"
+
+
+async def test_get_tools_and_status():
+    async with Sandbox() as sandbox:
+        tools = {t["name"]: t for t in await sandbox.get_tools()}
+        assert "bash:run" in tools
+        assert tools["bash:run"]["mcp_name"] == "bash_run"
+        assert "command" in tools["bash:run"]["input_schema"]["properties"]
+        assert {"create_session", "destroy_session", "list_sessions", "refresh_sessions", "reinitialize"} <= set(tools)
+        status = await sandbox.get_status()
+        assert status["backends"]["bash"]["kind"] == "session"
+        assert (await sandbox.warmup())["backends"]["bash"].startswith("nothing to warm")
+
+
+async def test_two_sandboxes_are_two_isolated_workers():
+    async with Sandbox() as a:
+        await a.create_session("bash")
+        await a.execute("bash:run", {"command": "export MINE=a"})
+        # a second Sandbox() is a separate in-process server; a second worker on the same
+        # server is covered over real transports in tests/interaction
+        async with Sandbox() as b:
+            assert (await b.list_sessions())["sessions"] == []
