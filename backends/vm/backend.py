@@ -129,9 +129,7 @@ class VMBackend(Backend[Config, VMState]):
                 png_level=config.png_compression,
             )
             for command in config.startup:
-                await self._launch(
-                    state, _argv(command), wait_for_window=True, window_wait=STARTUP_WINDOW_WAIT
-                )
+                await self._launch(state, _argv(command), wait_for_window=True, window_wait=STARTUP_WINDOW_WAIT)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if input_conn is not None:
@@ -240,9 +238,7 @@ class VMBackend(Backend[Config, VMState]):
         if not text:
             raise ParameterError("text is empty: pass the characters to type, e.g. {'text': 'hello'}")
         if len(text) > MAX_TYPE_CHARS:
-            raise ParameterError(
-                f"text is {len(text)} characters; type at most {MAX_TYPE_CHARS} per call (split it)"
-            )
+            raise ParameterError(f"text is {len(text)} characters; type at most {MAX_TYPE_CHARS} per call (split it)")
         for index, char in enumerate(text):
             if (ord(char) < 0x20 and char not in "\n\r\t") or ord(char) == 0x7F:
                 raise ParameterError(
@@ -379,6 +375,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
         BackendError: the program exited with an error before opening a window.
     """
     window = None
+    deadline = anyio.current_time() + window_wait
     with anyio.move_on_after(window_wait):
         while window is None:
             new = [w for w in await state.x(state.input.client_windows) if w not in before]
@@ -390,7 +387,8 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
     if window is None:
         _check_exit(app)
         return None
-    with anyio.move_on_after(1.0):
+    # On a busy machine the window manager may take a while to focus it.
+    with anyio.move_on_after(max(1.0, min(5.0, deadline - anyio.current_time()))):
         while True:
             if await state.x(state.input.window_ready, window):
                 break

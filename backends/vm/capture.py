@@ -76,8 +76,7 @@ class Geometry:
         )
         if self.scaled:
             text += (
-                f" (coordinates are in screenshot pixels; the real screen is "
-                f"{self.screen_width}x{self.screen_height})"
+                f" (coordinates are in screenshot pixels; the real screen is {self.screen_width}x{self.screen_height})"
             )
         return text
 
@@ -101,9 +100,7 @@ class ScreenCapture:
         shot = self._mss.grab(region)
         image = PILImage.frombytes("RGB", shot.size, shot.bgra, "raw", "BGRX")
         if geometry.scaled:
-            image = image.resize(
-                (geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0
-            )
+            image = image.resize((geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0)
         return image
 
     def png(self, geometry: Geometry, compress_level: int) -> bytes:

@@ -169,8 +169,7 @@ class XvfbDesktop(Desktop):
                 )
             except FileNotFoundError:
                 raise ParameterError(
-                    f"program not found: {argv[0]!r}; give an installed program (e.g. 'xterm') "
-                    "or its full path"
+                    f"program not found: {argv[0]!r}; give an installed program (e.g. 'xterm') or its full path"
                 ) from None
             except PermissionError:
                 raise ParameterError(f"program {argv[0]!r} is not executable") from None
@@ -272,9 +271,7 @@ class XvfbProvider(DisplayProvider):
                         pass_fds=(write_fd,),
                     )
                 except FileNotFoundError:
-                    raise BackendError(
-                        f"{self.xvfb} is not installed (apt-get install xvfb openbox)"
-                    ) from None
+                    raise BackendError(f"{self.xvfb} is not installed (apt-get install xvfb openbox)") from None
             os.close(write_fd)
             write_fd = -1
             number = await _read_display_number(read_fd)

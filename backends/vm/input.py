@@ -167,8 +167,11 @@ class XInput:
                 return False
         except xerror.XError:
             return True  # gone already: nothing to wait for
+        if self._window_property(self.root, "_NET_SUPPORTING_WM_CHECK", Xatom.WINDOW) is None:
+            return True  # no window manager: input goes to the window under the pointer
+        # The property is absent until the window manager first focuses something.
         active = self._window_property(self.root, "_NET_ACTIVE_WINDOW", Xatom.WINDOW)
-        return active is None or (bool(active) and active[0] == window_id)
+        return bool(active) and active[0] == window_id
 
     def client_windows(self) -> list[int]:
         """Top-level windows the window manager manages (`_NET_CLIENT_LIST`), else mapped root children."""

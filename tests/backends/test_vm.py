@@ -25,7 +25,7 @@ import Xlib.XK as XK
 from PIL import Image as PILImage
 from pydantic import ValidationError
 
-from backends.base import NoArgs, ToolContext, ToolResult
+from backends.base import ToolContext, ToolResult
 from backends.processes import pids_with_marker
 from backends.vm import VMBackend, VMState
 from backends.vm.display import XvfbDesktop
@@ -53,9 +53,7 @@ class Session:
     async def call(self, tool: str, **params: Any) -> Any:
         """Call a tool the way the engine does: look it up, validate params, run it."""
         spec = self.backend.tools()[tool]
-        if spec.args_model is NoArgs:
-            return await spec.handler(self.backend, self.ctx)
-        return await spec.handler(self.backend, self.ctx, spec.args_model.model_validate(params))
+        return await spec.invoke(self.backend, self.ctx, spec.args_model.model_validate(params))
 
     async def screenshot(self) -> tuple[dict[str, Any], PILImage.Image]:
         result = await self.call("screenshot")
@@ -128,13 +126,7 @@ def _events(log: Path, kind: str) -> list[dict[str, Any]]:
 async def _probe(session: Session, log: Path) -> dict[str, Any]:
     """Open the probe window; return its last known geometry (screen coordinates)."""
     result = await session.call("launch", command=[sys.executable, str(PROBE), str(log)])
-    if result["window"] is None:
-        import subprocess
-        env = dict(os.environ, DISPLAY=session.desktop.display_name)
-        tree = subprocess.run(["xwininfo", "-root", "-tree"], env=env, capture_output=True, text=True).stdout
-        props = subprocess.run(["xprop", "-root"], env=env, capture_output=True, text=True).stdout
-        logs = [(a.argv, a.returncode, a.log_tail()) for a in session.desktop.apps]
-        raise AssertionError(f"{result}\n{tree}\n{props}\n{logs}\n{log.read_text() if log.exists() else ''}")
+    assert result["window"] is not None, result
     await _until(lambda: _events(log, "geometry"), what="probe window")
     await anyio.sleep(0.2)  # let the window manager finish placing it
     return _events(log, "geometry")[-1]
@@ -143,7 +135,7 @@ async def _probe(session: Session, log: Path) -> dict[str, Any]:
 async def _file_text(path: Path, seconds: float = 10.0) -> str:
     await _until(lambda: path.exists() and path.stat().st_size > 0, seconds, what=str(path))
     await anyio.sleep(0.1)
-    return path.read_text()
+    return await anyio.Path(path).read_text()
 
 
 # -- keyboard -----------------------------------------------------------------------------
@@ -292,8 +284,8 @@ async def test_cleanup_leaves_no_process_display_or_directory(vm: SessionFactory
     await session.backend.cleanup("w1", _info(session))
     assert pids_with_marker(tag) == []
     assert not [p for p in pids if _alive(p)]
-    assert not desktop.scratch.exists()
-    assert not Path(f"/tmp/.X11-unix/X{display}").exists()
+    assert not await anyio.Path(desktop.scratch).exists()
+    assert not await anyio.Path(f"/tmp/.X11-unix/X{display}").exists()
     await session.backend.cleanup("w1", _info(session))  # twice is harmless
 
 
