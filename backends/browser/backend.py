@@ -584,8 +584,8 @@ async def _error_page_committed(page: Page) -> None:
 def _check_url(state: BrowserSession, raw: str) -> str:
     """The URL to open, or a ParameterError/PermissionDenied saying why not."""
     url = raw.strip()
-    if not url or any(c.isspace() for c in url):
-        raise ParameterError(f"{raw!r} is not a URL (empty or contains spaces)")
+    if not url:
+        raise ParameterError("the URL is empty; give an absolute URL such as https://example.com/")
     if "://" not in url and not url.startswith(("about:", "data:", "file:", "javascript:")):
         if not _BARE_HOST.match(url):
             raise ParameterError(f"{raw!r} is not a URL; give an absolute URL such as https://example.com/")

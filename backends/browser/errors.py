@@ -55,6 +55,10 @@ async def translated(action: str, timeout_ms: float | None = None) -> AsyncItera
     except SandboxError:
         raise
     except PlaywrightTimeoutError as exc:
+        if "action done" in exc.message and "waiting for scheduled navigations" in exc.message:
+            # The click/press happened; only the navigation it started is slow. Not a failure:
+            # the caller reports where the page is now (and the model can wait_for more).
+            return
         limit = f" after {timeout_ms:g} ms" if timeout_ms else ""
         raise ExecutionTimeout(
             f"{action} timed out{limit}: the element was not found, not visible or not enabled, or the page "

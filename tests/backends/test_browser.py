@@ -192,6 +192,16 @@ async def test_navigate_snapshot_and_click_by_ref(backend: BrowserBackend, site:
         assert (await s("reload"))["title"] == "Next"
 
 
+async def test_refs_reach_into_iframes(backend: BrowserBackend) -> None:
+    page = "data:text/html,<p>outer</p><iframe srcdoc=\"<button onclick='document.body.append(7)'>inner</button>\">"
+    async with session(backend) as s:
+        await s("navigate", url=page)
+        inner = ref_of((await s("snapshot"))["snapshot"], 'button "inner"')
+        assert inner.startswith("f")
+        await s("click", ref=inner)
+        assert 'text: "7"' in (await s("snapshot"))["snapshot"]
+
+
 async def test_type_into_a_form_submit_and_read_the_result(backend: BrowserBackend, site: str) -> None:
     async with session(backend) as s:
         await s("navigate", url=f"{site}/search")
