@@ -108,7 +108,6 @@ class BashBackend(Backend[BashConfig, BashState]):
             argv=[config.shell, "--noprofile", "--norc"],
             env=env,
             cwd=config.cwd or str(home),
-            control_dir=scratch / "control",
             max_output_bytes=config.max_output_bytes,
         )
         try:
@@ -143,6 +142,8 @@ class BashBackend(Backend[BashConfig, BashState]):
         assert isinstance(config, BashConfig)
         if "\0" in args.command:
             raise ParameterError("command contains a NUL byte, which bash cannot run")
+        if ctx.state.shell.heredoc_end in args.command:
+            raise ParameterError("command contains this shell's reserved end-of-command marker")
         timeout = args.timeout or config.timeout
         result = await ctx.state.shell.run(args.command, timeout, ctx.progress)
         note = None

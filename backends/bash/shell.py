@@ -1,7 +1,8 @@
 """One persistent bash process driven over pipes.
 
-Each command is written to a private file and `source`d (stdin from /dev/null), so
-quotes can't desync the protocol, a command can't eat the shell's input, and `cd`,
+Each command is sent as a quoted here-document that the shell `source`s: bash reads it
+whole (through a pipe, no temp file) before running it, so quotes can't desync the
+protocol, a command reading stdin gets EOF instead of eating the protocol, and `cd`,
 variables (even `declare`d ones) and functions persist. After it, the shell prints a
 per-shell sentinel with the exit code on stdout and on stderr; the reader stops at the
 sentinel, so a round trip costs well under a millisecond.
@@ -65,12 +66,10 @@ class PersistentShell:
         argv: list[str],
         env: Mapping[str, str],
         cwd: str,
-        control_dir: Path,
         max_output_bytes: int,
     ) -> None:
         self.owner = owner
-        self.control_dir = control_dir
-        self.command_file = control_dir / "command.sh"
+        self.heredoc_end = f"__AF_END_{uuid.uuid4().hex}"
         self.argv = argv
         self.env = dict(env)
         self.cwd = cwd
@@ -103,13 +102,16 @@ class PersistentShell:
         return self.process.pid if self.process else None
 
     async def kill(self) -> None:
-        """Kill the shell and everything in its process group."""
+        """Kill the shell and everything in its process group.
+
+        Processes that left the group (setsid, daemons) are swept by the session's
+        `ProcessGroupOwner` through their environment marker.
+        """
         process, self.process = self.process, None
         if process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
-        kill_pids(descendants(process.pid))
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await process.wait()
         for stream in (process.stdin, process.stdout, process.stderr):
@@ -133,10 +135,10 @@ class PersistentShell:
         started = time.monotonic()
         self.commands_run += 1
         command_tag = f"{self.commands_run}"
-        self._write_command(command)
         sentinel = f"printf '\\n{self.marker}%d__\\n' \"$__af_rc\""
         line = (
-            f"trap 'return 130' INT; export {COMMAND_ENV}={command_tag}; source {self.command_file} </dev/null\n"
+            f"trap 'return 130' INT; export {COMMAND_ENV}={command_tag}; "
+            f"source /dev/stdin <<'{self.heredoc_end}'\n{command}\n{self.heredoc_end}\n"
             f"__af_rc=$?; {sentinel}; {sentinel} >&2\n"
         )
         timed_out = False
@@ -188,11 +190,6 @@ class PersistentShell:
         with anyio.move_on_after(1.0):
             return await self.process.wait()
         return None
-
-    def _write_command(self, command: str) -> None:
-        # Small local write; recreated in case the command deleted it last time.
-        self.control_dir.mkdir(parents=True, exist_ok=True)
-        self.command_file.write_bytes(command.encode("utf-8", "surrogateescape") + b"\n")
 
     def _kill_command(self, command_tag: str) -> None:
         """Interrupt the shell (abandons the command) and SIGKILL what this command started.
