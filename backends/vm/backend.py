@@ -46,6 +46,8 @@ T = TypeVar("T")
 MAX_TYPE_CHARS = 20_000
 _CONNECTION_ERRORS = (xerror.ConnectionClosedError, xerror.DisplayError, ConnectionError, mss.ScreenShotError)
 STARTUP_WINDOW_WAIT = 5.0
+#: After a launched program exits (code 0), how long a window from its children is awaited.
+EXITED_WINDOW_GRACE = 2.0
 
 #: Provider factories by `Config.provider`; a new provider is one entry here.
 PROVIDERS: dict[str, Callable[[], DisplayProvider]] = {"xvfb": XvfbProvider}
@@ -296,7 +298,12 @@ class VMBackend(Backend[Config, VMState]):
         if not wait_for_window:
             return result
         window = await _new_window(state, app, before, window_wait)
-        if window is None:
+        if window is None and app.returncode is not None:
+            result["exit_code"] = app.returncode
+            result["note"] = f"the program exited (code {app.returncode}) without opening a window"
+            if app.log_tail():
+                result["output"] = app.log_tail()
+        elif window is None:
             result["note"] = f"no new window appeared within {window_wait:g} s; the program is still running"
         else:
             result["window"] = {"id": window, "title": await state.x(state.input.window_title, window)}
@@ -376,6 +383,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
     """
     window = None
     deadline = anyio.current_time() + window_wait
+    exited_at: float | None = None
     with anyio.move_on_after(window_wait):
         while window is None:
             new = [w for w in await state.x(state.input.client_windows) if w not in before]
@@ -383,6 +391,11 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
                 window = new[-1]
                 break
             _check_exit(app)
+            if app.returncode == 0:
+                # A launcher may exit at once and leave a window to a child: give it a moment.
+                exited_at = exited_at or anyio.current_time()
+                if anyio.current_time() - exited_at > EXITED_WINDOW_GRACE:
+                    break
             await anyio.sleep(0.05)
     if window is None:
         _check_exit(app)

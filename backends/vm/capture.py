@@ -98,7 +98,8 @@ class ScreenCapture:
         """The whole screen as an RGB image, scaled to the shown size."""
         region = {"left": 0, "top": 0, "width": geometry.screen_width, "height": geometry.screen_height}
         shot = self._mss.grab(region)
-        image = PILImage.frombytes("RGB", shot.size, shot.bgra, "raw", "BGRX")
+        # `raw` is the grabbed buffer as is; `bgra` would copy it byte by byte (~15 ms at 1080p).
+        image = PILImage.frombuffer("RGB", shot.size, shot.raw, "raw", "BGRX", 0, 1)
         if geometry.scaled:
             image = image.resize((geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0)
         return image

@@ -44,7 +44,9 @@ class Config(BaseModel):
         "openbox", description="Window manager giving windows focus and decorations."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for launched programs.")
-    png_compression: int = Field(6, ge=0, le=9, description="PNG compression level of screenshots (0-9).")
+    png_compression: int = Field(
+        3, ge=0, le=9, description="PNG compression level of screenshots: 1 fastest, 9 smallest."
+    )
     show_cursor: bool = Field(False, description="Draw the mouse pointer into screenshots.")
     provider: Literal["xvfb"] = Field("xvfb", description="Where the desktop runs (today: a local Xvfb).")
     start_timeout: float = Field(15.0, gt=0, le=120, description="Seconds allowed for the desktop to start.")

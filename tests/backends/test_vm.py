@@ -29,7 +29,7 @@ from backends.base import ToolContext, ToolResult
 from backends.processes import pids_with_marker
 from backends.vm import VMBackend, VMState
 from backends.vm.display import XvfbDesktop
-from session.errors import ParameterError, SessionError
+from session.errors import BackendError, ParameterError, SessionError
 
 pytestmark = [
     pytest.mark.slow,
@@ -317,6 +317,16 @@ async def test_apps_get_a_private_home(vm: SessionFactory, tmp_path: Path) -> No
     assert config_home == f"{home}/.config"
     assert display == session.desktop.display_name
     assert var == "x1"
+
+
+async def test_launch_reports_programs_that_exit(vm: SessionFactory) -> None:
+    session = await vm({"window_manager": "none"})
+    done = await session.call("launch", command=["sh", "-c", "echo said-hi"], timeout=20)
+    assert done["exit_code"] == 0
+    assert done["output"] == "said-hi"
+    assert done["window"] is None
+    with pytest.raises(BackendError, match="exited with code 3: boom"):
+        await session.call("launch", command=["sh", "-c", "echo boom >&2; exit 3"])
 
 
 async def test_a_killed_x_server_is_a_session_error(vm: SessionFactory) -> None:

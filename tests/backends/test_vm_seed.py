@@ -1,0 +1,98 @@
+"""The seed document's `vm` snippets, run as written through `Sandbox` (in-process MCP server)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+
+from backends.processes import SESSION_ENV_MARKER
+from sandbox import Sandbox
+from tests.conftest import write_manifest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not all(shutil.which(p) for p in ("Xvfb", "openbox")), reason="needs apt packages xvfb openbox"),
+]
+
+
+@pytest.fixture
+def vm_manifest(tmp_path: Path) -> Path:
+    return write_manifest(tmp_path, resources={"vm": {"enabled": True, "config": {}}})
+
+
+def _size(result: dict) -> tuple[int, int]:
+    image = PILImage.open(io.BytesIO(base64.b64decode(result["data"]["image"])))
+    return image.size
+
+
+def _vm_pids(worker: str) -> list[int]:
+    """Live processes of this worker's vm sessions (tagged `vm-<worker id as the server sees it>-...`)."""
+    prefix = f"{SESSION_ENV_MARKER}=vm-".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(v.startswith(prefix) and worker.encode() in v for v in env):
+            found.append(int(entry.name))
+    return found
+
+
+def _worker() -> str:
+    """A worker id whose processes are recognisable (the vm tags processes `vm-<worker>-...`)."""
+    return f"seedvm{uuid.uuid4().hex[:12]}"
+
+
+async def test_seed_vm_session_explicit_mode_and_reinitialize(vm_manifest: Path) -> None:
+    worker = _worker()
+    async with Sandbox(manifest=vm_manifest, worker_id=worker) as sandbox:
+        await sandbox.create_session("vm", {"screen_size": [1920, 1080], "custom_name": "my_vm"})
+        assert len(_vm_pids(worker)) >= 2  # Xvfb and the window manager
+        shot = await sandbox.execute("vm:screenshot", {})
+        assert shot["code"] == 0, shot
+        assert _size(shot) == (1920, 1080)
+        assert (shot["data"]["width"], shot["data"]["height"]) == (1920, 1080)
+        click = await sandbox.execute("vm:click", {"x": 100})
+        assert click["code"] == 0, click
+        assert click["data"]["x"] == 100
+        typed = await sandbox.execute("vm:type", {"text": "hello"})
+        assert typed["code"] == 0, typed
+        assert {shot["meta"]["session_id"], click["meta"]["session_id"]} == {typed["meta"]["session_id"]}
+
+        result = await sandbox.reinitialize("vm", {"screen_size": [2560, 1440]})
+        assert result["old_session_id"] != result["new_session_id"]
+        assert _size(await sandbox.execute("vm:screenshot", {})) == (2560, 1440)
+
+        off = await sandbox.execute("vm:click", {"x": 5000, "y": 10})
+        assert off["code"] == 1002
+        assert "2560x1440" in off["message"]
+        await sandbox.destroy_session("vm")
+        assert _vm_pids(worker) == []
+
+
+async def test_seed_vm_temporary_screenshot_leaves_nothing(vm_manifest: Path) -> None:
+    worker = _worker()
+    async with Sandbox(manifest=vm_manifest, worker_id=worker) as sandbox:
+        shot = await sandbox.execute("vm:screenshot", {})
+        assert shot["code"] == 0, shot
+        assert shot["meta"]["temporary_session"] is True
+        assert _size(shot) == (1280, 800)
+        assert _vm_pids(worker) == []
+
+
+async def test_closing_the_client_destroys_its_desktop(vm_manifest: Path) -> None:
+    worker = _worker()
+    async with Sandbox(manifest=vm_manifest, worker_id=worker) as sandbox:
+        await sandbox.create_session("vm", {"startup": ["xterm"]})
+        assert len(_vm_pids(worker)) >= 3  # Xvfb, window manager, xterm
+    assert _vm_pids(worker) == []
