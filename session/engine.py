@@ -10,11 +10,9 @@ FIFO lock; calls on different sessions never wait for each other.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -22,41 +20,25 @@ import anyio
 from anyio.abc import TaskGroup
 from pydantic import BaseModel, ValidationError
 
-from backends.base import Backend, BackendKind, Image, ProgressFn, ToolContext, ToolResult, ToolSpec
-from session.envelope import Envelope, ResultMeta, failure, success
+from backends.base import Backend, BackendKind, Image, ProgressFn, ToolContext, ToolSpec
+from session.backend_pool import BackendPool
+from session.budget import Limits, SessionBudget
+from session.envelope import ResultMeta, failure, success
 from session.errors import (
-    BackendError,
     ParameterError,
-    ResourceTypeNotFound,
-    ResourceUnavailable,
     SandboxError,
     ServiceUnavailable,
     SessionError,
-    ToolNotFound,
 )
 from session.models import Session, SessionStatus, SessionView, Worker
+from session.reaper import collect_expired
+from session.tool_calls import CallOutcome, invoke, normalise_request, validate_arguments
 from session.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 30.0
-# First words of the session-management tool names: a typo there is an unknown tool, not resource.
-_NOT_RESOURCES = frozenset({"create", "destroy", "list", "refresh", "reinitialize", "warmup", "get"})
 DEFAULT_TTL = 300.0
-
-
-@dataclass(slots=True)
-class CallOutcome:
-    """A finished tool call: the envelope, plus images to send beside it."""
-
-    envelope: Envelope
-    images: list[Image] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_sessions: int | None = None
-    per_resource: Mapping[str, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -73,25 +55,28 @@ class Engine:
         session_ttl: float = DEFAULT_TTL,
         limits: Limits | None = None,
     ) -> None:
-        self.backends: dict[str, Backend[Any, Any]] = dict(backends)
+        self.pool = BackendPool(backends)
         self.session_ttl = session_ttl
-        self.limits = limits or Limits()
+        self.budget = SessionBudget(limits)
         self.workers: dict[str, Worker] = {}
-        self._warm: set[str] = set()
-        self._warm_locks: dict[str, anyio.Lock] = {name: anyio.Lock() for name in self.backends}
-        self._live = 0
-        self._live_by_resource: dict[str, int] = {}
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
         self._wake_reaper = anyio.Event()
         self._stopping = False
+
+    @property
+    def backends(self) -> dict[str, Backend[Any, Any]]:
+        return self.pool.backends
+
+    async def warmup(self, resources: list[str] | None = None) -> dict[str, str]:
+        return await self.pool.warmup(resources)
 
     # -- lifetime --------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         stack = AsyncExitStack()
         await stack.__aenter__()
-        stack.push_async_callback(self._shutdown_backends)
+        stack.push_async_callback(self.pool.shutdown)
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         self._tg.start_soon(self._reap_forever, name="session-reaper")
         self._stack = stack
@@ -116,55 +101,6 @@ class Engine:
             for worker in list(self.workers.values()):
                 tg.start_soon(self.close_worker, worker.worker_id)
 
-    async def _shutdown_backends(self) -> None:
-        with anyio.CancelScope(shield=True):
-            for name in list(self._warm):
-                try:
-                    with anyio.fail_after(CLEANUP_TIMEOUT):
-                        await self.backends[name].shutdown()
-                except Exception:
-                    log.exception("shutdown of backend %s failed", name)
-            self._warm.clear()
-
-    # -- lookups ---------------------------------------------------------------------
-
-    def backend(self, resource: str) -> Backend[Any, Any]:
-        try:
-            return self.backends[resource]
-        except KeyError:
-            raise ResourceTypeNotFound(
-                f"unknown resource type {resource!r}; this server has: {', '.join(sorted(self.backends))}"
-            ) from None
-
-    def session_backend(self, resource: str) -> Backend[Any, Any]:
-        backend = self.backend(resource)
-        if backend.kind() is BackendKind.SHARED:
-            raise ParameterError(f"{resource!r} is a shared backend: it has no sessions; call its tools directly")
-        return backend
-
-    def find_tool(self, name: str) -> tuple[str, ToolSpec]:
-        """Resolve `resource:action` (or `resource_action`) to its backend and tool."""
-        resource, sep, action = name.partition(":")
-        if not sep:
-            for candidate in sorted(self.backends, key=len, reverse=True):
-                if name.startswith(candidate + "_"):
-                    resource, action = candidate, name[len(candidate) + 1 :]
-                    break
-            else:
-                prefix = name.partition("_")[0]
-                if prefix and prefix not in _NOT_RESOURCES:
-                    raise ResourceTypeNotFound(
-                        f"unknown resource type {prefix!r} (in tool {name!r}); "
-                        f"this server has: {', '.join(sorted(self.backends))}"
-                    )
-                raise ToolNotFound(f"unknown tool {name!r}; tools are named resource_action, e.g. 'bash_run'")
-        tools = self.backend(resource).tools()
-        if action not in tools:
-            raise ToolNotFound(
-                f"resource {resource!r} has no tool {action!r}; its tools are: {', '.join(sorted(tools))}"
-            )
-        return resource, tools[action]
-
     def worker(self, worker_id: str) -> Worker:
         worker = self.workers.get(worker_id)
         if worker is None:
@@ -182,64 +118,10 @@ class Engine:
             )
         return session
 
-    # -- warmup ----------------------------------------------------------------------
-
-    async def ensure_warm(self, resource: str) -> bool:
-        """Warm a backend once; returns True if this call did the warming."""
-        backend = self.backend(resource)
-        if resource in self._warm or backend.kind() is BackendKind.SESSION:
-            return False
-        async with self._warm_locks[resource]:
-            if resource in self._warm:
-                return False
-            try:
-                await backend.warmup()
-            except SandboxError:
-                raise
-            except Exception as exc:
-                log.exception("warmup of %s failed", resource)
-                raise BackendError(f"warmup of {resource!r} failed: {type(exc).__name__}: {exc}") from exc
-            self._warm.add(resource)
-            return True
-
-    async def warmup(self, resources: list[str] | None = None) -> dict[str, str]:
-        names = resources if resources is not None else sorted(self.backends)
-        for name in names:
-            self.backend(name)
-        result: dict[str, str] = {}
-        for name in names:
-            if self.backend(name).kind() is BackendKind.SESSION:
-                result[name] = "nothing to warm (per-session backend)"
-            else:
-                result[name] = "warmed" if await self.ensure_warm(name) else "already warm"
-        return result
-
-    def forget_warm(self, resource: str) -> None:
-        """Mark a backend cold so the next use warms it again (e.g. its process crashed)."""
-        self._warm.discard(resource)
-
-    # -- session creation and destruction -------------------------------------------
-
-    def _reserve(self, resource: str) -> None:
-        per = self.limits.per_resource.get(resource)
-        if self.limits.max_sessions is not None and self._live >= self.limits.max_sessions:
-            raise ResourceUnavailable(
-                f"the server's session limit ({self.limits.max_sessions}) is reached; "
-                "destroy sessions you no longer need"
-            )
-        if per is not None and self._live_by_resource.get(resource, 0) >= per:
-            raise ResourceUnavailable(f"the limit of {per} live {resource!r} sessions is reached; try later")
-        self._live += 1
-        self._live_by_resource[resource] = self._live_by_resource.get(resource, 0) + 1
-
-    def _release(self, resource: str) -> None:
-        self._live -= 1
-        self._live_by_resource[resource] -= 1
-
     def _new_session(
         self, worker_id: str, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
     ) -> Session:
-        backend = self.session_backend(resource)
+        backend = self.pool.session_backend(resource)
         requested = dict(config or {})
         name = requested.pop("custom_name", None)
         if name is not None and not isinstance(name, str):
@@ -253,7 +135,7 @@ class Engine:
             ) from None
         if self._stopping:
             raise ServiceUnavailable("the server is shutting down")
-        self._reserve(resource)
+        self.budget.reserve(resource)
         prefix = "tmp" if temporary else resource
         return Session(
             session_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
@@ -267,15 +149,15 @@ class Engine:
 
     async def _start(self, session: Session) -> None:
         """Run `initialize` for a reserved session (no lock held); roll back on failure."""
-        backend = self.backends[session.resource_type]
+        backend = self.pool.backends[session.resource_type]
         try:
-            await self.ensure_warm(session.resource_type)
+            await self.pool.ensure_warm(session.resource_type)
             session.state = await backend.initialize(session.worker_id, session.config)
         except BaseException as exc:
             session.status = SessionStatus.CLOSED
             session.failure = str(exc)
             session.ready.set()
-            self._release(session.resource_type)
+            self.budget.release(session.resource_type)
             if isinstance(exc, SandboxError):
                 raise SessionError(f"could not start {session.resource_type!r}: {exc.message}") from exc
             if isinstance(exc, Exception):
@@ -297,12 +179,12 @@ class Engine:
             try:
                 with anyio.fail_after(CLEANUP_TIMEOUT):
                     async with session.lock:
-                        await self.backends[session.resource_type].cleanup(session.worker_id, session)
+                        await self.pool.backends[session.resource_type].cleanup(session.worker_id, session)
             except Exception:
                 log.exception("cleanup of %s session %s failed", session.resource_type, session.session_id)
             finally:
                 session.status = SessionStatus.CLOSED
-                self._release(session.resource_type)
+                self.budget.release(session.resource_type)
 
     async def create_sessions(
         self,
@@ -362,7 +244,7 @@ class Engine:
             targets = list(worker.sessions.values()) if worker else []
         else:
             for resource in resources:
-                self.backend(resource)
+                self.pool.backend(resource)
             targets = [self._live_session(worker_id, r) for r in dict.fromkeys(resources)]
         views = [s.view(self.session_ttl) for s in targets]
         if worker is not None:
@@ -403,7 +285,7 @@ class Engine:
         The new session is started first, so a config that fails leaves the old one
         working.
         """
-        self.session_backend(resource)
+        self.pool.session_backend(resource)
         worker = self.worker(worker_id)
         old = worker.sessions.get(resource)
         cfg = dict(new_config or {})
@@ -443,28 +325,19 @@ class Engine:
             worker = self.workers.get(worker_id)
             targets = list(worker.sessions.values()) if worker else []
         else:
-            self.backend(resource)
+            self.pool.backend(resource)
             targets = [self._live_session(worker_id, resource)]
         for session in targets:
             session.touch()
         return [s.view(self.session_ttl) for s in targets]
 
     def status(self, worker_id: str | None = None) -> dict[str, Any]:
-        backends = {
-            name: {
-                "kind": b.kind().value,
-                "warm": name in self._warm if b.kind() is not BackendKind.SESSION else None,
-                "live_sessions": self._live_by_resource.get(name, 0),
-                "tools": sorted(b.tools()),
-            }
-            for name, b in sorted(self.backends.items())
-        }
         out: dict[str, Any] = {
             "status": "stopping" if self._stopping else "running",
             "session_ttl": self.session_ttl,
             "workers": len(self.workers),
-            "live_sessions": self._live,
-            "backends": backends,
+            "live_sessions": self.budget.live,
+            "backends": self.pool.describe(self.budget.by_resource),
         }
         if worker_id is not None:
             out["worker_id"] = worker_id
@@ -485,7 +358,7 @@ class Engine:
         started = anyio.current_time()
         meta = ResultMeta(tool=tool_name)
         try:
-            resource, spec = self.find_tool(tool_name)
+            resource, spec = self.pool.find_tool(tool_name)
             meta.tool, meta.resource_type = spec.name, resource
             args = validate_arguments(spec, arguments)
             data, images = await self._dispatch(worker_id, resource, spec, args, meta, progress)
@@ -506,11 +379,11 @@ class Engine:
         meta: ResultMeta,
         progress: ProgressFn | None,
     ) -> tuple[dict[str, Any], list[Image]]:
-        backend = self.backends[resource]
+        backend = self.pool.backends[resource]
         if backend.kind() is BackendKind.SHARED:
-            await self.ensure_warm(resource)
+            await self.pool.ensure_warm(resource)
             ctx = ToolContext(worker_id=worker_id, session_id=None, state=None, **_progress(progress))
-            return await _invoke(backend, spec, ctx, args)
+            return await invoke(backend, spec, ctx, args)
         worker = self.workers.get(worker_id)
         session = worker.sessions.get(resource) if worker else None
         if session is not None and session.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
@@ -542,7 +415,7 @@ class Engine:
     async def _run_in_session(
         self, session: Session, spec: ToolSpec, args: BaseModel, progress: ProgressFn | None
     ) -> tuple[dict[str, Any], list[Image]]:
-        backend = self.backends[session.resource_type]
+        backend = self.pool.backends[session.resource_type]
         session.active_calls += 1
         try:
             await session.ready.wait()
@@ -568,7 +441,7 @@ class Engine:
                 with anyio.CancelScope() as scope:
                     session.running.add(scope)
                     try:
-                        return await _invoke(backend, spec, ctx, args)
+                        return await invoke(backend, spec, ctx, args)
                     finally:
                         session.running.discard(scope)
                 raise SessionError(
@@ -584,34 +457,19 @@ class Engine:
     async def _reap_forever(self) -> None:
         """Destroy sessions idle longer than the TTL; sleeps until the next deadline."""
         while True:
-            now = anyio.current_time()
-            next_deadline = math.inf
-            for worker in list(self.workers.values()):
-                for session in list(worker.sessions.values()):
-                    if session.status is not SessionStatus.ACTIVE:
-                        continue
-                    deadline = session.deadline(self.session_ttl)
-                    if deadline is None:
-                        continue
-                    if deadline <= now:
-                        log.info(
-                            "session %s (%s) expired after %.1fs idle",
-                            session.session_id,
-                            session.resource_type,
-                            self.session_ttl,
-                        )
-                        del worker.sessions[session.resource_type]
-                        assert self._tg is not None
-                        self._tg.start_soon(self._stop, session)
-                    else:
-                        next_deadline = min(next_deadline, deadline)
-                if not worker.sessions:
-                    # A worker is only a namespace: an empty one costs nothing to forget and
-                    # is made again on its next use (its disconnect hook then finds nothing).
-                    self.workers.pop(worker.worker_id, None)
+            expired, next_deadline = collect_expired(self.workers, self.session_ttl, anyio.current_time())
+            for session in expired:
+                log.info(
+                    "session %s (%s) expired after %gs idle",
+                    session.session_id,
+                    session.resource_type,
+                    self.session_ttl,
+                )
+                assert self._tg is not None
+                self._tg.start_soon(self._stop, session)
             self._wake_reaper = anyio.Event()
-            # Deadlines only move later (calls refresh them), so sleeping until the
-            # earliest one is exact; a capped nap also covers calls ending meanwhile.
+            # Deadlines only move later (calls refresh them), so sleeping until the earliest
+            # one is exact; the 1 s cap covers calls that end meanwhile.
             delay = min(max(next_deadline - anyio.current_time(), 0.01), 1.0)
             with anyio.move_on_after(delay):
                 await self._wake_reaper.wait()
@@ -619,62 +477,3 @@ class Engine:
 
 def _progress(progress: ProgressFn | None) -> dict[str, Any]:
     return {"progress": progress} if progress is not None else {}
-
-
-async def _invoke(
-    backend: Backend[Any, Any], spec: ToolSpec, ctx: ToolContext[Any], args: BaseModel
-) -> tuple[dict[str, Any], list[Image]]:
-    try:
-        result = await spec.invoke(backend, ctx, args)
-    except SandboxError:
-        raise
-    except Exception as exc:
-        log.exception("tool %s:%s raised", backend.name, spec.name)
-        raise BackendError(f"{backend.name}:{spec.name} failed: {type(exc).__name__}: {exc}") from exc
-    return normalise_result(result)
-
-
-def normalise_result(result: Any) -> tuple[dict[str, Any], list[Image]]:
-    images: list[Image] = []
-    if isinstance(result, ToolResult):
-        images = list(result.images)
-        result = result.data
-    if isinstance(result, BaseModel):
-        return result.model_dump(mode="json"), images
-    if result is None:
-        return {}, images
-    if isinstance(result, dict):
-        return result, images
-    return {"result": result}, images
-
-
-def validate_arguments(spec: ToolSpec, arguments: Mapping[str, Any] | None) -> BaseModel:
-    try:
-        return spec.args_model.model_validate(dict(arguments or {}))
-    except ValidationError as exc:
-        raise ParameterError(
-            describe_validation_error(exc, f"arguments of {spec.name}"),
-            data={"input_schema": spec.input_schema()},
-        ) from None
-
-
-def normalise_request(
-    request: str | list[str] | Mapping[str, Mapping[str, Any] | None],
-    config: Mapping[str, Any] | None = None,
-) -> dict[str, Mapping[str, Any] | None]:
-    """`"vm"`, `["vm", "bash"]` or `{"vm": {...}, "bash": None}` -> resource -> config."""
-    if isinstance(request, str):
-        return {request: config}
-    if config:
-        raise ParameterError("config applies to a single resource; pass a mapping resource -> config instead")
-    if isinstance(request, Mapping):
-        return dict(request)
-    if isinstance(request, list) and request and all(isinstance(r, str) for r in request):
-        return dict.fromkeys(request)
-    raise ParameterError(
-        "resource must be a name ('bash'), a list of names (['bash', 'vm']) or a mapping name -> config"
-    )
-
-
-def envelope_for(tool: str, data: dict[str, Any], message: str = "success") -> Envelope:
-    return success(data, ResultMeta(tool=tool), message)

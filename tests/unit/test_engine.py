@@ -113,7 +113,7 @@ async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_call
                 assert (await engine.call_tool("fast", "fake:set", {"key": "k", "value": 2})).envelope.code == 0
                 engine.list_sessions("fast")
                 engine.refresh_sessions("fast")
-                await engine.create_sessions("other", "fake", {"label": "x"}) if False else None
+            await engine.create_sessions("third", "fake", {"label": "x"})
                 await engine.destroy_sessions("fast", ["fake"])
             backend.gate.set()
         assert engine.list_sessions("slow")[0].status == "active"
@@ -163,7 +163,6 @@ async def test_workers_are_isolated():
 async def test_create_accepts_one_a_list_or_a_mapping():
     async with make_engine() as engine:
         engine.backends["other"] = FakeBackend("other")
-        engine._warm_locks["other"] = anyio.Lock()
         await engine.create_sessions("w1", "fake")
         await engine.create_sessions("w2", ["fake", "other"])
         await engine.create_sessions("w3", {"fake": {"label": "m"}, "other": None})
@@ -188,7 +187,6 @@ async def test_failed_initialize_rolls_back_and_is_not_sticky():
 async def test_multi_create_is_all_or_nothing():
     async with make_engine() as engine:
         engine.backends["other"] = FakeBackend("other")
-        engine._warm_locks["other"] = anyio.Lock()
         with pytest.raises(SessionError):
             await engine.create_sessions("w1", {"fake": None, "other": {"fail_init": True}})
         assert engine.list_sessions("w1") == []
@@ -237,7 +235,6 @@ async def test_broken_session_reports_1003_instead_of_hanging():
 async def test_reinitialize_replaces_one_session_and_leaves_others():
     async with make_engine() as engine:
         engine.backends["other"] = FakeBackend("other")
-        engine._warm_locks["other"] = anyio.Lock()
         await engine.create_sessions("w1", {"fake": {"label": "old"}, "other": None})
         await engine.call_tool("w1", "other:set", {"key": "keep", "value": 1})
         old_id = engine.list_sessions("w1")[0].session_id
