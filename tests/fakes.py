@@ -64,7 +64,7 @@ class FakeBackend(Backend[FakeConfig, FakeState]):
         self.events.append(("initialize", worker_id))
         if config.init_delay:
             await anyio.sleep(config.init_delay)
-        if self.gate is not None:
+        if self.gate is not None and config.label == "gated":
             await self.gate.wait()
         if config.fail_init:
             raise RuntimeError("init exploded")

@@ -104,7 +104,7 @@ async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_call
         backend = fake(engine)
         backend.gate = anyio.Event()  # worker "slow" stalls inside initialize until we say so
         async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.create_sessions, "slow", "fake")
+            tg.start_soon(engine.create_sessions, "slow", "fake", {"label": "gated"})
             with anyio.fail_after(5):
                 while ("initialize", "slow") not in backend.events:
                     await anyio.sleep(0.001)
@@ -113,7 +113,7 @@ async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_call
                 assert (await engine.call_tool("fast", "fake:set", {"key": "k", "value": 2})).envelope.code == 0
                 engine.list_sessions("fast")
                 engine.refresh_sessions("fast")
-            await engine.create_sessions("third", "fake", {"label": "x"})
+                await engine.create_sessions("third", "fake", {"label": "x"})
                 await engine.destroy_sessions("fast", ["fake"])
             backend.gate.set()
         assert engine.list_sessions("slow")[0].status == "active"
