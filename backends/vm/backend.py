@@ -23,7 +23,7 @@ from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, 
 from backends.vm.capture import Geometry, ScreenCapture, encode_png
 from backends.vm.display import Desktop, DesktopSpec, DisplayProvider, LaunchedApp, XvfbProvider
 from backends.vm.input import BUTTONS, SCROLL_BUTTONS, XInput
-from backends.vm.keys import parse_combo, parse_key
+from backends.vm.keys import parse_combo, parse_key, split_combo
 from backends.vm.models import (
     ClickArgs,
     Config,
@@ -258,7 +258,7 @@ class VMBackend(Backend[Config, VMState]):
         """
         keysyms = parse_combo(args.keys)
         await ctx.state.x(ctx.state.input.press_combo, keysyms)
-        return {"keys": args.keys if isinstance(args.keys, list) else args.keys.split("+")}
+        return {"keys": split_combo(args.keys)}
 
     @tool()
     async def key(self, ctx: ToolContext[VMState], args: KeyArgs) -> dict[str, Any]:

@@ -138,13 +138,24 @@ def char_to_keysym(char: str) -> int:
     return 0x1000000 + cp
 
 
+def _keysym_index() -> dict[str, int]:
+    """Every keysym name python-xlib knows, lower-cased (`kp_enter`, `xf86audiomute`)."""
+    index: dict[str, int] = {}
+    for attr, value in vars(XK).items():
+        if attr.startswith("XK_") and isinstance(value, int):
+            name = attr[3:].lower()
+            index.setdefault(name, value)
+            if name.startswith("xf86_"):
+                index.setdefault("xf86" + name[5:], value)
+    return index
+
+
+_KEYSYMS_LOWER = _keysym_index()
+
+
 def _keysym_by_name(name: str) -> int:
-    for candidate in (name, name.replace("XF86", "XF86_", 1) if name.startswith("XF86") else ""):
-        if candidate:
-            keysym = XK.string_to_keysym(candidate)
-            if keysym:
-                return keysym
-    return 0
+    keysym = XK.string_to_keysym(name)
+    return keysym or _KEYSYMS_LOWER.get(name.lower(), 0)
 
 
 def parse_key(name: str, *, in_combo: bool = False) -> int:
@@ -161,8 +172,6 @@ def parse_key(name: str, *, in_combo: bool = False) -> int:
         return char_to_keysym(stripped.lower() if in_combo else stripped)
     alias = ALIASES.get(stripped.lower().replace(" ", "").replace("-", ""))
     keysym = _keysym_by_name(alias or stripped)
-    if not keysym:
-        keysym = _keysym_by_name(stripped.capitalize())
     if keysym:
         return keysym
     choices = sorted(set(ALIASES) | {v for v in ALIASES.values() if not v.startswith("XF86")})
@@ -175,18 +184,25 @@ def parse_key(name: str, *, in_combo: bool = False) -> int:
     )
 
 
+def split_combo(keys: str | list[str]) -> list[str]:
+    """`"ctrl+shift+t"` or `["ctrl", "shift", "t"]` to key names; `"ctrl++"` ends with the plus key."""
+    if not isinstance(keys, str):
+        return list(keys)
+    text = keys.strip()
+    if text == "+":
+        return ["+"]
+    if text.endswith("++"):
+        return [*text[:-2].split("+"), "+"]
+    return text.split("+")
+
+
 def parse_combo(keys: str | list[str]) -> list[int]:
     """A combination (`["ctrl", "shift", "t"]` or `"ctrl+shift+t"`) to keysyms, modifiers first as given.
 
     Raises:
         ParameterError: the combination is empty or a name is unknown.
     """
-    if isinstance(keys, str):
-        text = keys.strip()
-        # A literal '+' (alone or last, as in 'ctrl++') is the plus key, not a separator.
-        names = ["+"] if text == "+" else text.replace("++", "+plus").split("+")
-    else:
-        names = list(keys)
+    names = split_combo(keys)
     if not names or all(not n.strip() for n in names):
         raise ParameterError("no keys given: pass e.g. ['ctrl', 'c'] or 'ctrl+c'")
     return [parse_key(n, in_combo=len(names) > 1) for n in names]

@@ -29,6 +29,7 @@ from backends.base import ToolContext, ToolResult
 from backends.processes import pids_with_marker
 from backends.vm import VMBackend, VMState
 from backends.vm.display import XvfbDesktop
+from backends.vm.keys import parse_combo, split_combo
 from session.errors import BackendError, ParameterError, SessionError
 
 pytestmark = [
@@ -389,3 +390,19 @@ def test_tools_have_schemas_and_descriptions() -> None:
         for prop in spec.input_schema()["properties"].values():
             assert prop.get("description"), spec.name
     assert set(tools["drag"].input_schema()["required"]) == {"from", "to"}
+
+
+def test_key_names_agents_use_are_understood() -> None:
+    names = {
+        "ctrl+l": ["Control_L", "l"],
+        "ctrl++": ["Control_L", "plus"],
+        "alt+F4": ["Alt_L", "F4"],
+        "kp_enter": ["KP_Enter"],
+        "XF86AudioMute": ["XF86_AudioMute"],
+        "pagedown": ["Next"],
+        "Escape": ["Escape"],
+    }
+    for combo, expected in names.items():
+        assert parse_combo(combo) == [XK.string_to_keysym(n) for n in expected], combo
+    assert parse_combo(["ctrl", "shift", "T"])[-1] == XK.string_to_keysym("t")  # case comes from shift
+    assert split_combo("ctrl+shift+t") == ["ctrl", "shift", "t"]
