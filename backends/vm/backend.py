@@ -118,6 +118,7 @@ class VMBackend(Backend[Config, VMState]):
         )
         desktop = await self._provider(config.provider).start(spec)
         input_conn: XInput | None = None
+        capture: ScreenCapture | None = None
         try:
             input_conn = await anyio.to_thread.run_sync(XInput, desktop.display_name)
             capture = await anyio.to_thread.run_sync(
@@ -134,8 +135,9 @@ class VMBackend(Backend[Config, VMState]):
                 await self._launch(state, _argv(command), wait_for_window=True, window_wait=STARTUP_WINDOW_WAIT)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if input_conn is not None:
-                    await anyio.to_thread.run_sync(input_conn.close)
+                for conn in (input_conn, capture):
+                    if conn is not None:
+                        await anyio.to_thread.run_sync(conn.close)
                 await desktop.aclose()
             raise
         return state
@@ -143,10 +145,11 @@ class VMBackend(Backend[Config, VMState]):
     async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
         state: VMState = session_info.state
         with anyio.CancelScope(shield=True):
+            # Stop the display first: closing a connection to a hung server could block.
             try:
-                await anyio.to_thread.run_sync(state.close_connections)
-            finally:
                 await state.desktop.aclose()
+            finally:
+                await anyio.to_thread.run_sync(state.close_connections)
 
     async def health(self, state: VMState) -> str | None:
         return state.desktop.problem()
