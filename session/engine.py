@@ -205,11 +205,13 @@ class Engine:
                 existing = worker.sessions.get(resource)
                 if existing is not None and existing.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
                     results.append((existing, False))
-                    continue
-                session = self._new_session(worker_id, resource, cfg, temporary=False)
-                worker.sessions[resource] = session
-                fresh.append(session)
-                results.append((session, True))
+                else:
+                    session = self._new_session(worker_id, resource, cfg, temporary=False)
+                    worker.sessions[resource] = session
+                    fresh.append(session)
+                    results.append((session, True))
+                # Held like a running call, so a slow sibling's start can't let the TTL reap it.
+                results[-1][0].active_calls += 1
             async with anyio.create_task_group() as tg:
                 for session in fresh:
                     tg.start_soon(self._start_published, worker, session)
@@ -225,6 +227,10 @@ class Engine:
                     if session.status is SessionStatus.ACTIVE:
                         await self._stop(session)
             raise
+        finally:
+            for session, _ in results:
+                session.active_calls -= 1
+                session.touch()
         self._wake_reaper.set()
         return [(s.view(self.session_ttl), created) for s, created in results]
 

@@ -1,0 +1,187 @@
+"""vm and browser through the whole stack: seed snippets unchanged, and no process left behind.
+
+Every test snapshots the process table first and checks, at the end of each lifecycle
+(destroy, TTL expiry, disconnect, shutdown), that no Xvfb, window manager, launched app
+or Chromium process it caused is still alive.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from PIL import Image
+
+from sandbox import Sandbox
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+WATCHED = {"Xvfb", "openbox", "xterm", "chromium", "chrome_crashpad", "headless_shell", "xclock"}
+
+
+def watched_pids() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (comm in WATCHED or comm.startswith("chrom")):
+            found.add(int(entry.name))
+    return found
+
+
+async def no_new_processes(before: set[int], within: float = 15.0) -> None:
+    with anyio.fail_after(within):
+        while watched_pids() - before:
+            await anyio.sleep(0.1)
+
+
+def manifest(tmp_path: Path, ttl: float = 300) -> Path:
+    path = tmp_path / "manifest.json"
+    path.write_text(
+        json.dumps(
+            {
+                "server": {"session_ttl": ttl, "log_level": "WARNING"},
+                "resources": {"bash": {}, "vm": {}, "browser": {}},
+            }
+        )
+    )
+    return path
+
+
+def png_size(b64: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+PAGE = "data:text/html,<title>T</title><h1>Hello</h1><button onclick=\"document.title='clicked'\">Go</button>"
+
+
+async def test_the_seed_vm_snippets_run_unchanged_and_leave_nothing():
+    before = watched_pids()
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("vm", {"screen_size": [1920, 1080], "custom_name": "my_vm"})
+        shot = await sandbox.execute("vm:screenshot", {})
+        assert shot["code"] == 0
+        assert png_size(shot["data"]["image"]) == (1920, 1080)
+        assert (await sandbox.execute("vm:click", {"x": 100}))["code"] == 0
+        assert (await sandbox.execute("vm:type", {"text": "hello"}))["code"] == 0
+        result = await sandbox.reinitialize("vm", {"screen_size": [2560, 1440]})
+        assert result["status"] == "success"
+        assert result["config_applied"] == {"screen_size": [2560, 1440]}
+        shot = await sandbox.execute("vm:screenshot", {})
+        assert png_size(shot["data"]["image"]) == (2560, 1440)
+        assert shot["meta"]["session_id"] == result["new_session_id"]
+        await sandbox.create_session(["vm", "bash"])
+        listed = {s["resource_type"]: s for s in (await sandbox.list_sessions())["sessions"]}
+        assert listed["vm"]["session_name"] == "my_vm"
+        assert set(listed) == {"vm", "bash"}
+        await sandbox.destroy_session("vm")
+        await no_new_processes(before)  # the desktop is gone at once; bash has no watched process
+        temp = await sandbox.execute("vm:screenshot", {})
+        assert temp["meta"]["temporary_session"] is True
+        assert png_size(temp["data"]["image"]) == (1280, 800)
+    await no_new_processes(before)
+
+
+async def test_vm_launched_apps_die_with_the_session_on_destroy():
+    before = watched_pids()
+    async with Sandbox() as sandbox:
+        await sandbox.create_session("vm", {"startup": [["xterm"]]})
+        launched = await sandbox.execute("vm:launch", {"command": "xterm -T second"})
+        assert launched["code"] == 0, launched
+        with anyio.fail_after(10):
+            while len(watched_pids() - before) < 4:  # Xvfb, openbox, two xterms
+                await anyio.sleep(0.1)
+        await sandbox.destroy_session("vm")
+        await no_new_processes(before)
+
+
+async def test_ttl_expiry_reaps_desktop_and_browser_context(tmp_path):
+    before = watched_pids()
+    async with Sandbox(manifest=manifest(tmp_path, ttl=1.5)) as sandbox:
+        await sandbox.create_session({"vm": None, "browser": {"viewport": [800, 600]}})
+        nav = await sandbox.execute("browser:navigate", {"url": PAGE})
+        assert nav["code"] == 0, nav
+        with anyio.fail_after(15):
+            while (await sandbox.list_sessions())["sessions"]:
+                await anyio.sleep(0.2)
+        status = await sandbox.get_status()
+        assert status["live_sessions"] == 0
+        # the desktop is gone; the shared browser stays warm for the next session
+        again = await sandbox.execute("browser:navigate", {"url": PAGE})
+        assert again["meta"]["temporary_session"] is True
+    await no_new_processes(before)
+
+
+async def test_browser_temporary_mode_and_reinitialize_viewport():
+    before = watched_pids()
+    async with Sandbox() as sandbox:
+        temp = await sandbox.execute("browser:navigate", {"url": PAGE})
+        assert temp["code"] == 0, temp
+        assert temp["meta"]["temporary_session"] is True
+        shot = await sandbox.execute("browser:screenshot", {})
+        assert shot["meta"]["temporary_session"] is True
+        assert shot["meta"]["session_id"] != temp["meta"]["session_id"]
+        await sandbox.create_session("browser", {"viewport": [800, 600]})
+        await sandbox.execute("browser:navigate", {"url": PAGE})
+        snap = await sandbox.execute("browser:snapshot", {})
+        assert "Hello" in json.dumps(snap["data"])
+        assert png_size((await sandbox.execute("browser:screenshot", {}))["data"]["image"]) == (800, 600)
+        await sandbox.reinitialize("browser", {"viewport": [1024, 700]})
+        await sandbox.execute("browser:navigate", {"url": PAGE})
+        assert png_size((await sandbox.execute("browser:screenshot", {}))["data"]["image"]) == (1024, 700)
+    await no_new_processes(before)  # server shutdown closes the shared Chromium too
+
+
+async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the_server_lives(tmp_path):
+    before = watched_pids()
+    port = free_port()
+    argv = [sys.executable, "-m", "mcp_server", "serve", "--transport", "http", "--port", str(port)]
+    server = subprocess.Popen([*argv, "--manifest", str(manifest(tmp_path))], stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    async with Client(streamable_http_client(url), mode="legacy") as probe:
+                        await probe.list_tools()
+                    break
+                except Exception:
+                    await anyio.sleep(0.2)
+        async with Client(streamable_http_client(url), mode="legacy") as client:  # Mcp-Session-Id
+            created = await client.call_tool("create_session", {"resource": ["vm", "browser"]})
+            assert not created.is_error, created
+            nav = await client.call_tool("browser_navigate", {"url": PAGE})
+            assert not nav.is_error
+            shot = await client.call_tool("vm_screenshot", {})
+            assert any(c.type == "image" for c in shot.content)
+            assert len(watched_pids() - before) >= 3
+        # leaving the client sends DELETE: the worker's desktop and context go, the server stays
+        with anyio.fail_after(15):
+            while any(p for p in watched_pids() - before if _comm(p) in {"Xvfb", "openbox"}):
+                await anyio.sleep(0.1)
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(20)
+    await no_new_processes(before)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
