@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,27 @@ def marked_pids(prefix: str = "") -> list[int]:
     return found
 
 
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], within: float = 15.0, every: float = 0.05
+) -> None:
+    """Poll until `condition` holds; fail after `within` seconds.
+
+    The process table and the reaper offer nothing to wait on, so polling with a
+    deadline is the honest way to observe them (never a fixed sleep).
+    """
+    with anyio.fail_after(within):
+        while True:
+            result = condition()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(every)
+
+
 async def wait_until_no_marked(prefix: str, within: float = 10.0) -> None:
     """Poll the process table until no process carries the marker (fails after `within`)."""
-    with anyio.fail_after(within):
-        while marked_pids(prefix):
-            await anyio.sleep(0.05)
+    await eventually(lambda: not marked_pids(prefix), within)
 
 
 def write_manifest(directory: Path, *, ttl: float = 300, resources: dict[str, Any] | None = None) -> Path:

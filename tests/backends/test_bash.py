@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import anyio
@@ -15,7 +13,7 @@ from backends.base import ToolContext
 from backends.bash import BashBackend, RunArgs
 from backends.bash.backend import BashState
 from session.errors import ExecutionTimeout, ParameterError
-from tests.conftest import marked_pids
+from tests.conftest import eventually, marked_pids
 
 
 @asynccontextmanager
@@ -29,8 +27,8 @@ async def shell(**config: object) -> AsyncIterator[tuple[BashBackend, ToolContex
         await backend.cleanup("w", SimpleNamespace(state=state))
 
 
-async def run(backend: BashBackend, ctx: ToolContext[BashState], command: str, timeout: float | None = None):
-    return await backend.run(ctx, RunArgs(command=command, timeout=timeout))
+async def run(backend: BashBackend, ctx: ToolContext[BashState], command: str, limit: float | None = None):
+    return await backend.run(ctx, RunArgs(command=command, timeout=limit))
 
 
 async def test_state_persists_between_commands():
@@ -58,7 +56,7 @@ async def test_quotes_heredocs_and_unicode_pass_through_unchanged():
 
 async def test_commands_cannot_read_the_shells_stdin():
     async with shell() as (b, ctx):
-        result = await run(b, ctx, 'read -r line; echo "got:$line:$?"', timeout=5)
+        result = await run(b, ctx, 'read -r line; echo "got:$line:$?"', limit=5)
         assert result.stdout == "got::1\n"
         assert (await run(b, ctx, "echo still-alive")).stdout == "still-alive\n"
 
@@ -67,7 +65,7 @@ async def test_a_timed_out_command_is_interrupted_and_the_shell_keeps_its_state(
     async with shell() as (b, ctx):
         await run(b, ctx, "export KEEP=1; cd /tmp")
         with pytest.raises(ExecutionTimeout) as caught:
-            await run(b, ctx, "echo started; sleep 30; echo never", timeout=0.5)
+            await run(b, ctx, "echo started; sleep 30; echo never", limit=0.5)
         assert caught.value.code == 2002
         assert caught.value.data["stdout"] == "started\n"  # partial output comes back
         assert "never" not in caught.value.data["stdout"]
@@ -81,7 +79,7 @@ async def test_a_busy_builtin_loop_is_interrupted_too():
     async with shell() as (b, ctx):
         await run(b, ctx, "export KEEP=2")
         with pytest.raises(ExecutionTimeout):
-            await run(b, ctx, "while true; do :; done", timeout=0.3)
+            await run(b, ctx, "while true; do :; done", limit=0.3)
         assert (await run(b, ctx, "echo $KEEP")).stdout == "2\n"
 
 
@@ -89,9 +87,9 @@ async def test_background_jobs_from_earlier_commands_survive_a_timeout():
     async with shell() as (b, ctx):
         await run(b, ctx, "sleep 60 & echo $! > bg.pid")
         with pytest.raises(ExecutionTimeout):
-            await run(b, ctx, "sleep 30", timeout=0.3)
+            await run(b, ctx, "sleep 30", limit=0.3)
         pid = int((await run(b, ctx, "cat bg.pid")).stdout)
-        assert Path(f"/proc/{pid}").exists()
+        assert await anyio.Path(f"/proc/{pid}").exists()
 
 
 async def test_output_beyond_the_cap_keeps_head_and_tail():
@@ -110,7 +108,8 @@ async def test_exit_restarts_a_fresh_shell_on_the_next_command():
         await run(b, ctx, "export GONE=1")
         result = await run(b, ctx, "exit 7")
         assert result.exit_code == 7
-        assert result.note and "fresh shell" in result.note
+        assert result.note
+        assert "fresh shell" in result.note
         after = await run(b, ctx, "echo ${GONE:-unset}")
         assert after.shell_restarted
         assert after.stdout == "unset\n"
@@ -150,10 +149,8 @@ async def test_cleanup_kills_everything_the_session_started_even_daemons():
         scratch = ctx.state.scratch
         await run(b, ctx, "sleep 300 & setsid sleep 301 & (setsid sleep 302 &) ; nohup sleep 303 >/dev/null 2>&1 &")
         assert len(marked_pids(tag)) >= 5  # the shell and four sleeps
-    with anyio.fail_after(5):
-        while marked_pids(tag):
-            await anyio.sleep(0.05)
-    assert not scratch.exists()
+    await eventually(lambda: not marked_pids(tag), 5)
+    assert not await anyio.Path(scratch).exists()
 
 
 async def test_cancelling_a_call_stops_its_command():
@@ -162,4 +159,4 @@ async def test_cancelling_a_call_stops_its_command():
             await run(b, ctx, "sleep 40; touch should-not-exist")
         result = await run(b, ctx, "ls should-not-exist 2>&1; pgrep -f 'sleep 40' || echo no-sleep")
         assert "no-sleep" in result.stdout
-        assert os.path.exists("should-not-exist") is False
+        assert not await anyio.Path(ctx.state.scratch / "home" / "should-not-exist").exists()

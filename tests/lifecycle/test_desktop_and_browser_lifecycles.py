@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
 
 from sandbox import Sandbox
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +44,7 @@ def watched_pids() -> set[int]:
 
 
 async def no_new_processes(before: set[int], within: float = 15.0) -> None:
-    with anyio.fail_after(within):
-        while watched_pids() - before:
-            await anyio.sleep(0.1)
+    await eventually(lambda: not (watched_pids() - before), within)
 
 
 def manifest(tmp_path: Path, ttl: float = 300) -> Path:
@@ -102,9 +100,7 @@ async def test_vm_launched_apps_die_with_the_session_on_destroy():
         await sandbox.create_session("vm", {"startup": [["xterm"]]})
         launched = await sandbox.execute("vm:launch", {"command": "xterm -T second"})
         assert launched["code"] == 0, launched
-        with anyio.fail_after(10):
-            while len(watched_pids() - before) < 4:  # Xvfb, openbox, two xterms
-                await anyio.sleep(0.1)
+        await eventually(lambda: len(watched_pids() - before) >= 4, 10)  # Xvfb, openbox, two xterms
         await sandbox.destroy_session("vm")
         await no_new_processes(before)
 
@@ -115,11 +111,14 @@ async def test_ttl_expiry_reaps_desktop_and_browser_context(tmp_path):
         await sandbox.create_session({"vm": None, "browser": {"viewport": [800, 600]}})
         nav = await sandbox.execute("browser:navigate", {"url": PAGE})
         assert nav["code"] == 0, nav
-        with anyio.fail_after(15):
-            while (await sandbox.list_sessions())["sessions"]:
-                await anyio.sleep(0.2)
-        status = await sandbox.get_status()
-        assert status["live_sessions"] == 0
+
+        async def all_reaped() -> bool:
+            # listed sessions go first; the count drops once each cleanup has finished
+            return (
+                not (await sandbox.list_sessions())["sessions"] and (await sandbox.get_status())["live_sessions"] == 0
+            )
+
+        await eventually(all_reaped, 15)
         # the desktop is gone; the shared browser stays warm for the next session
         again = await sandbox.execute("browser:navigate", {"url": PAGE})
         assert again["meta"]["temporary_session"] is True
@@ -150,17 +149,19 @@ async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the
     before = watched_pids()
     port = free_port()
     argv = [sys.executable, "-m", "mcp_server", "serve", "--transport", "http", "--port", str(port)]
-    server = subprocess.Popen([*argv, "--manifest", str(manifest(tmp_path))], stderr=subprocess.DEVNULL)
+    server = await anyio.open_process([*argv, "--manifest", str(manifest(tmp_path))], stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/mcp"
-        with anyio.fail_after(30):
-            while True:
-                try:
-                    async with Client(streamable_http_client(url), mode="legacy") as probe:
-                        await probe.list_tools()
-                    break
-                except Exception:
-                    await anyio.sleep(0.2)
+
+        async def serving() -> bool:
+            try:
+                async with Client(streamable_http_client(url), mode="legacy") as probe:
+                    await probe.list_tools()
+            except Exception:
+                return False
+            return True
+
+        await eventually(serving, 30, every=0.2)
         async with Client(streamable_http_client(url), mode="legacy") as client:  # Mcp-Session-Id
             created = await client.call_tool("create_session", {"resource": ["vm", "browser"]})
             assert not created.is_error, created
@@ -170,13 +171,12 @@ async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the
             assert any(c.type == "image" for c in shot.content)
             assert len(watched_pids() - before) >= 3
         # leaving the client sends DELETE: the worker's desktop and context go, the server stays
-        with anyio.fail_after(15):
-            while any(p for p in watched_pids() - before if _comm(p) in {"Xvfb", "openbox"}):
-                await anyio.sleep(0.1)
-        assert server.poll() is None
+        await eventually(lambda: not any(_comm(p) in {"Xvfb", "openbox"} for p in watched_pids() - before))
+        assert server.returncode is None
     finally:
         server.terminate()
-        server.wait(20)
+        with anyio.fail_after(20):
+            await server.wait()
     await no_new_processes(before)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from backends.base import BackendKind
 from session.engine import Engine, Limits
 from session.errors import ParameterError, ResourceTypeNotFound, ResourceUnavailable, SessionError
+from tests.conftest import eventually
 from tests.fakes import FakeBackend, SharedFake
 
 
@@ -45,7 +47,8 @@ async def test_temporary_sessions_are_fresh_private_and_unlisted():
     async with make_engine() as engine:
         first = (await engine.call_tool("w1", "fake:set", {"key": "a", "value": 1})).envelope
         second = (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope
-        assert first.meta.temporary_session and second.meta.temporary_session
+        assert first.meta.temporary_session
+        assert second.meta.temporary_session
         assert first.meta.session_id != second.meta.session_id
         assert second.data["value"] is None
         assert engine.list_sessions("w1") == []
@@ -74,7 +77,7 @@ async def test_calls_on_one_session_run_one_at_a_time_in_arrival_order():
         async with anyio.create_task_group() as tg:
             for seq in range(8):
                 tg.start_soon(engine.call_tool, "w1", "fake:work", {"seq": seq, "seconds": 0.01})
-                await anyio.sleep(0)  # fix the arrival order
+                await anyio.lowlevel.checkpoint()  # fix the arrival order
         assert state.max_running == 1
         assert state.order == list(range(8))
 
@@ -92,9 +95,7 @@ async def test_calls_on_different_sessions_run_in_parallel():
         async with anyio.create_task_group() as tg:
             tg.start_soon(call, "w1")
             tg.start_soon(call, "w2")
-            with anyio.fail_after(5):
-                while not all(s.running for s in states):
-                    await anyio.sleep(0.01)
+            await eventually(lambda: all(s.running for s in states), 5)
             gate.set()
 
 
@@ -105,9 +106,7 @@ async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_call
         backend.gate = anyio.Event()  # worker "slow" stalls inside initialize until we say so
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.create_sessions, "slow", "fake", {"label": "gated"})
-            with anyio.fail_after(5):
-                while ("initialize", "slow") not in backend.events:
-                    await anyio.sleep(0.001)
+            await eventually(lambda: ("initialize", "slow") in backend.events, 5, every=0.001)
             # while "slow" is stuck in initialize, "fast" gets through create, call, list, refresh, destroy
             with anyio.fail_after(1):
                 assert (await engine.call_tool("fast", "fake:set", {"key": "k", "value": 2})).envelope.code == 0
@@ -263,9 +262,7 @@ async def test_idle_sessions_expire_after_the_ttl_and_calls_refresh_it():
         for _ in range(5):  # 0.5 s of activity: each call pushes the deadline
             await anyio.sleep(0.1)
             assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.meta.temporary_session is False
-        with anyio.fail_after(3):
-            while engine.list_sessions("w1"):
-                await anyio.sleep(0.02)
+        await eventually(lambda: not engine.list_sessions("w1"), 3)
         assert backend.live == set()
         assert ("cleanup", "w1") in backend.events
 
