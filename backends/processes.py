@@ -35,19 +35,27 @@ def _read_proc(pid: str, name: str) -> bytes:
         os.close(fd)
 
 
-def pids_with_marker(tag: str) -> list[int]:
+def pids_with_marker(tag: str, *, cmdline_token: str | None = None) -> list[int]:
     """PIDs of live processes whose environment carries `AGENTFLOW_SESSION=<tag>` exactly.
 
+    `cmdline_token` also matches processes with that exact word on their command line:
+    some programs (Chromium's helpers) overwrite their environ area with their process
+    title, so a unique argument they all carry is the only trace left.
     Plain `os` calls, not pathlib: this runs on every session's cleanup (~1 ms per 100
     processes).
     """
     needle = f"\0{SESSION_ENV_MARKER}={tag}\0".encode()
+    token = f"\0{cmdline_token}\0".encode() if cmdline_token else None
     me = str(os.getpid())
-    return [
-        int(pid)
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and pid != me and needle in b"\0" + _read_proc(pid, "environ")
-    ]
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        if needle in b"\0" + _read_proc(pid, "environ") or (
+            token is not None and token in b"\0" + _read_proc(pid, "cmdline")
+        ):
+            found.append(int(pid))
+    return found
 
 
 def descendants(pid: int) -> list[int]:

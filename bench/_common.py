@@ -16,10 +16,12 @@ from pathlib import Path
 import httpx2 as httpx
 
 
-def summarize(name: str, samples_ms: list[float]) -> str:
+def summarize(name: str, samples_ms: list[float], unit: str = "ms") -> str:
+    """Print and return `name  median X  p95 Y` for the samples (milliseconds unless `unit`)."""
     ordered = sorted(samples_ms)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    line = f"{name:<58} median {statistics.median(ordered):8.3f} ms   p95 {p95:8.3f} ms   (n={len(ordered)})"
+    median = statistics.median(ordered)
+    line = f"{name:<58} median {median:8.3f} {unit}   p95 {p95:8.3f} {unit}   (n={len(ordered)})"
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     return line

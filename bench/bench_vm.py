@@ -14,7 +14,6 @@ import argparse
 import logging
 import statistics
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,26 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends.base import ToolContext
 from backends.vm import VMBackend, VMState
 from backends.vm.models import ClickArgs, TypeArgs
+from bench._common import measure, summarize
 
 log = logging.getLogger("bench_vm")
 
 
 def report(name: str, samples: list[float], unit: str = "ms") -> None:
-    samples = sorted(samples)
-    p95 = samples[min(len(samples) - 1, round(0.95 * (len(samples) - 1)))]
-    median = statistics.median(samples)
-    sys.stdout.write(f"{name:<34} median {median:9.2f} {unit}   p95 {p95:9.2f} {unit}   (n={len(samples)})\n")
+    summarize(name, samples, unit)
 
 
 async def timed(fn: Callable[[], Awaitable[Any]], rounds: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        await fn()
-    out = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        await fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return out
+    return await measure(fn, rounds, warmup)
 
 
 def pss_kib(pids: list[int]) -> int:

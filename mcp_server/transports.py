@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -24,23 +28,50 @@ log = logging.getLogger(__name__)
 MCP_PATH = "/mcp"
 SSE_PATH = "/sse"
 MESSAGES_PATH = "/messages/"
+SHUTDOWN_GRACE = 30.0
 
 
 async def serve_stdio(engine: Engine, server: Server[Any]) -> None:
     """One connection over stdin/stdout until EOF or SIGTERM/SIGINT; then every session dies."""
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+        tg.start_soon(_exit_on_signal, engine)
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
         tg.cancel_scope.cancel()
 
 
-async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _exit_on_signal(engine: Engine) -> None:
+    """Clean up, then exit: the SDK reads stdin in a thread that no cancellation reaches,
+    so unwinding the transport would wait for the client to close its end."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("signal %s: shutting down", signal.Signals(signum).name)
-            scope.cancel()
+            log.info("signal %s: destroying all sessions and exiting", signal.Signals(signum).name)
+            with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                await engine.shutdown()
+            logging.shutdown()
+            os._exit(0)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn, minus re-raising the signal after a graceful stop.
+
+    uvicorn re-raises a captured SIGTERM once `serve()` returns, which would kill the
+    process before the engine destroys its sessions; returning normally lets the
+    caller's `async with engine` finish the cleanup.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
             return
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def _security(host: str) -> TransportSecuritySettings | None:
@@ -97,4 +128,4 @@ async def serve_http(engine: Engine, server: Server[Any], *, host: str, port: in
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    await uvicorn.Server(config).serve()
+    await _UvicornServer(config).serve()

@@ -76,7 +76,6 @@ class Engine:
     async def __aenter__(self) -> Self:
         stack = AsyncExitStack()
         await stack.__aenter__()
-        stack.push_async_callback(self.pool.shutdown)
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         self._tg.start_soon(self._reap_forever, name="session-reaper")
         self._stack = stack
@@ -85,9 +84,7 @@ class Engine:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        self._stopping = True
-        with anyio.CancelScope(shield=True):
-            await self._destroy_everything()
+        await self.shutdown()
         assert self._tg is not None
         assert self._stack is not None
         self._tg.cancel_scope.cancel()
@@ -95,6 +92,23 @@ class Engine:
             return await self._stack.__aexit__(exc_type, exc, tb)
         finally:
             self._tg = None
+
+    async def shutdown(self) -> None:
+        """Refuse new sessions, destroy every session, then shut the backends down.
+
+        Idempotent; leaving the engine calls it. Exposed so a signal handler can clean up
+        before a process exits even when its transport cannot be unwound (a thread
+        blocked reading stdin).
+        """
+        self._stopping = True
+        with anyio.CancelScope(shield=True):
+            await self._destroy_everything()
+            # Cleanups already under way (reaper, disconnects) run in the task group; let
+            # them finish before the shared processes they may still use go away.
+            with anyio.move_on_after(CLEANUP_TIMEOUT):
+                while self.budget.live:
+                    await anyio.sleep(0.01)
+            await self.pool.shutdown()
 
     async def _destroy_everything(self) -> None:
         async with anyio.create_task_group() as tg:

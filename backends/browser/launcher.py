@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import uuid
@@ -26,7 +25,7 @@ import anyio
 from playwright.async_api import Browser, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
-from backends.processes import SESSION_ENV_MARKER, kill_pids, pids_with_marker, session_env
+from backends.processes import kill_pids, pids_with_marker, session_env
 from session.errors import BackendError
 
 from .config import CHROMIUM_ARGS, LaunchSettings
@@ -221,24 +220,7 @@ def chromium_pids(tag: str, profile: str | None) -> list[int]:
     /proc/<pid>/environ no longer shows `AGENTFLOW_SESSION`. Every one of them carries
     `--user-data-dir=<the launch's unique temporary profile>` on its command line.
     """
-    marker = f"{SESSION_ENV_MARKER}={tag}".encode()
-    token = f"--user-data-dir={profile}".encode() if profile else None
-    me = os.getpid()
-    found: list[int] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            if marker in Path(entry.path, "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-                continue
-            if token is not None:
-                words = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").split(b" ")
-                if token in words:
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return pids_with_marker(tag, cmdline_token=f"--user-data-dir={profile}" if profile else None)
 
 
 def _profile_dir(tag: str) -> str | None:
