@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import anyio
+
 from session.errors import ResourceUnavailable
 
 
@@ -21,6 +23,7 @@ class SessionBudget:
         self.limits = limits or Limits()
         self.live = 0
         self.by_resource: dict[str, int] = {}
+        self._drained: anyio.Event | None = None  # made on first use: an Event needs a running loop
 
     def reserve(self, resource: str) -> None:
         """Raises: ResourceUnavailable (2004) when a limit is reached."""
@@ -32,9 +35,18 @@ class SessionBudget:
             )
         if per is not None and self.by_resource.get(resource, 0) >= per:
             raise ResourceUnavailable(f"the limit of {per} live {resource!r} sessions is reached; try later")
+        if self.live == 0:
+            self._drained = anyio.Event()
         self.live += 1
         self.by_resource[resource] = self.by_resource.get(resource, 0) + 1
 
     def release(self, resource: str) -> None:
         self.live -= 1
         self.by_resource[resource] -= 1
+        if self.live == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Return once no session is live (every cleanup under way has finished)."""
+        if self.live and self._drained is not None:
+            await self._drained.wait()

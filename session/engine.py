@@ -106,8 +106,7 @@ class Engine:
             # Cleanups already under way (reaper, disconnects) run in the task group; let
             # them finish before the shared processes they may still use go away.
             with anyio.move_on_after(CLEANUP_TIMEOUT):
-                while self.budget.live:
-                    await anyio.sleep(0.01)
+                await self.budget.drained()
             await self.pool.shutdown()
 
     async def _destroy_everything(self) -> None:
