@@ -41,11 +41,15 @@ GONE_TIMEOUT = 15.0
 
 
 def server_command() -> list[str]:
-    """argv that runs the `agentflow-sandbox` console script (installed with `pip install -e .`)."""
-    script = shutil.which("agentflow-sandbox") or str(Path(sys.executable).with_name("agentflow-sandbox"))
-    if Path(script).exists():
-        return [script]
-    return [sys.executable, "-c", "from mcp_server.cli import main; main()"]
+    """argv that runs the `agentflow-sandbox` console script of the interpreter running the tests.
+
+    The one beside `sys.executable` first (the venv's), so a different install on PATH
+    never serves the tests.
+    """
+    for script in (str(Path(sys.executable).with_name("agentflow-sandbox")), shutil.which("agentflow-sandbox")):
+        if script and Path(script).exists():
+            return [script]
+    return [sys.executable, "-m", "mcp_server"]
 
 
 def free_port() -> int:
