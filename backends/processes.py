@@ -20,6 +20,9 @@ from anyio.abc import Process
 log = logging.getLogger(__name__)
 
 SESSION_ENV_MARKER = "AGENTFLOW_SESSION"
+#: The pid of the server that started a process: lets a restarted server find what a
+#: crashed one (SIGKILL, OOM) left behind. See `sweep_orphans`.
+SERVER_ENV_MARKER = "AGENTFLOW_SERVER"
 
 
 def _read_proc(pid: str, name: str) -> bytes:
@@ -90,7 +93,33 @@ def session_env(tag: str, base: Mapping[str, str] | None = None, **extra: str) -
     env = dict(os.environ if base is None else base)
     env.update(extra)
     env[SESSION_ENV_MARKER] = tag
+    env[SERVER_ENV_MARKER] = str(os.getpid())
     return env
+
+
+def sweep_orphans() -> list[int]:
+    """Kill session processes whose server is gone; returns their PIDs.
+
+    A server killed outright (SIGKILL, the OOM killer) cannot clean up; its sessions'
+    processes keep `AGENTFLOW_SERVER=<its pid>`. A server calls this at start: any
+    process naming a server PID that no longer exists is an orphan. Processes of live
+    servers are never touched.
+    """
+    prefix = f"\0{SERVER_ENV_MARKER}=".encode()
+    orphans: list[int] = []
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        environ = b"\0" + _read_proc(pid, "environ")
+        start = environ.find(prefix)
+        if start < 0:
+            continue
+        owner = environ[start + len(prefix) : environ.find(b"\0", start + 1)].decode(errors="replace")
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            orphans.append(int(pid))
+    kill_pids(orphans)
+    return orphans
 
 
 class ProcessGroupOwner:

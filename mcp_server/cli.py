@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from backends.processes import sweep_orphans
 from manifests import build_backends, load_manifest
 from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
@@ -78,6 +79,9 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = engine_from_manifest(manifest)
+    orphans = sweep_orphans()
+    if orphans:
+        log.warning("killed %d processes left by a server that died without cleaning up", len(orphans))
 
     async def run() -> None:
         async with engine:
