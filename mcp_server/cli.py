@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -66,7 +67,7 @@ def _list_tools(manifest: Manifest, *, as_json: bool) -> int:
     else:
         for tool in tools:
             params = ", ".join((tool.input_schema or {}).get("properties", {}))
-            first_line = (tool.description or "").split(". ")[0]
+            first_line = re.split(r"(?<=[a-z0-9)])\. (?=[A-Z])", tool.description or "")[0]
             sys.stdout.write(f"{tool.name}({params})\n    {first_line}\n")
     return 0
 
