@@ -48,10 +48,14 @@ def build_server(engine: Engine) -> Server[RunScope]:
         async with AsyncExitStack() as stack:
             yield RunScope(exit_stack=stack)
 
+    # The catalog is static for a server's life: build the schemas once, not per request.
+    tools = tool_listing(engine)
+    schemas = {tool.name: tool.input_schema for tool in tools}
+
     async def list_tools(
         ctx: ServerRequestContext[RunScope, Any], params: t.PaginatedRequestParams | None
     ) -> t.ListToolsResult:
-        return t.ListToolsResult(tools=tool_listing(engine))
+        return t.ListToolsResult(tools=tools)
 
     async def call_tool(ctx: ServerRequestContext[RunScope, Any], params: t.CallToolRequestParams) -> t.CallToolResult:
         try:
@@ -65,6 +69,8 @@ def build_server(engine: Engine) -> Server[RunScope]:
         version=package_version(),
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
+        # Without this the SDK re-lists every tool on each modern-HTTP call to check headers.
+        get_tool_input_schema=schemas.get,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
