@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 #: How long a timed-out command's shell gets to print its sentinel after its children die.
 RECOVERY_GRACE = 3.0
 PROGRESS_EVERY = 5.0
+#: How often a silent command is checked for shell exit (and progress is reported).
+IDLE_CHECK = 0.5
 COMMAND_ENV = "AGENTFLOW_COMMAND"
 
 
@@ -205,44 +207,62 @@ class PersistentShell:
         kill_pids([pid for pid in descendants(self.process.pid) if needle in _environ(pid)])
 
     async def _collect(self, pending: _Pending, progress: ProgressFn | None, started: float) -> None:
-        """Read the streams still short of their sentinel; stop early if the shell exits."""
+        """Read the streams still short of their sentinel; stop early if the shell exits.
+
+        stdout is read in this task and stderr in one helper task (both must drain, or a
+        command filling one pipe would block). Shell exit and progress are checked on the
+        stdout reader's idle wake-ups rather than by more tasks: this is the hot path.
+        """
         if pending.finished or pending.exited or self.process is None:
             return
         assert self._scanners is not None
         process = self.process
-        streams = (process.stdout, process.stderr)
-
+        assert process.stdout is not None
+        assert process.stderr is not None
         async with anyio.create_task_group() as tg:
-
-            async def read(index: int) -> None:
-                stream = streams[index]
-                assert stream is not None
-                code = await _read_to_sentinel(stream, self._scanners[index], pending.captures[index])
-                if code is None:
-                    pending.exited = True
-                    tg.cancel_scope.cancel()
-                pending.codes[index] = code
-                if pending.finished:
-                    tg.cancel_scope.cancel()
-
-            async def watch_exit() -> None:
-                await process.wait()
-                await anyio.sleep(0.2)  # let the pipes drain what the shell wrote last
-                pending.exited = True
+            if pending.codes[1] is None:
+                tg.start_soon(self._read_stderr, process.stderr, pending, tg.cancel_scope)
+            if pending.codes[0] is None:
+                await self._read_stdout(process, pending, progress, started)
+            if pending.exited:
                 tg.cancel_scope.cancel()
 
-            async def tick() -> None:
-                while progress is not None:
-                    await anyio.sleep(PROGRESS_EVERY)
-                    elapsed = time.monotonic() - started
-                    await progress(elapsed, None, f"command running for {elapsed:.0f}s")
+    async def _read_stderr(self, stream: ByteReceiveStream, pending: _Pending, group: anyio.CancelScope) -> None:
+        assert self._scanners is not None
+        code = await _read_to_sentinel(stream, self._scanners[1], pending.captures[1])
+        if code is None:
+            pending.exited = True
+            group.cancel()
+        pending.codes[1] = code
 
-            for index in (0, 1):
-                if pending.codes[index] is None:
-                    tg.start_soon(read, index)
-            tg.start_soon(watch_exit)
-            if progress is not None:
-                tg.start_soon(tick)
+    async def _read_stdout(
+        self, process: Process, pending: _Pending, progress: ProgressFn | None, started: float
+    ) -> None:
+        assert self._scanners is not None
+        assert process.stdout is not None
+        scanner, capture = self._scanners[0], pending.captures[0]
+        code = scanner.feed(b"", capture)
+        next_progress = started + PROGRESS_EVERY
+        while code is None:
+            chunk = None
+            with anyio.move_on_after(IDLE_CHECK):
+                try:
+                    chunk = await process.stdout.receive(65536)
+                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    scanner.drain(capture)
+                    pending.exited = True
+                    return
+            if chunk is not None:
+                code = scanner.feed(chunk, capture)
+                continue
+            if process.returncode is not None:  # exited, but a background job holds the pipe open
+                pending.exited = True
+                return
+            now = time.monotonic()
+            if progress is not None and now >= next_progress:
+                next_progress = now + PROGRESS_EVERY
+                await progress(now - started, None, f"command running for {now - started:.0f}s")
+        pending.codes[0] = code
 
 
 class _Pending:
