@@ -8,26 +8,21 @@ act on the session's active tab and point at elements by the refs of `snapshot`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
 import functools
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 import anyio
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Page, Response
 
 from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, tool
-from session.errors import BackendError, ExecutionTimeout, ParameterError, PermissionDenied
+from session.errors import BackendError, ExecutionTimeout, ParameterError
 
 from . import snapshot
 from .args import (
@@ -50,13 +45,26 @@ from .capture import capture
 from .config import BrowserConfig, LaunchSettings
 from .errors import classify, first_line, translated
 from .launcher import Launcher
+from .pages import (
+    OPENS_TAB,
+    active_page,
+    after_action,
+    check_url,
+    close_if_stuck,
+    context_options,
+    goto,
+    info,
+    jsonable,
+    moved,
+    tab_index,
+    title,
+    wait_for_new_tab,
+)
 from .session import BrowserSession
 
 log = logging.getLogger(__name__)
 
 Ctx = ToolContext[BrowserSession]
-_SCHEMES = {"http", "https", "about", "data"}
-_BARE_HOST = re.compile(r"^(?:[\w-]+\.)*[\w-]+(?::\d+)?(?:[/?#].*)?$")
 
 
 class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
@@ -133,7 +141,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         for attempt in (1, 2):
             handle = await self.launcher.browser(display)
             try:
-                context = await handle.browser.new_context(**_context_options(config))
+                context = await handle.browser.new_context(**context_options(config))
             except PlaywrightError as exc:
                 error = classify("opening a browser context", exc)
                 if attempt == 1 and not handle.alive:
@@ -169,12 +177,12 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     async def navigate(self, ctx: Ctx, args: NavigateArgs) -> dict[str, Any]:
         """Open a URL in the active tab and wait for it to load. Returns the final URL, title and HTTP status.
         Next, call snapshot to read the page and get element refs."""
-        state, page = await _page(ctx)
-        url = _check_url(state, args.url)
+        state, page = await active_page(ctx)
+        url = check_url(state, args.url)
         timeout = args.timeout_ms or state.config.navigation_timeout_ms
         async with translated(f"navigate to {url}", timeout):
-            response = await _goto(page, url, args.wait_until, timeout)
-        data = await _info(state)
+            response = await goto(page, url, args.wait_until, timeout)
+        data = await info(state)
         data["status"] = response.status if response else None
         if response is not None and response.status >= 400:
             data["note"] = f"the server answered HTTP {response.status}"
@@ -183,18 +191,18 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     @tool()
     async def back(self, ctx: Ctx) -> dict[str, Any]:
         """Go back one page in the active tab's history."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("back", state.config.navigation_timeout_ms):
             response = await page.go_back()
-        return await _moved(state, response is not None, "no previous page in this tab's history")
+        return await moved(state, response is not None, "no previous page in this tab's history")
 
     @tool()
     async def forward(self, ctx: Ctx) -> dict[str, Any]:
         """Go forward one page in the active tab's history."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("forward", state.config.navigation_timeout_ms):
             response = await page.go_forward()
-        return await _moved(state, response is not None, "no next page in this tab's history")
+        return await moved(state, response is not None, "no next page in this tab's history")
 
     @tool()
     async def reload(self, ctx: Ctx) -> dict[str, Any]:
@@ -207,7 +215,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         async with translated("reload", state.config.navigation_timeout_ms):
             await page.reload()
         state.crashed_pages.discard(id(page))
-        return await _info(state)
+        return await info(state)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -216,11 +224,11 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         """The page's accessibility tree as compact text: roles, names, text and values, with a ref such as
         [ref=e12] on elements. Pass refs to click, type, hover, select_option, scroll, screenshot, get_text.
         Refs stay valid until the page changes; after navigating or big updates, take a new snapshot."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("snapshot", state.config.timeout_ms):
             root = await snapshot.locate(page, args.ref, args.selector) if args.ref or args.selector else None
             text, truncated = await snapshot.take(page, root, args.max_chars)
-        data = await _info(state)
+        data = await info(state)
         data["snapshot"] = text
         if truncated:
             data["truncated"] = True
@@ -231,12 +239,12 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     async def screenshot(self, ctx: Ctx, args: ScreenshotArgs) -> ToolResult:
         """A PNG of the active tab's viewport (or full_page, or one element by ref/selector).
         Viewport screenshots are in CSS pixels: x,y in the image are what click(x, y) takes."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         limit = self.settings.max_image_bytes
         async with translated("screenshot", state.config.timeout_ms):
             target = await snapshot.locate(page, args.ref, args.selector) if args.ref or args.selector else page
             shot = await capture(target, full_page=args.full_page, limit=limit, timeout_ms=state.config.timeout_ms)
-        data = await _info(state)
+        data = await info(state)
         data.update(width=shot.width, height=shot.height, format=shot.mime_type.split("/")[1], scale=1.0)
         if shot.note:
             data["note"] = shot.note
@@ -245,7 +253,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     @tool(read_only=True)
     async def get_text(self, ctx: Ctx, args: GetTextArgs) -> dict[str, Any]:
         """The readable text of the page (or of one element), as a user sees it, cut at max_chars."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("get_text", state.config.timeout_ms):
             target = (
                 await snapshot.locate(page, args.ref, args.selector)
@@ -255,7 +263,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
             text = await target.inner_text()
         text = re.sub(r"\n\s*\n\s*\n+", "\n\n", text).strip()
         text, truncated = snapshot.bounded(text, args.max_chars)
-        data = await _info(state)
+        data = await info(state)
         data.update(text=text, truncated=truncated)
         return data
 
@@ -263,13 +271,13 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     async def evaluate(self, ctx: Ctx, args: EvaluateArgs) -> dict[str, Any]:
         """Run JavaScript in the active tab and return its result as JSON (DOM nodes come back as
         'ref: <Node>'; functions as null). Use for reading data the snapshot does not show."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("evaluate", state.config.timeout_ms):
             target = await snapshot.locate(page, args.ref, None) if args.ref else page
         try:
             result = await asyncio.wait_for(target.evaluate(args.expression), args.timeout_ms / 1000)
         except TimeoutError:
-            closed = await _close_if_stuck(state, page)
+            closed = await close_if_stuck(state, page)
             raise ExecutionTimeout(
                 f"the script did not finish within {args.timeout_ms} ms"
                 + ("; the tab was stuck in it and has been closed (see tabs)" if closed else "")
@@ -279,12 +287,12 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
             if isinstance(error, BackendError):
                 raise BackendError(f"the script threw {first_line(exc.message)}") from exc
             raise error from exc
-        text = json.dumps(_jsonable(result), ensure_ascii=False)
-        data = await _info(state)
+        text = json.dumps(jsonable(result), ensure_ascii=False)
+        data = await info(state)
         if len(text) > args.max_chars:
             data.update(result=text[: args.max_chars], truncated=True, note="result JSON cut; returned as text")
         else:
-            data.update(result=_jsonable(result), truncated=False)
+            data.update(result=jsonable(result), truncated=False)
         return data
 
     @tool(read_only=True)
@@ -295,7 +303,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         items, dropped = state.recent_console(300, args.clear)
         if args.errors_only:
             items = [m for m in items if m["type"] in ("error", "pageerror", "crash")]
-        data = await _info(state)
+        data = await info(state)
         data.update(messages=items[-args.limit :], older_dropped=dropped, downloads=list(state.downloads))
         return data
 
@@ -305,7 +313,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     async def click(self, ctx: Ctx, args: ClickArgs) -> dict[str, Any]:
         """Click an element by ref (from snapshot) or selector, or a viewport point (x, y) from a
         screenshot."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         tabs_before = len(state.pages)
         count = 2 if args.double else 1
         new_tab = False
@@ -313,7 +321,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         async with translated("click", state.config.timeout_ms):
             if args.x is not None and args.y is not None:
                 new_tab = await page.evaluate(
-                    f"([x, y]) => ({_OPENS_TAB})(document.elementFromPoint(x, y))", [args.x, args.y]
+                    f"([x, y]) => ({OPENS_TAB})(document.elementFromPoint(x, y))", [args.x, args.y]
                 )
                 for key in args.modifiers:
                     await page.keyboard.down(key)
@@ -324,17 +332,17 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                         await page.keyboard.up(key)
             else:
                 target = await snapshot.locate(page, args.ref, args.selector)
-                new_tab = await target.evaluate(_OPENS_TAB)
+                new_tab = await target.evaluate(OPENS_TAB)
                 await target.click(button=args.button, click_count=count, modifiers=args.modifiers)
         if new_tab or args.button == "middle" or {"Control", "Meta", "Shift"} & set(args.modifiers):
-            await _wait_for_new_tab(state, tabs_before)
-        return await _after_action(state, page, tabs_before)
+            await wait_for_new_tab(state, tabs_before)
+        return await after_action(state, page, tabs_before)
 
     @tool(name="type")
     async def type_(self, ctx: Ctx, args: TypeArgs) -> dict[str, Any]:
         """Type text into a field (by ref or selector; default: the focused element). Replaces the field's
         content unless clear=false; submit=true presses Enter afterwards."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         tabs_before = len(state.pages)
         async with translated("type", state.config.timeout_ms):
             if args.ref or args.selector:
@@ -349,38 +357,38 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                 await page.keyboard.type(args.text)
                 if args.submit:
                     await page.keyboard.press("Enter")
-        return await _after_action(state, page, tabs_before)
+        return await after_action(state, page, tabs_before)
 
     @tool()
     async def press(self, ctx: Ctx, args: PressArgs) -> dict[str, Any]:
         """Press a key or chord ('Enter', 'Escape', 'Tab', 'ArrowDown', 'Control+A') in the focused
         element, or in the element given by ref/selector."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         tabs_before = len(state.pages)
         async with translated("press", state.config.timeout_ms):
             if args.ref or args.selector:
                 await (await snapshot.locate(page, args.ref, args.selector)).press(args.key)
             else:
                 await page.keyboard.press(args.key)
-        return await _after_action(state, page, tabs_before)
+        return await after_action(state, page, tabs_before)
 
     @tool()
     async def hover(self, ctx: Ctx, args: HoverArgs) -> dict[str, Any]:
         """Move the mouse over an element (opens hover menus and tooltips)."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("hover", state.config.timeout_ms):
             await (await snapshot.locate(page, args.ref, args.selector)).hover()
-        return await _info(state)
+        return await info(state)
 
     @tool()
     async def select_option(self, ctx: Ctx, args: SelectOptionArgs) -> dict[str, Any]:
         """Choose option(s) of a <select> (combobox in the snapshot) by value or visible label."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         tabs_before = len(state.pages)
         async with translated("select_option", state.config.timeout_ms):
             target = await snapshot.locate(page, args.ref, args.selector)
             selected = await target.select_option(args.values)
-        data = await _after_action(state, page, tabs_before)
+        data = await after_action(state, page, tabs_before)
         data["selected"] = selected
         return data
 
@@ -388,7 +396,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     async def scroll(self, ctx: Ctx, args: ScrollArgs) -> dict[str, Any]:
         """Scroll the page (or the scrollable area under the viewport's centre) by a number of pixels,
         or scroll an element (ref/selector) into view. Returns the new scroll position."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         async with translated("scroll", state.config.timeout_ms):
             if args.ref or args.selector:
                 await (await snapshot.locate(page, args.ref, args.selector)).scroll_into_view_if_needed()
@@ -404,7 +412,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                 "() => ({x: scrollX, y: scrollY, page_width: document.documentElement.scrollWidth,"
                 " page_height: document.documentElement.scrollHeight})"
             )
-        data = await _info(state)
+        data = await info(state)
         data["scroll"] = position
         return data
 
@@ -412,10 +420,10 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     async def wait_for(self, ctx: Ctx, args: WaitForArgs) -> dict[str, Any]:
         """Wait until text appears (text), disappears (text_gone), a selector is visible, or some
         seconds pass."""
-        state, page = await _page(ctx)
+        state, page = await active_page(ctx)
         if args.seconds is not None:
             await asyncio.sleep(args.seconds)
-            return await _info(state)
+            return await info(state)
         if args.selector is not None:
             what, locator, wanted = (
                 f"selector {args.selector!r}",
@@ -433,7 +441,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                 verb = "disappear" if wanted == "hidden" else "appear"
                 raise ExecutionTimeout(f"{what} did not {verb} within {args.timeout_ms} ms") from exc
             raise classify("wait_for", exc) from exc
-        return await _info(state)
+        return await info(state)
 
     @tool()
     async def tabs(self, ctx: Ctx, args: TabsArgs) -> dict[str, Any]:
@@ -443,22 +451,22 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         state.check_alive()
         async with translated(f"tabs {args.action}", state.config.navigation_timeout_ms):
             if args.action == "new":
-                url = _check_url(state, args.url) if args.url else None
+                url = check_url(state, args.url) if args.url else None
                 page = await state.new_page()
                 if url:
                     await page.goto(url)
             elif args.action == "select":
-                _tab_index(state, args.index)
+                tab_index(state, args.index)
                 state.active = int(args.index or 0)
                 await state.pages[state.active].bring_to_front()
             elif args.action == "close":
-                index = _tab_index(state, args.index if args.index is not None else state.active)
+                index = tab_index(state, args.index if args.index is not None else state.active)
                 await state.pages[index].close()
                 if not state.pages:
                     await state.new_page()
-        data = await _info(state)
+        data = await info(state)
         data["tabs"] = [
-            {"index": i, "url": p.url, "title": await _title(p), "active": i == state.active}
+            {"index": i, "url": p.url, "title": await title(p), "active": i == state.active}
             for i, p in enumerate(state.pages)
         ]
         return data
@@ -472,171 +480,3 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _context_options(config: BrowserConfig) -> dict[str, Any]:
-    width, height = config.viewport
-    options: dict[str, Any] = {
-        "viewport": {"width": width, "height": height},
-        "accept_downloads": True,
-        "ignore_https_errors": config.ignore_https_errors,
-    }
-    if config.block:
-        options["service_workers"] = "block"  # requests of service workers would bypass the block routes
-    optional = {
-        "user_agent": config.user_agent,
-        "locale": config.locale,
-        "timezone_id": config.timezone,
-        "extra_http_headers": config.extra_headers or None,
-        "storage_state": config.storage_state,
-    }
-    options.update({k: v for k, v in optional.items() if v is not None})
-    return options
-
-
-async def _page(ctx: Ctx) -> tuple[BrowserSession, Page]:
-    state = ctx.state
-    if not isinstance(state, BrowserSession):
-        raise BackendError("browser tool called without a browser session")
-    return state, await state.page()
-
-
-async def _title(page: Page) -> str:
-    with contextlib.suppress(Exception):
-        return await asyncio.wait_for(page.title(), 2)
-    return ""
-
-
-async def _info(state: BrowserSession) -> dict[str, Any]:
-    """`url` and `title` of the active tab (every result carries them), and the tab count if > 1."""
-    if not state.pages:
-        return {"url": None, "title": None}
-    page = state.pages[state.active]
-    data: dict[str, Any] = {"url": page.url, "title": await _title(page)}
-    if len(state.pages) > 1:
-        data["tab"] = state.active
-        data["tab_count"] = len(state.pages)
-    return data
-
-
-async def _moved(state: BrowserSession, moved: bool, why_not: str) -> dict[str, Any]:
-    data = await _info(state)
-    data["moved"] = moved
-    if not moved:
-        data["note"] = why_not
-    return data
-
-
-# Whether clicking an element opens a new tab (a link or form with a target other than this frame).
-_OPENS_TAB = """el => {
-    const owner = el && el.closest && el.closest('a[target], area[target], form[target]');
-    const target = owner ? owner.getAttribute('target').toLowerCase() : '';
-    return !!target && !['_self', '_parent', '_top'].includes(target);
-}"""
-
-
-async def _wait_for_new_tab(state: BrowserSession, tabs_before: int, seconds: float = 2.0) -> None:
-    """The tab a click opens shows up a little after the click returns: wait for it (bounded)."""
-    if len(state.pages) <= tabs_before:
-        with anyio.move_on_after(seconds):
-            await state.tab_opened.wait()
-
-
-async def _after_action(state: BrowserSession, page: Page, tabs_before: int) -> dict[str, Any]:
-    """Let a navigation the action started reach DOMContentLoaded, then describe where we are."""
-    with contextlib.suppress(Exception):
-        await page.wait_for_load_state("domcontentloaded", timeout=min(5_000, state.config.navigation_timeout_ms))
-    data = await _info(state)
-    if len(state.pages) > tabs_before:
-        data["note"] = f"a new tab opened and is now active (tab {state.active})"
-    return data
-
-
-async def _goto(page: Page, url: str, wait_until: Any, timeout_ms: float) -> Response | None:
-    """`page.goto`, made robust against Chromium's error page.
-
-    After a failed navigation Chromium commits `chrome-error://` a moment later, and the
-    next navigation away from that error page is restarted by Chromium; either shows up as
-    "interrupted by another navigation". So: on failure, let the error page settle before
-    reporting; when interrupted by the error page or by a restart of ours, try once more.
-    """
-    for attempt in (1, 2):
-        try:
-            return await page.goto(url, wait_until=wait_until, timeout=timeout_ms)
-        except PlaywrightError as exc:
-            if "net::" in exc.message and "ERR_ABORTED" not in exc.message:
-                await _error_page_committed(page)
-            interrupted = re.search(r'interrupted by another navigation to "([^"]*)"', exc.message)
-            if attempt == 1 and interrupted and interrupted.group(1) in (url, "chrome-error://chromewebdata/"):
-                continue
-            raise
-    return None
-
-
-async def _error_page_committed(page: Page) -> None:
-    """Wait (briefly) until Chromium's error page for a failed navigation has replaced the old page."""
-    if page.url.startswith("chrome-error:"):
-        return
-    with contextlib.suppress(Exception):
-        await page.wait_for_event("framenavigated", predicate=lambda frame: frame == page.main_frame, timeout=1_000)
-
-
-def _check_url(state: BrowserSession, raw: str) -> str:
-    """The URL to open, or a ParameterError/PermissionDenied saying why not."""
-    url = raw.strip()
-    if not url:
-        raise ParameterError("the URL is empty; give an absolute URL such as https://example.com/")
-    if "://" not in url and not url.startswith(("about:", "data:", "file:", "javascript:")):
-        if not _BARE_HOST.match(url):
-            raise ParameterError(f"{raw!r} is not a URL; give an absolute URL such as https://example.com/")
-        local = url.startswith(("localhost", "127.", "[::1]"))
-        url = ("http://" if local else "https://") + url
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        if not state.config.allow_file_urls:
-            raise PermissionDenied("file:// URLs are refused in this session (session config allow_file_urls=false)")
-    elif scheme not in _SCHEMES:
-        hint = "; use evaluate to run scripts" if scheme == "javascript" else ""
-        raise ParameterError(f"URL scheme {scheme!r} is not supported (http, https, data, about){hint}")
-    elif scheme in ("http", "https") and not parts.hostname:
-        raise ParameterError(f"{raw!r} has no host; give an absolute URL such as https://example.com/")
-    if state.is_blocked(url):
-        raise PermissionDenied(f"{url} matches this session's `block` patterns")
-    return url
-
-
-def _tab_index(state: BrowserSession, index: int | None) -> int:
-    if index is None or not 0 <= index < len(state.pages):
-        raise ParameterError(f"no tab {index}; there are {len(state.pages)} tabs (0..{len(state.pages) - 1})")
-    return index
-
-
-async def _close_if_stuck(state: BrowserSession, page: Page) -> bool:
-    """After a script timed out: close the tab if its JS thread no longer answers; True if closed."""
-    try:
-        await asyncio.wait_for(page.evaluate("1"), 1.0)
-        return False
-    except Exception:
-        log.warning("closing a tab stuck in a script")
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(page.close(run_before_unload=False), 10)
-    if not state.pages:
-        with contextlib.suppress(Exception):
-            await state.new_page()
-    return True
-
-
-def _jsonable(value: Any) -> Any:
-    """A JSON-encodable copy of what Playwright handed back (NaN/Infinity become null)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, str | int | bool):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime.datetime | datetime.date):
-        return value.isoformat()
-    return str(value)
