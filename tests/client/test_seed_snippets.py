@@ -5,10 +5,13 @@ The `vm` versions live in tests/backends/test_vm_seed.py.
 
 from __future__ import annotations
 
+import sys
+
+import anyio
 import pytest
 
 from sandbox import Sandbox, SandboxError
-from tests.conftest import marked_pids, wait_until_no_marked
+from tests.conftest import eventually, marked_pids, wait_until_no_marked
 
 
 async def test_explicit_mode_reuses_one_session():
@@ -154,3 +157,34 @@ async def test_two_sandboxes_are_two_isolated_workers():
         # server is covered over real transports in tests/interaction
         async with Sandbox() as b:
             assert (await b.list_sessions())["sessions"] == []
+
+
+@pytest.mark.parametrize("over", ["in-memory", "stdio"])
+async def test_a_cancelled_call_stops_its_command_on_the_server(over, bash_manifest, tmp_path):
+    marker = tmp_path / "finished"
+    sandbox = (
+        Sandbox(manifest=bash_manifest)
+        if over == "in-memory"
+        else Sandbox(command=[sys.executable, "-m", "mcp_server", "serve"], manifest=bash_manifest)
+    )
+    async with sandbox:
+        await sandbox.create_session("bash")
+        with anyio.move_on_after(1.0):
+            await sandbox.execute("bash:run", {"command": f"sleep 3; touch {marker}"})
+        await eventually(lambda: not _sleepers(), 10)  # the sleep was interrupted, not left running
+        after = await sandbox.execute("bash:run", {"command": "echo still-usable"})
+        assert after["data"]["stdout"] == "still-usable\n"
+        await anyio.sleep(2.5)  # past when the command would have finished
+        assert not marker.exists()
+
+
+def _sleepers() -> list[int]:
+    return [pid for pid in marked_pids("bash-") if _cmdline(pid).startswith("sleep 3")]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
