@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from backends.processes import SESSION_ENV_MARKER
 from sandbox import Sandbox
-from tests.conftest import write_manifest
+from tests.conftest import marked_pids, write_manifest
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,20 +31,12 @@ def _size(result: dict) -> tuple[int, int]:
 
 
 def _vm_pids(worker: str) -> list[int]:
-    """Live processes of this worker's vm sessions (tagged `vm-<worker id as the server sees it>-...`)."""
-    prefix = f"{SESSION_ENV_MARKER}=vm-".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(v.startswith(prefix) and worker.encode() in v for v in env):
-            found.append(int(entry.name))
-    return found
+    """Live processes of this worker's vm sessions.
+
+    The server names a `_meta`-keyed worker `key:<id>`; the vm tags its processes
+    `vm-<that, made filename-safe>-...`.
+    """
+    return marked_pids(f"vm-key_{worker}")
 
 
 def _worker() -> str:
