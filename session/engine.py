@@ -182,8 +182,8 @@ class Engine:
         session.ready.set()
 
     async def _stop(self, session: Session) -> None:
-        """Run `cleanup` for a session; shielded, bounded, logged, never raises."""
-        if session.status is SessionStatus.CLOSED:
+        """Run `cleanup` for a session once; shielded, bounded, logged, never raises."""
+        if session.status in (SessionStatus.CLOSING, SessionStatus.CLOSED):
             return
         session.status = SessionStatus.CLOSING
         for scope in list(session.running):
@@ -283,20 +283,32 @@ class Engine:
 
     async def close_worker(self, worker_id: str) -> None:
         """The worker went away (disconnect): destroy all it holds and forget it."""
+        worker = self._detach_worker(worker_id)
+        if worker is not None:
+            await self._stop_all(worker)
+
+    def close_worker_soon(self, worker_id: str) -> None:
+        """Forget the worker now; destroy its sessions on the engine's task group.
+
+        For disconnect hooks, which the SDK bounds in time: a request naming the same
+        worker meanwhile starts afresh instead of reaching sessions being destroyed.
+        """
+        worker = self._detach_worker(worker_id)
+        if worker is not None and self._tg is not None:
+            self._tg.start_soon(self._stop_all, worker)
+
+    def _detach_worker(self, worker_id: str) -> Worker | None:
         worker = self.workers.pop(worker_id, None)
-        if worker is None:
-            return
-        worker.closed = True
+        if worker is not None:
+            worker.closed = True
+        return worker
+
+    async def _stop_all(self, worker: Worker) -> None:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for session in list(worker.sessions.values()):
                     tg.start_soon(self._stop_when_started, session)
             worker.sessions.clear()
-
-    def close_worker_soon(self, worker_id: str) -> None:
-        """Schedule `close_worker` on the engine's task group (for bounded disconnect hooks)."""
-        if self._tg is not None and worker_id in self.workers:
-            self._tg.start_soon(self.close_worker, worker_id)
 
     async def reinitialize(self, worker_id: str, resource: str, new_config: Mapping[str, Any] | None) -> dict[str, Any]:
         """Replace one session with a fresh one built from `new_config`; others untouched.
