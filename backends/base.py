@@ -223,6 +223,13 @@ class Backend(Generic[ConfigT, StateT]):
     async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
         """Free one session's resource. `session_info.state` is what `initialize` returned."""
 
+    def describe(self, state: StateT) -> dict[str, Any]:
+        """What a session holds, for `list_sessions` (its processes, display, temp dir...).
+
+        Called on listing only; keep it cheap and never raise.
+        """
+        return {}
+
     async def health(self, state: StateT) -> str | None:
         """Say what is wrong with a session's resource, or None if it is usable.
 

@@ -76,7 +76,7 @@ async def _destroy(engine: Engine, worker: str, args: DestroySessionArgs) -> dic
 
 
 async def _list(engine: Engine, worker: str, args: _Args) -> dict[str, Any]:
-    return {"sessions": [v.model_dump() for v in engine.list_sessions(worker)]}
+    return {"sessions": [v.model_dump() for v in engine.list_sessions(worker, details=True)]}
 
 
 async def _refresh(engine: Engine, worker: str, args: RefreshArgs) -> dict[str, Any]:
@@ -120,7 +120,8 @@ META_TOOLS: dict[str, MetaTool] = {
         MetaTool(
             "list_sessions",
             "List your live sessions: resource_type, session_id, status, session_name, created_at, "
-            "expires_at, config. Does not refresh them.",
+            "expires_at, config, and details of what each holds (processes, display, directories). "
+            "Does not refresh them.",
             _Args,
             _list,
             read_only=True,

@@ -345,11 +345,21 @@ class Engine:
 
     # -- listing and refreshing (read-only calls do not refresh) ---------------------
 
-    def list_sessions(self, worker_id: str) -> list[SessionView]:
+    def list_sessions(self, worker_id: str, *, details: bool = False) -> list[SessionView]:
+        """The worker's sessions; `details` adds what each holds (processes, display, ...)."""
         worker = self.workers.get(worker_id)
         if worker is None:
             return []
-        return [s.view(self.session_ttl) for s in worker.sessions.values()]
+        return [s.view(self.session_ttl, self._describe(s) if details else None) for s in worker.sessions.values()]
+
+    def _describe(self, session: Session) -> dict[str, Any]:
+        if session.status is not SessionStatus.ACTIVE:
+            return {}
+        try:
+            return self.pool.backends[session.resource_type].describe(session.state)
+        except Exception:
+            log.exception("describe of %s session %s failed", session.resource_type, session.session_id)
+            return {}
 
     def refresh_sessions(self, worker_id: str, resource: str | None = None) -> list[SessionView]:
         if resource is None:
@@ -394,9 +404,7 @@ class Engine:
             args = validate_arguments(spec, arguments)
             data, images = await self._dispatch(worker_id, resource, spec, args, meta, progress)
             envelope = success(data, meta)
-        except SandboxError as exc:
-            envelope, images = failure(exc, meta), []
-        except Exception as exc:
+        except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope, images = failure(exc, meta), []
         meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
         return CallOutcome(envelope, images)

@@ -132,6 +132,13 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         if isinstance(state, BrowserSession):
             await self._close_session(state)
 
+    def describe(self, state: BrowserSession) -> dict[str, Any]:
+        return {
+            "tabs": len(state.pages),
+            "download_dir": str(state.download_dir),
+            "browser_pids": self.launcher.pids_of(state.handle.tag),
+        }
+
     async def health(self, state: BrowserSession) -> str | None:
         return state.problem()
 

@@ -151,6 +151,14 @@ class VMBackend(Backend[Config, VMState]):
             finally:
                 await anyio.to_thread.run_sync(state.close_connections)
 
+    def describe(self, state: VMState) -> dict[str, Any]:
+        desktop = state.desktop
+        return {
+            "display": desktop.display_name,
+            "pids": desktop.pids(),
+            "screen_size": [state.geometry.screen_width, state.geometry.screen_height],
+        }
+
     async def health(self, state: VMState) -> str | None:
         return state.desktop.problem()
 

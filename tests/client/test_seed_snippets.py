@@ -85,6 +85,9 @@ async def test_list_sessions_after_creating_several():
         sessions = (await sandbox.list_sessions())["sessions"]
         assert [(s["resource_type"], s["status"]) for s in sessions] == [("bash", "active")]
         assert {"session_id", "session_name", "created_at", "expires_at", "config"} <= set(sessions[0])
+        details = sessions[0]["details"]  # what the session holds, for leak accounting
+        assert details["shell_pid"] in details["pids"]
+        assert set(details["pids"]) <= set(marked_pids("bash-"))
 
 
 async def test_best_practice_try_finally_destroys():
