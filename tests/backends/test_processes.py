@@ -16,6 +16,13 @@ from backends.processes import (
 from tests.conftest import eventually
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -27,12 +34,15 @@ def _alive(pid: int) -> bool:
 async def test_aclose_kills_the_group_and_processes_that_left_it():
     owner = ProcessGroupOwner("test-owner-1", grace=0.5)
     shell = await owner.spawn(["bash", "-c", "setsid sleep 300 & sleep 301 & wait"])
-    await eventually(lambda: len(pids_with_marker("test-owner-1")) >= 3, 5)
-    escaped = [p for p in pids_with_marker("test-owner-1") if os.getpgid(p) != shell.pid]
-    assert escaped  # the setsid'd sleep is in a group of its own
+
+    def escaped() -> list[int]:  # the setsid'd sleep, once it is in a group of its own
+        return [p for p in pids_with_marker("test-owner-1") if _pgid(p) not in (shell.pid, None)]
+
+    await eventually(lambda: len(pids_with_marker("test-owner-1")) >= 3 and escaped(), 10)
+    left_the_group = escaped()
     await owner.aclose()
     assert pids_with_marker("test-owner-1") == []
-    assert not any(_alive(p) for p in escaped)
+    assert not any(_alive(p) for p in left_the_group)
 
 
 async def test_a_dead_servers_processes_are_swept_and_a_live_servers_are_not():
