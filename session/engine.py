@@ -156,7 +156,6 @@ class Engine:
             resource_type=resource,
             name=name,
             config=validated,
-            requested_config=requested,
             temporary=temporary,
         )
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_serializer
 
-from session.errors import SandboxError
+from session.errors import ERROR_NAMES, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Envelope(BaseModel):
         """A short human/LLM-readable rendering for the MCP text content block."""
         head = f"[{self.meta.tool}] " if self.meta.tool else ""
         if not self.ok:
-            head += f"error {self.code}: {self.message}"
+            head += f"error {self.code} ({ERROR_NAMES.get(self.code, 'error')}): {self.message}"
         else:
             head += "ok"
         if self.meta.session_id:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,7 +38,6 @@ class Session:
     resource_type: str
     name: str | None
     config: BaseModel
-    requested_config: dict[str, Any]
     temporary: bool = False
     state: Any = None
     status: SessionStatus = SessionStatus.CREATING
@@ -105,5 +103,4 @@ class Worker:
 
     worker_id: str
     sessions: dict[str, Session] = field(default_factory=dict)
-    created: float = field(default_factory=time.monotonic)
     closed: bool = False

@@ -125,7 +125,12 @@ class BashBackend(Backend[BashConfig, BashState]):
         await anyio.to_thread.run_sync(shutil.rmtree, state.scratch, True)
 
     def describe(self, state: BashState) -> dict[str, Any]:
-        return {"pids": state.owner.pids(), "scratch_dir": str(state.scratch), "shell_pid": state.shell.pid}
+        return {
+            "pids": state.owner.pids(),
+            "scratch_dir": str(state.scratch),
+            "shell_pid": state.shell.pid,
+            "shell_restarts": state.shell.restarts,
+        }
 
     @tool(
         destructive=True,
