@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shlex
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from os import PathLike
 from types import TracebackType
@@ -41,6 +41,7 @@ _BY_CODE: dict[int, type[SandboxError]] = {
 }
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
+ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
 class Sandbox:
@@ -131,15 +132,18 @@ class Sandbox:
         args = {} if resource is None else {"resource": resource if isinstance(resource, str) else list(resource)}
         return await self._meta_call("destroy_session", args)
 
-    async def execute(self, tool: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def execute(
+        self, tool: str, params: Mapping[str, Any] | None = None, *, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
         """Run `resource:action` (e.g. `"bash:run"`); returns the envelope `{code, message, data, meta}`.
 
-        Images (screenshots) are in `data["image"]` as base64 PNG. To bound the wait, wrap
-        the call in `anyio.fail_after(...)`: a cancelled call is stopped on the server (a
-        shell command is interrupted) and never retried. The tool's own `timeout`
-        argument, where it has one, is the better tool: it returns the partial output.
+        Images (screenshots) are in `data["image"]` as base64 PNG. `progress(done, total,
+        message)` is awaited as long calls report progress. To bound the wait, wrap the
+        call in `anyio.fail_after(...)`: a cancelled call is stopped on the server (a shell
+        command is interrupted) and never retried. The tool's own `timeout` argument, where
+        it has one, is the better tool: it returns the partial output.
         """
-        return await self._call(tool.replace(":", "_", 1), dict(params or {}))
+        return await self._call(tool.replace(":", "_", 1), dict(params or {}), progress=progress)
 
     async def list_sessions(self) -> dict[str, Any]:
         return await self._meta_call("list_sessions", {})
@@ -189,10 +193,14 @@ class Sandbox:
             raise cls(envelope.get("message", "unknown error"), data=envelope.get("data") or {})
         return envelope.get("data") or {}
 
-    async def _call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _call(
+        self, name: str, args: dict[str, Any], *, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
         client = self._require()
         try:
-            result = await client.call_tool(name, args, meta={WORKER_META_KEY: self.worker_id})
+            result = await client.call_tool(
+                name, args, progress_callback=progress, meta={WORKER_META_KEY: self.worker_id}
+            )
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
         return _envelope_of(name, result)

@@ -45,6 +45,9 @@ class BashConfig(BaseModel):
         description="Per-stream output cap; beyond it the middle of the output is dropped.",
     )
     shell: str = Field(default="/bin/bash", description="The bash binary.")
+    progress_interval: float = Field(
+        default=5.0, gt=0, le=300, description="Seconds between progress reports of a long command."
+    )
 
     @field_validator("cwd")
     @classmethod
@@ -109,6 +112,7 @@ class BashBackend(Backend[BashConfig, BashState]):
             env=env,
             cwd=config.cwd or str(home),
             max_output_bytes=config.max_output_bytes,
+            progress_interval=config.progress_interval,
         )
         try:
             await shell.start()

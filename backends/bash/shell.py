@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 #: How long a timed-out command's shell gets to print its sentinel after its children die.
 RECOVERY_GRACE = 3.0
-PROGRESS_EVERY = 5.0
-#: How often a silent command is checked for shell exit (and progress is reported).
+#: How often a silent command is checked for shell exit (and progress is due).
 IDLE_CHECK = 0.5
 COMMAND_ENV = "AGENTFLOW_COMMAND"
 
@@ -69,8 +68,10 @@ class PersistentShell:
         env: Mapping[str, str],
         cwd: str,
         max_output_bytes: int,
+        progress_interval: float = 5.0,
     ) -> None:
         self.owner = owner
+        self.progress_interval = progress_interval
         self.heredoc_end = f"__AF_END_{uuid.uuid4().hex}"
         self.argv = argv
         self.env = dict(env)
@@ -242,10 +243,11 @@ class PersistentShell:
         assert process.stdout is not None
         scanner, capture = self._scanners[0], pending.captures[0]
         code = scanner.feed(b"", capture)
-        next_progress = started + PROGRESS_EVERY
+        next_progress = started + self.progress_interval
+        idle_check = min(IDLE_CHECK, self.progress_interval)
         while code is None:
             chunk = None
-            with anyio.move_on_after(IDLE_CHECK):
+            with anyio.move_on_after(idle_check):
                 try:
                     chunk = await process.stdout.receive(65536)
                 except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -260,7 +262,7 @@ class PersistentShell:
                 return
             now = time.monotonic()
             if progress is not None and now >= next_progress:
-                next_progress = now + PROGRESS_EVERY
+                next_progress = now + self.progress_interval
                 await progress(now - started, None, f"command running for {now - started:.0f}s")
         pending.codes[0] = code
 

@@ -191,3 +191,24 @@ def _cmdline(pid: int) -> str:
             return fh.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("over", ["in-memory", "stdio"])
+async def test_long_commands_report_progress_to_callers_that_ask(over, bash_manifest):
+    reports: list[tuple[float, str | None]] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        reports.append((done, message))
+
+    sandbox = (
+        Sandbox(manifest=bash_manifest)
+        if over == "in-memory"
+        else Sandbox(command=[sys.executable, "-m", "mcp_server", "serve"], manifest=bash_manifest)
+    )
+    async with sandbox:
+        await sandbox.create_session("bash", {"progress_interval": 0.3})
+        result = await sandbox.execute("bash:run", {"command": "sleep 1.5; echo done"}, progress=progress)
+        assert result["data"]["stdout"] == "done\n"
+    assert len(reports) >= 2
+    assert all(message and "running for" in message for _, message in reports)
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
