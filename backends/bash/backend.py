@@ -13,12 +13,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import Backend, SessionInfo, ToolContext, tool
+from backends.bash.isolation import bwrap_argv
 from backends.bash.shell import PersistentShell
 from backends.processes import ProcessGroupOwner
 from session.errors import ExecutionTimeout, ParameterError
@@ -48,6 +49,14 @@ class BashConfig(BaseModel):
     progress_interval: float = Field(
         default=5.0, gt=0, le=300, description="Seconds between progress reports of a long command."
     )
+    isolation: Literal["none", "bwrap"] = Field(
+        default="none",
+        description=(
+            "'bwrap': run the shell in bubblewrap namespaces (read-only host, private /tmp, "
+            "writable home, own PID namespace; dies with the server)."
+        ),
+    )
+    network: bool = Field(default=True, description="With isolation 'bwrap': false leaves only loopback.")
 
     @field_validator("cwd")
     @classmethod
@@ -106,11 +115,17 @@ class BashBackend(Backend[BashConfig, BashState]):
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.update(HOME=str(home), TERM="dumb", HISTFILE="/dev/null", PAGER="cat", GIT_PAGER="cat")
         env.update(config.env)
+        cwd = config.cwd or str(home)
+        argv = [config.shell, "--noprofile", "--norc"]
+        if config.isolation == "bwrap":
+            argv = bwrap_argv(argv, home=home, cwd=cwd, network=config.network)
         shell = PersistentShell(
             owner,
-            argv=[config.shell, "--noprofile", "--norc"],
+            argv=argv,
             env=env,
-            cwd=config.cwd or str(home),
+            cwd=cwd,
+            isolated=config.isolation != "none",
+            shell_name=Path(config.shell).name,
             max_output_bytes=config.max_output_bytes,
             progress_interval=config.progress_interval,
         )
@@ -132,7 +147,7 @@ class BashBackend(Backend[BashConfig, BashState]):
         return {
             "pids": state.owner.pids(),
             "scratch_dir": str(state.scratch),
-            "shell_pid": state.shell.pid,
+            "shell_pid": state.shell.shell_pid(),
             "shell_restarts": state.shell.restarts,
         }
 

@@ -32,6 +32,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from backends.base import ProgressFn
 from backends.bash.capture import BoundedCapture, SentinelScanner
+from backends.bash.isolation import inner_shell_pid
 from backends.processes import ProcessGroupOwner, descendants, kill_pids
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,13 @@ class PersistentShell:
         cwd: str,
         max_output_bytes: int,
         progress_interval: float = 5.0,
+        isolated: bool = False,
+        shell_name: str = "bash",
     ) -> None:
         self.owner = owner
+        self.isolated = isolated
+        self.shell_name = shell_name
+        self._inner_pid: int | None = None
         self.progress_interval = progress_interval
         self.heredoc_end = f"__AF_END_{uuid.uuid4().hex}"
         self.argv = argv
@@ -104,6 +110,16 @@ class PersistentShell:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    def shell_pid(self) -> int | None:
+        """The bash process itself (under bwrap, a grandchild of the process we spawned)."""
+        if self.process is None:
+            return None
+        if not self.isolated:
+            return self.process.pid
+        if self._inner_pid is None:
+            self._inner_pid = inner_shell_pid(self.process.pid, self.shell_name)
+        return self._inner_pid
+
     async def kill(self) -> None:
         """Kill the shell and everything in its process group.
 
@@ -111,6 +127,7 @@ class PersistentShell:
         `ProcessGroupOwner` through their environment marker.
         """
         process, self.process = self.process, None
+        self._inner_pid = None
         if process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -202,8 +219,10 @@ class PersistentShell:
         """
         if self.process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGINT)
+        target = self.shell_pid()
+        if target is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGINT)
         needle = f"{COMMAND_ENV}={command_tag}".encode()
         kill_pids([pid for pid in descendants(self.process.pid) if needle in _environ(pid)])
 

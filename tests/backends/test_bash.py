@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -160,3 +162,77 @@ async def test_cancelling_a_call_stops_its_command():
         result = await run(b, ctx, "ls should-not-exist 2>&1; pgrep -f 'sleep 40' || echo no-sleep")
         assert "no-sleep" in result.stdout
         assert not await anyio.Path(ctx.state.scratch / "home" / "should-not-exist").exists()
+
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs apt package bubblewrap")
+
+
+@needs_bwrap
+async def test_isolated_shell_sees_a_read_only_host_and_a_private_tmp(tmp_path):
+    host_file = tmp_path / "host-secret"
+    host_file.write_text("x")
+    async with shell(isolation="bwrap") as (b, ctx):
+        await run(b, ctx, "cd /; export KEEP=3")
+        result = await run(b, ctx, "pwd; echo $KEEP; touch /usr/af-test 2>&1 || true; ls /tmp; echo ok > ~/f; cat ~/f")
+        lines = result.stdout.splitlines()
+        assert lines[:2] == ["/", "3"]
+        assert "Read-only file system" in result.stdout
+        assert host_file.name not in result.stdout  # the host's /tmp is not visible
+        assert lines[-1] == "ok"  # home is writable
+        assert (await run(b, ctx, "hostname")).stdout == "sandbox\n"
+
+
+@needs_bwrap
+async def test_isolated_shell_without_network_has_only_loopback():
+    async with shell(isolation="bwrap", network=False) as (b, ctx):
+        result = await run(b, ctx, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+        assert result.stdout.split() == ["lo"]
+
+
+@needs_bwrap
+async def test_isolated_shell_timeouts_and_cleanup_work_the_same():
+    async with shell(isolation="bwrap") as (b, ctx):
+        tag = ctx.state.owner.tag
+        await run(b, ctx, "export KEEP=4; sleep 300 &")
+        with pytest.raises(ExecutionTimeout) as caught:
+            await run(b, ctx, "echo started; sleep 30; echo never", limit=0.5)
+        assert caught.value.data["stdout"] == "started\n"
+        assert "state are kept" in caught.value.message
+        assert (await run(b, ctx, "echo $KEEP")).stdout == "4\n"
+        assert len(marked_pids(tag)) >= 3  # bwrap, its init, the shell, the background sleep
+    await eventually(lambda: not marked_pids(tag), 5)
+
+
+CRASHING_SERVER = """
+import anyio, sys
+from backends.bash import BashBackend, RunArgs
+from backends.base import ToolContext
+
+async def main():
+    backend = BashBackend("bash", {})
+    config = backend.session_config({"isolation": "bwrap"})
+    state = await backend.initialize("w", config)
+    ctx = ToolContext(worker_id="w", session_id="s", state=state, config=config)
+    await backend.run(ctx, RunArgs(command="sleep 300 &"))
+    print(state.owner.tag, flush=True)
+    await anyio.sleep(300)
+
+anyio.run(main)
+"""
+
+
+@needs_bwrap
+async def test_an_isolated_shell_dies_with_a_server_killed_outright():
+    server = await anyio.open_process([sys.executable, "-c", CRASHING_SERVER], stderr=None)
+    try:
+        assert server.stdout is not None
+        with anyio.fail_after(20):
+            tag = (await server.stdout.receive()).decode().strip()
+        await eventually(lambda: len(marked_pids(tag)) >= 3, 10)
+        server.kill()  # SIGKILL: no cleanup code runs
+        await server.wait()
+        await eventually(lambda: not marked_pids(tag), 10)
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
