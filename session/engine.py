@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -400,73 +401,53 @@ class Engine:
         try:
             resource, spec = self.pool.find_tool(tool_name)
             meta.tool, meta.resource_type = spec.name, resource
-            args = validate_arguments(spec, arguments)
-            data, images = await self._dispatch(worker_id, resource, spec, args, meta, progress)
+            call = _Call(worker_id, resource, spec, validate_arguments(spec, arguments), meta, progress)
+            data, images = await self._dispatch(call)
             envelope = success(data, meta)
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope, images = failure(exc, meta), []
         meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
         return CallOutcome(envelope, images)
 
-    async def _dispatch(
-        self,
-        worker_id: str,
-        resource: str,
-        spec: ToolSpec,
-        args: BaseModel,
-        meta: ResultMeta,
-        progress: ProgressFn | None,
-    ) -> tuple[dict[str, Any], list[Image]]:
-        backend = self.pool.backends[resource]
+    async def _dispatch(self, call: _Call) -> tuple[dict[str, Any], list[Image]]:
+        backend = self.pool.backends[call.resource]
         if backend.kind() is BackendKind.SHARED:
-            await self.pool.ensure_warm(resource)
-            ctx = ToolContext(worker_id=worker_id, session_id=None, state=None, **_progress(progress))
-            return await invoke(backend, spec, ctx, args)
-        worker = self.workers.get(worker_id)
-        session = worker.sessions.get(resource) if worker else None
+            await self.pool.ensure_warm(call.resource)
+            ctx = ToolContext(worker_id=call.worker_id, session_id=None, state=None, **call.progress_kwargs())
+            return await invoke(backend, call.spec, ctx, call.args)
+        worker = self.workers.get(call.worker_id)
+        session = worker.sessions.get(call.resource) if worker else None
         if session is not None and session.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
-            meta.session_id = session.session_id
+            call.meta.session_id = session.session_id
             try:
-                return await self._run_in_session(session, spec, args, progress)
+                return await self._run_in_session(session, call)
             finally:
-                meta.expires_at = session.expires_at(self.session_ttl)
-        return await self._run_temporary(worker_id, resource, spec, args, meta, progress)
+                call.meta.expires_at = session.expires_at(self.session_ttl)
+        return await self._run_temporary(call)
 
-    async def _run_temporary(
-        self,
-        worker_id: str,
-        resource: str,
-        spec: ToolSpec,
-        args: BaseModel,
-        meta: ResultMeta,
-        progress: ProgressFn | None,
-    ) -> tuple[dict[str, Any], list[Image]]:
+    async def _run_temporary(self, call: _Call) -> tuple[dict[str, Any], list[Image]]:
         """A session private to this one call: created, used, destroyed before returning."""
-        session = self._new_session(worker_id, resource, None, temporary=True)
-        meta.session_id, meta.temporary_session = session.session_id, True
+        session = self._new_session(call.worker_id, call.resource, None, temporary=True)
+        call.meta.session_id, call.meta.temporary_session = session.session_id, True
         await self._start(session)
         try:
-            return await self._run_in_session(session, spec, args, progress)
+            return await self._run_in_session(session, call)
         finally:
             await self._stop(session)
 
-    async def _run_in_session(
-        self, session: Session, spec: ToolSpec, args: BaseModel, progress: ProgressFn | None
-    ) -> tuple[dict[str, Any], list[Image]]:
+    async def _run_in_session(self, session: Session, call: _Call) -> tuple[dict[str, Any], list[Image]]:
         backend = self.pool.backends[session.resource_type]
+        label = f"the {session.resource_type!r} session {session.session_id}"
         session.active_calls += 1
         try:
             await session.ready.wait()
             async with session.lock:
                 if session.status is not SessionStatus.ACTIVE:
-                    raise SessionError(
-                        f"the {session.resource_type!r} session {session.session_id} was destroyed "
-                        "before this call could run"
-                    )
+                    raise SessionError(f"{label} was destroyed before this call could run")
                 problem = await backend.health(session.state)
                 if problem:
                     raise SessionError(
-                        f"the {session.resource_type!r} session {session.session_id} is broken: {problem}; "
+                        f"{label} is broken: {problem}; "
                         f"call reinitialize({session.resource_type!r}) or destroy_session and create it again"
                     )
                 ctx = ToolContext(
@@ -474,17 +455,15 @@ class Engine:
                     session_id=session.session_id,
                     state=session.state,
                     config=session.config,
-                    **_progress(progress),
+                    **call.progress_kwargs(),
                 )
                 with anyio.CancelScope() as scope:
                     session.running.add(scope)
                     try:
-                        return await invoke(backend, spec, ctx, args)
+                        return await invoke(backend, call.spec, ctx, call.args)
                     finally:
                         session.running.discard(scope)
-                raise SessionError(
-                    f"the {session.resource_type!r} session {session.session_id} was destroyed during this call"
-                )
+                raise SessionError(f"{label} was destroyed during this call")
         finally:
             session.calls += 1
             session.active_calls -= 1
@@ -513,5 +492,16 @@ class Engine:
                 await self._wake_reaper.wait()
 
 
-def _progress(progress: ProgressFn | None) -> dict[str, Any]:
-    return {"progress": progress} if progress is not None else {}
+@dataclass(slots=True)
+class _Call:
+    """One tool call on its way to a session."""
+
+    worker_id: str
+    resource: str
+    spec: ToolSpec
+    args: BaseModel
+    meta: ResultMeta
+    progress: ProgressFn | None
+
+    def progress_kwargs(self) -> dict[str, Any]:
+        return {"progress": self.progress} if self.progress is not None else {}
