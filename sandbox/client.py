@@ -13,6 +13,7 @@ exception); the session methods return the envelope's `data` and raise
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import anyio
 import mcp_types as t
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
@@ -67,21 +69,48 @@ class Sandbox:
         self.mode = mode
         self.env = dict(env) if env is not None else None
         self.worker_id = worker_id or f"sandbox-{uuid.uuid4().hex}"
-        self._stack: AsyncExitStack | None = None
+        self._owner: asyncio.Task[None] | None = None
+        self._closing: anyio.Event | None = None
         self._client: Client | None = None
 
     # -- lifetime --------------------------------------------------------------------
 
     async def start(self) -> Self:
-        if self._client is not None:
+        """Connect (and, for `Sandbox()`, start the in-process server).
+
+        The connection is owned by a task of its own, so any number of `Sandbox` objects
+        can be opened and closed in any order from one task: the SDK's task groups must
+        be left by the task that entered them, which that task guarantees.
+        """
+        if self._owner is not None:
             return self
-        stack = AsyncExitStack()
+        connected = anyio.Event()
+        closing = self._closing = anyio.Event()
+
+        async def own_connection() -> None:
+            try:
+                async with AsyncExitStack() as stack:
+                    self._client = await stack.enter_async_context(await self._make_client(stack))
+                    connected.set()
+                    await closing.wait()
+            finally:
+                self._client = None
+                connected.set()
+
+        owner = asyncio.get_running_loop().create_task(own_connection(), name=f"sandbox-{self.worker_id}")
+        self._owner = owner
         try:
-            self._client = await stack.enter_async_context(await self._make_client(stack))
+            await connected.wait()
         except BaseException:
-            await stack.aclose()
+            closing.set()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(owner, return_exceptions=True)
+            self._owner = None
             raise
-        self._stack = stack
+        if self._client is None:  # connecting failed: re-raise its error here
+            self._owner = None
+            await owner
+            raise RuntimeError("the sandbox connection ended before it was established")
         return self
 
     async def _make_client(self, stack: AsyncExitStack) -> Client:
@@ -101,8 +130,8 @@ class Sandbox:
 
     async def close(self) -> None:
         """Destroy this worker's sessions and disconnect. Safe to call twice."""
-        stack, self._stack = self._stack, None
-        if stack is None:
+        owner, self._owner = self._owner, None
+        if owner is None:
             return
         try:
             if self._client is not None:
@@ -110,8 +139,10 @@ class Sandbox:
         except (SandboxError, MCPError, OSError):
             pass  # the server may already be gone; its disconnect or TTL cleanup covers it
         finally:
-            self._client = None
-            await stack.aclose()
+            assert self._closing is not None
+            self._closing.set()
+            with anyio.CancelScope(shield=True):
+                await owner
 
     async def __aenter__(self) -> Self:
         return await self.start()

@@ -212,3 +212,20 @@ async def test_long_commands_report_progress_to_callers_that_ask(over, bash_mani
     assert len(reports) >= 2
     assert all(message and "running for" in message for _, message in reports)
     assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+
+async def test_many_sandboxes_open_and_close_in_any_order_from_one_task(bash_manifest):
+    sandboxes = [Sandbox(manifest=bash_manifest) for _ in range(3)]
+    for sandbox in sandboxes:
+        await sandbox.start()
+        await sandbox.create_session("bash")
+    for sandbox in sandboxes:  # not reversed: each connection is owned by a task of its own
+        assert (await sandbox.execute("bash:run", {"command": "echo hi"}))["data"]["stdout"] == "hi\n"
+        await sandbox.close()
+    await wait_until_no_marked("bash-")
+
+
+async def test_a_sandbox_that_cannot_connect_raises_and_leaves_nothing(tmp_path):
+    with pytest.raises(SandboxError) as caught:
+        await Sandbox(manifest=tmp_path / "missing.toml").start()
+    assert caught.value.code == 5001
