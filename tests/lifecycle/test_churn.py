@@ -1,0 +1,69 @@
+"""Random lifecycles against real bash sessions: no internal error, no leaked process or temp dir.
+
+Eight workers each run a seeded random mix of create, call (explicit and temporary),
+reinitialize, refresh, list, destroy and disconnect, under a TTL short enough that the
+reaper races them. Whatever interleaving happens, every answer is a success or one of
+the expected session errors, and when the engine is gone nothing it started remains.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from backends.bash import BashBackend
+from session.engine import Engine
+from session.errors import SandboxError
+from tests.conftest import marked_pids
+
+pytestmark = pytest.mark.slow
+
+ALLOWED_CALL_CODES = {0, 1003, 2002}
+
+
+def scratch_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("agentflow-bash-*")}
+
+
+async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int]) -> None:
+    for _ in range(25):
+        op = rng.choice(["create", "call", "call", "temp", "reinit", "refresh", "list", "destroy", "close"])
+        try:
+            if op == "create":
+                await engine.create_sessions(worker, "bash", {"env": {"N": str(rng.randint(0, 9))}})
+            elif op in ("call", "temp"):
+                command = rng.choice(["echo $N", "sleep 0.05; echo done", "sleep 5 &", "cd /tmp && pwd"])
+                worker_for_call = f"{worker}-temp" if op == "temp" else worker  # never has a session
+                outcome = await engine.call_tool(worker_for_call, "bash:run", {"command": command, "timeout": 2})
+                codes.append(outcome.envelope.code)
+            elif op == "reinit":
+                await engine.reinitialize(worker, "bash", {"env": {"N": "r"}})
+            elif op == "refresh":
+                engine.refresh_sessions(worker)
+            elif op == "list":
+                engine.list_sessions(worker, details=True)
+            elif op == "destroy":
+                await engine.destroy_sessions(worker)
+            else:
+                await engine.close_worker(worker)
+        except SandboxError as exc:
+            codes.append(exc.code)
+        await anyio.sleep(rng.random() * 0.05)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_random_lifecycles_leave_no_process_or_directory(seed):
+    before_dirs = scratch_dirs()
+    codes: list[int] = []
+    engine = Engine({"bash": BashBackend("bash", {})}, session_ttl=0.4)
+    async with engine, anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(churn, engine, f"w{n}", random.Random(seed * 100 + n), codes)
+    assert codes.count(0) > 20, "the churn made too few successful calls to mean anything"
+    assert set(codes) <= ALLOWED_CALL_CODES, sorted(set(codes))
+    assert marked_pids("bash-") == []
+    assert scratch_dirs() - before_dirs == set()
