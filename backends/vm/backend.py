@@ -20,7 +20,7 @@ import mss
 from Xlib import error as xerror
 
 from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, tool
-from backends.vm.capture import Geometry, ScreenCapture, encode_png
+from backends.vm.capture import Geometry, ScreenCapture, encode_screenshot
 from backends.vm.display import Desktop, DesktopSpec, DisplayProvider, LaunchedApp, XvfbProvider
 from backends.vm.input import BUTTONS, SCROLL_BUTTONS, XInput
 from backends.vm.keys import parse_combo, parse_key, split_combo
@@ -366,11 +366,11 @@ async def _click(
 async def _screenshot(state: VMState) -> ToolResult:
     geometry = state.geometry
 
-    def capture() -> tuple[bytes, tuple[int, int], str | None]:
-        png = encode_png(state.capture.grab(geometry), state.png_level)
-        return png, state.input.pointer(), state.input.active_window_title()
+    def capture() -> tuple[bytes, str, tuple[int, int], str | None]:
+        encoded, fmt = encode_screenshot(state.capture.grab(geometry), state.png_level)
+        return encoded, fmt, state.input.pointer(), state.input.active_window_title()
 
-    png, pointer, title = await state.x(capture)
+    encoded, fmt, pointer, title = await state.x(capture)
     cx, cy = geometry.to_model(*pointer)
     data = {
         "width": geometry.width,
@@ -380,10 +380,12 @@ async def _screenshot(state: VMState) -> ToolResult:
         "screen_height": geometry.screen_height,
         "cursor": {"x": cx, "y": cy},
         "active_window": title,
-        "format": "png",
-        "bytes": len(png),
+        "format": fmt,
+        "bytes": len(encoded),
     }
-    return ToolResult(data=data, images=[Image(png, "image/png")])
+    if fmt != "png":
+        data["note"] = "a PNG of this screen would be too large to send; this is a JPEG (same coordinates)"
+    return ToolResult(data=data, images=[Image(encoded, f"image/{fmt}")])
 
 
 async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window_wait: float) -> int | None:

@@ -112,3 +112,26 @@ def encode_png(image: PILImage.Image, compress_level: int) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=compress_level)
     return out.getvalue()
+
+
+#: Largest encoded screenshot sent as is. Base64 adds a third, and the official MCP
+#: client refuses a streamable-HTTP event over 1 MiB, so busy large screens go JPEG.
+MAX_IMAGE_BYTES = 700 * 1024
+
+
+def encode_screenshot(image: PILImage.Image, compress_level: int, limit: int = MAX_IMAGE_BYTES) -> tuple[bytes, str]:
+    """PNG when it fits in `limit` bytes, else the best JPEG quality that fits; (bytes, format).
+
+    Never resized: the image's pixels stay the coordinates the other tools take.
+    """
+    png = encode_png(image, compress_level)
+    if len(png) <= limit:
+        return png, "png"
+    jpeg = b""
+    for quality in (85, 70, 50, 35, 20, 10):
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=quality)
+        jpeg = out.getvalue()
+        if len(jpeg) <= limit:
+            break
+    return jpeg, "jpeg"
