@@ -150,9 +150,22 @@ async def test_cleanup_kills_everything_the_session_started_even_daemons():
         tag = ctx.state.owner.tag
         scratch = ctx.state.scratch
         await run(b, ctx, "sleep 300 & setsid sleep 301 & (setsid sleep 302 &) ; nohup sleep 303 >/dev/null 2>&1 &")
-        assert len(marked_pids(tag)) >= 5  # the shell and four sleeps
+        # the shell and four sleeps (background starts finish after the command returns)
+        await eventually(lambda: len(_sleeps(marked_pids(tag))) == 4, 10)
     await eventually(lambda: not marked_pids(tag), 5)
     assert not await anyio.Path(scratch).exists()
+
+
+def _sleeps(pids: list[int]) -> list[int]:
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read().startswith(b"sleep\0"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 async def test_cancelling_a_call_stops_its_command():
