@@ -28,6 +28,7 @@ from anyio.abc import Process
 from Xlib import display as xdisplay
 
 from backends.processes import ProcessGroupOwner
+from backends.vm.xauth import SERVER_AUTHORITY, new_cookie, write_authority
 from session.errors import BackendError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class XvfbDesktop(Desktop):
         self.server: Process | None = None
         self.apps: list[LaunchedApp] = []
         self._closed = False
+        self.cookie = new_cookie()
+        self.authority = scratch / "Xauthority"
 
     @property
     def display_number(self) -> int:
@@ -139,6 +142,7 @@ class XvfbDesktop(Desktop):
         home = self.home
         env.update(
             DISPLAY=self.display_name,
+            XAUTHORITY=str(self.authority),
             HOME=str(home),
             XDG_CONFIG_HOME=str(home / ".config"),
             XDG_CACHE_HOME=str(home / ".cache"),
@@ -205,6 +209,7 @@ class XvfbDesktop(Desktop):
         shutil.rmtree(self.scratch, ignore_errors=True)
         if not self.display_name or self.server is None:
             return
+        SERVER_AUTHORITY.remove(self.display_number)
         # A killed Xvfb leaves its lock and socket; remove them if they are ours.
         lock = Path(f"/tmp/.X{self.display_number}-lock")
         try:
@@ -245,9 +250,13 @@ class XvfbProvider(DisplayProvider):
         return desktop
 
     async def _start_server(self, desktop: XvfbDesktop) -> None:
+        # Only clients holding this desktop's cookie may connect (other sessions' apps may not).
+        await anyio.to_thread.run_sync(write_authority, desktop.authority, {"": desktop.cookie})
         read_fd, write_fd = os.pipe()
         argv = [
             self.xvfb,
+            "-auth",
+            str(desktop.authority),
             "-displayfd",
             str(write_fd),
             "-screen",
@@ -282,6 +291,7 @@ class XvfbProvider(DisplayProvider):
         if number is None:
             raise BackendError(f"Xvfb failed to start: {_log_tail(desktop.scratch) or 'no output'}")
         desktop.display_name = f":{number}"
+        SERVER_AUTHORITY.add(number, desktop.cookie)
         log.info(
             "vm %s: Xvfb %s %dx%d pid %d",
             desktop.spec.label,

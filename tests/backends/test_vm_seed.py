@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 from PIL import Image as PILImage
 
@@ -87,3 +89,16 @@ async def test_closing_the_client_destroys_its_desktop(vm_manifest: Path) -> Non
         await sandbox.create_session("vm", {"startup": ["xterm"]})
         assert len(_vm_pids(worker)) >= 3  # Xvfb, window manager, xterm
     assert _vm_pids(worker) == []
+
+
+async def test_a_desktop_refuses_clients_without_its_cookie(vm_manifest: Path) -> None:
+    """Another session's apps (or any local process) cannot reach this desktop."""
+    async with Sandbox(manifest=vm_manifest) as sandbox:
+        await sandbox.create_session("vm")
+        display = (await sandbox.list_sessions())["sessions"][0]["details"]["display"]
+        stranger = {k: v for k, v in os.environ.items() if k != "XAUTHORITY"} | {"XAUTHORITY": "/dev/null"}
+        refused = await anyio.run_process(["xdpyinfo", "-display", display], env=stranger, check=False)
+        assert refused.returncode != 0
+        assert b"Authorization required" in refused.stderr
+        launched = await sandbox.execute("vm:launch", {"command": "xterm -T own-app"})
+        assert launched["code"] == 0, launched  # the session's own apps hold the cookie

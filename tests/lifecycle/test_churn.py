@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from pathlib import Path
+import uuid
 
 import anyio
 import pytest
@@ -25,23 +25,37 @@ pytestmark = pytest.mark.slow
 ALLOWED_CALL_CODES = {0, 1003, 2002}
 
 
-def scratch_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("agentflow-bash-*")}
+RUN_ENV = "AGENTFLOW_CHURN_RUN"
 
 
-async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int]) -> None:
+def run_pids(run_id: str) -> list[int]:
+    """This test's processes only (other test runs may share the machine)."""
+    needle = f"{RUN_ENV}={run_id}".encode()
+    return [pid for pid in marked_pids("bash-") if needle in _environ(pid)]
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return fh.read().split(b"\0")
+    except OSError:
+        return []
+
+
+async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int], run_id: str) -> None:
     for _ in range(25):
         op = rng.choice(["create", "call", "call", "temp", "reinit", "refresh", "list", "destroy", "close"])
         try:
             if op == "create":
-                await engine.create_sessions(worker, "bash", {"env": {"N": str(rng.randint(0, 9))}})
+                env = {RUN_ENV: run_id, "N": str(rng.randint(0, 9))}
+                await engine.create_sessions(worker, "bash", {"env": env})
             elif op in ("call", "temp"):
                 command = rng.choice(["echo $N", "sleep 0.05; echo done", "sleep 5 &", "cd /tmp && pwd"])
                 worker_for_call = f"{worker}-temp" if op == "temp" else worker  # never has a session
                 outcome = await engine.call_tool(worker_for_call, "bash:run", {"command": command, "timeout": 2})
                 codes.append(outcome.envelope.code)
             elif op == "reinit":
-                await engine.reinitialize(worker, "bash", {"env": {"N": "r"}})
+                await engine.reinitialize(worker, "bash", {"env": {RUN_ENV: run_id, "N": "r"}})
             elif op == "refresh":
                 engine.refresh_sessions(worker)
             elif op == "list":
@@ -56,14 +70,15 @@ async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_random_lifecycles_leave_no_process_or_directory(seed):
-    before_dirs = scratch_dirs()
+async def test_random_lifecycles_leave_no_process_or_directory(seed, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the sessions' scratch dirs land here
+    run_id = uuid.uuid4().hex
     codes: list[int] = []
-    engine = Engine({"bash": BashBackend("bash", {})}, session_ttl=0.4)
+    engine = Engine({"bash": BashBackend("bash", {"env": {RUN_ENV: run_id}})}, session_ttl=0.4)
     async with engine, anyio.create_task_group() as tg:
         for n in range(8):
-            tg.start_soon(churn, engine, f"w{n}", random.Random(seed * 100 + n), codes)
+            tg.start_soon(churn, engine, f"w{n}", random.Random(seed * 100 + n), codes, run_id)
     assert codes.count(0) > 20, "the churn made too few successful calls to mean anything"
     assert set(codes) <= ALLOWED_CALL_CODES, sorted(set(codes))
-    assert marked_pids("bash-") == []
-    assert scratch_dirs() - before_dirs == set()
+    assert run_pids(run_id) == []
+    assert list(tmp_path.iterdir()) == []
