@@ -190,12 +190,24 @@ class ProcessGroupOwner:
         for p in live:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
-        kill_pids(pids_with_marker(self.tag))
+        swept = pids_with_marker(self.tag)
+        kill_pids(swept)
         for p in self.processes:
             with anyio.move_on_after(self.grace):
                 await p.wait()
             await _close_streams(p)
         self.processes.clear()
+        # Swept processes are not our children, so there is nothing to wait on: poll
+        # briefly, so that once this returns none of them is still alive.
+        with anyio.move_on_after(self.grace):
+            while any(_alive(pid) for pid in swept):  # noqa: ASYNC110 - no event exists for another's exit
+                await anyio.sleep(0.005)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a zombie has already died)."""
+    stat = _read_proc(str(pid), "stat")
+    return bool(stat) and stat.rsplit(b")", 1)[-1].split()[0] != b"Z"
 
 
 async def _close_streams(process: Process) -> None:
