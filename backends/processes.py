@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -95,6 +98,35 @@ def session_env(tag: str, base: Mapping[str, str] | None = None, **extra: str) -
     env[SESSION_ENV_MARKER] = tag
     env[SERVER_ENV_MARKER] = str(os.getpid())
     return env
+
+
+#: Written into every scratch directory a session makes: the PID of the server owning it.
+OWNER_FILE = ".agentflow-server"
+
+
+def make_scratch_dir(prefix: str) -> Path:
+    """A private temporary directory (`agentflow-...`) that names its owning server.
+
+    The caller deletes it with its session; `sweep_orphan_dirs` deletes the ones a
+    server killed outright could not.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    (path / OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def sweep_orphan_dirs() -> list[Path]:
+    """Delete scratch directories whose owning server no longer exists; returns them."""
+    removed = []
+    for entry in Path(tempfile.gettempdir()).glob("agentflow-*"):
+        try:
+            owner = (entry / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def sweep_orphans() -> list[int]:

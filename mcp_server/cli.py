@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from backends.processes import sweep_orphans
+from backends.processes import sweep_orphan_dirs, sweep_orphans
 from manifests import build_backends, load_manifest
 from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
@@ -80,9 +80,13 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = engine_from_manifest(manifest)
-    orphans = sweep_orphans()
-    if orphans:
-        log.warning("killed %d processes left by a server that died without cleaning up", len(orphans))
+    orphans, dirs = sweep_orphans(), sweep_orphan_dirs()
+    if orphans or dirs:
+        log.warning(
+            "cleaned up after a server that died without doing so: %d processes, %d directories",
+            len(orphans),
+            len(dirs),
+        )
 
     async def run() -> None:
         async with engine:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from backends.base import Backend, SessionInfo, ToolContext, tool
 from backends.bash.isolation import bwrap_argv
 from backends.bash.shell import PersistentShell
-from backends.processes import ProcessGroupOwner
+from backends.processes import ProcessGroupOwner, make_scratch_dir
 from session.errors import ExecutionTimeout, ParameterError
 
 MAX_TIMEOUT = 3600.0
@@ -107,7 +106,7 @@ class BashBackend(Backend[BashConfig, BashState]):
     Config = BashConfig
 
     async def initialize(self, worker_id: str, config: BashConfig) -> BashState:
-        scratch = Path(tempfile.mkdtemp(prefix="agentflow-bash-"))
+        scratch = make_scratch_dir("agentflow-bash-")
         home = scratch / "home"
         home.mkdir()
         owner = ProcessGroupOwner(f"bash-{scratch.name}")

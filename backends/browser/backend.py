@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +21,7 @@ import anyio
 from playwright.async_api import Error as PlaywrightError
 
 from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, tool
+from backends.processes import make_scratch_dir
 from session.errors import BackendError, ExecutionTimeout, ParameterError
 
 from . import snapshot
@@ -117,7 +117,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                     "or start the server with DISPLAY set"
                 )
         prefix = "agentflow-browser-" + re.sub(r"[^\w.-]", "_", worker_id)[:40] + "-"
-        download_dir = Path(await anyio.to_thread.run_sync(functools.partial(tempfile.mkdtemp, prefix=prefix)))
+        download_dir = await anyio.to_thread.run_sync(make_scratch_dir, prefix)
         try:
             state = await self._open_context(worker_id, config, display, download_dir)
         except BaseException:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import anyio
 from playwright.async_api import Browser, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
-from backends.processes import kill_pids, pids_with_marker, session_env
+from backends.processes import kill_pids, make_scratch_dir, pids_with_marker, session_env
 from session.errors import BackendError
 
 from .config import CHROMIUM_ARGS, LaunchSettings
@@ -139,7 +138,7 @@ class Launcher:
 
     def _env(self, tag: str, display: str | None) -> dict[str, str]:
         if self._home is None:
-            self._home = Path(tempfile.mkdtemp(prefix=f"agentflow-{self.tag_prefix}-"))
+            self._home = make_scratch_dir(f"agentflow-{self.tag_prefix}-")
         home = str(self._home)
         env = session_env(tag, HOME=home, XDG_CONFIG_HOME=f"{home}/.config", XDG_CACHE_HOME=f"{home}/.cache")
         env.pop("DISPLAY", None)

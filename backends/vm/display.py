@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import anyio
 from anyio.abc import Process
 from Xlib import display as xdisplay
 
-from backends.processes import ProcessGroupOwner
+from backends.processes import ProcessGroupOwner, make_scratch_dir
 from backends.vm.xauth import SERVER_AUTHORITY, new_cookie, write_authority
 from session.errors import BackendError, ParameterError
 
@@ -231,7 +230,7 @@ class XvfbProvider(DisplayProvider):
         self.depth = depth
 
     async def start(self, spec: DesktopSpec) -> Desktop:
-        scratch = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="agentflow-vm-")))
+        scratch = await anyio.to_thread.run_sync(make_scratch_dir, "agentflow-vm-")
         owner = ProcessGroupOwner(f"vm-{spec.label}-{uuid.uuid4().hex[:12]}", grace=1.0)
         desktop = XvfbDesktop(spec, scratch, owner)
         try:

@@ -13,11 +13,13 @@ libXau match; an empty display number matches any display.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
-import tempfile
 import threading
 from pathlib import Path
+
+from backends.processes import OWNER_FILE, make_scratch_dir
 
 COOKIE_NAME = b"MIT-MAGIC-COOKIE-1"
 FAMILY_LOCAL = 256
@@ -61,17 +63,25 @@ class ServerAuthority:
     def add(self, number: int, cookie: bytes) -> None:
         with self._lock:
             if self._path is None:
-                self._path = Path(tempfile.mkdtemp(prefix="agentflow-xauth-")) / "Xauthority"
-                write_authority(self._path, {})
-                # Set once, before the first connection to any of our displays.
+                self._path = make_scratch_dir("agentflow-xauth-") / "Xauthority"
+                # Set once, before the first connection to any of our displays; the path
+                # stays the same for the process's life (the directory comes and goes).
                 os.environ["XAUTHORITY"] = str(self._path)
+            if not self._path.parent.exists():  # deleted when its last display went
+                self._path.parent.mkdir(mode=0o700)
+                (self._path.parent / OWNER_FILE).write_text(str(os.getpid()))
             self._entries[str(number)] = cookie
             write_authority(self._path, self._entries)
 
     def remove(self, number: int) -> None:
+        """Forget a display; with none left, the file and its directory are deleted."""
         with self._lock:
-            if self._path is not None and self._entries.pop(str(number), None) is not None:
+            if self._path is None or self._entries.pop(str(number), None) is None:
+                return
+            if self._entries:
                 write_authority(self._path, self._entries)
+            else:
+                shutil.rmtree(self._path.parent, ignore_errors=True)
 
 
 SERVER_AUTHORITY = ServerAuthority()

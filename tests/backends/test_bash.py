@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import anyio
@@ -14,6 +16,7 @@ import pytest
 from backends.base import ToolContext
 from backends.bash import BashBackend, RunArgs
 from backends.bash.backend import BashState
+from backends.processes import sweep_orphan_dirs
 from session.errors import ExecutionTimeout, ParameterError
 from tests.conftest import eventually, marked_pids
 
@@ -245,6 +248,11 @@ async def test_an_isolated_shell_dies_with_a_server_killed_outright():
         server.kill()  # SIGKILL: no cleanup code runs
         await server.wait()
         await eventually(lambda: not marked_pids(tag), 10)
+        # its scratch directory is left; the next server start sweeps it, as here
+        scratch = Path(tempfile.gettempdir()) / tag.removeprefix("bash-")
+        assert await anyio.Path(scratch).exists()
+        assert scratch in sweep_orphan_dirs()
+        assert not await anyio.Path(scratch).exists()
     finally:
         if server.returncode is None:
             server.kill()
