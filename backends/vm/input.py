@@ -106,22 +106,20 @@ class XInput:
         shift = stroke.shift and last not in MODIFIER_KEYSYMS and SHIFT not in holds
         shift_code = self.keymap.stroke(SHIFT).keycode if shift else 0
         for _ in range(repeat):
-            if shift:
-                xtest.fake_input(self.display, X.KeyPress, shift_code)
-            xtest.fake_input(self.display, X.KeyPress, stroke.keycode)
-            xtest.fake_input(self.display, X.KeyRelease, stroke.keycode)
-            if shift:
-                xtest.fake_input(self.display, X.KeyRelease, shift_code)
+            self._stroke(stroke.keycode, shift_code)
         self._release_keys(held)
         self._sync()
 
     def _tap(self, keysym: int) -> None:
         stroke = self.keymap.stroke(keysym)
-        shift_code = self.keymap.stroke(SHIFT).keycode if stroke.shift else 0
+        self._stroke(stroke.keycode, self.keymap.stroke(SHIFT).keycode if stroke.shift else 0)
+
+    def _stroke(self, keycode: int, shift_code: int) -> None:
+        """Press and release one key, inside Shift when `shift_code` is non-zero."""
         if shift_code:
             xtest.fake_input(self.display, X.KeyPress, shift_code)
-        xtest.fake_input(self.display, X.KeyPress, stroke.keycode)
-        xtest.fake_input(self.display, X.KeyRelease, stroke.keycode)
+        xtest.fake_input(self.display, X.KeyPress, keycode)
+        xtest.fake_input(self.display, X.KeyRelease, keycode)
         if shift_code:
             xtest.fake_input(self.display, X.KeyRelease, shift_code)
 
