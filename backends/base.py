@@ -279,7 +279,7 @@ def tool(
             takes_args="args" in inspect.signature(fn).parameters,
         )
         setattr(fn, _TOOL_ATTR, spec)
-        return fn
+        return typing.cast(HandlerT, fn)
 
     return decorate
 
@@ -373,7 +373,8 @@ class Backend(Generic[ConfigT, StateT]):
             ParameterError: a key is unknown or a value is wrong (1002, naming the field).
         """
         overrides = dict(overrides or {})
-        misplaced = sorted(k for k in overrides if k in self.Settings.model_fields and k not in self.Config.model_fields)
+        settings_only = self.Settings.model_fields.keys() - self.Config.model_fields.keys()
+        misplaced = sorted(k for k in overrides if k in settings_only)
         if misplaced:
             raise ParameterError(
                 f"{', '.join(misplaced)}: backend-wide setting(s) of {self.name!r}, fixed by the operator in the "

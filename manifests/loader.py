@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from backends.base import Backend, Runtime
 from backends.policy import Policy, split_policy_request
 from manifests.schema import Manifest
-from session.errors import ConfigurationError, SandboxError
+from session.errors import ConfigurationError
 
 DEFAULT_MANIFEST = Path(__file__).with_name("default.toml")
 
@@ -127,9 +127,9 @@ def build_backends(manifest: Manifest, runtime: Runtime | None = None) -> dict[s
                 f"(it supports {', '.join(sorted(backend.isolation_tiers))})"
             )
         try:
-            backend.session_config()
-        except SandboxError as exc:
-            raise ConfigurationError(f"resources.{name}.config: {exc.message}") from None
+            backend.Config.model_validate(backend.defaults)
+        except ValidationError as exc:
+            raise ConfigurationError(_problems(exc, f"resources.{name}.config")) from None
         backends[name] = backend
     if not backends:
         raise ConfigurationError("resources: no backend is enabled")

@@ -117,7 +117,7 @@ def _progress(ctx: ServerRequestContext[RunScope, Any]) -> ProgressFn:
 
 def to_result(outcome: CallOutcome) -> t.CallToolResult:
     envelope = outcome.envelope
-    content: list[t.TextContent | t.ImageContent] = [t.TextContent(type="text", text=envelope.text())]
+    content: list[t.ContentBlock] = [t.TextContent(type="text", text=envelope.text())]
     content += [
         t.ImageContent(type="image", data=base64.b64encode(image.data).decode("ascii"), mime_type=image.mime_type)
         for image in outcome.images

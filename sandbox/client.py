@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import typing
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from os import PathLike
 from types import TracebackType
@@ -26,6 +27,7 @@ import anyio
 import mcp_types as t
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
 from manifests import load_manifest
@@ -36,7 +38,7 @@ from mcp_server.worker_identity import WORKER_META_KEY
 from session.errors import ERROR_CLASSES, SandboxError, ServiceUnavailable
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
-ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
+ProgressCallback = ProgressFnT
 
 
 class Sandbox:
@@ -62,6 +64,7 @@ class Sandbox:
         self.mode = mode
         self.env = dict(env) if env is not None else None
         self.worker_id = worker_id or f"sandbox-{uuid.uuid4().hex}"
+        self._meta = typing.cast(t.RequestParamsMeta, {WORKER_META_KEY: self.worker_id})
         self._owner: asyncio.Task[None] | None = None
         self._closing: anyio.Event | None = None
         self._client: Client | None = None
@@ -223,7 +226,7 @@ class Sandbox:
         client = self._require()
         try:
             result = await client.call_tool(
-                name, args, progress_callback=progress, meta={WORKER_META_KEY: self.worker_id}
+                name, args, progress_callback=progress, meta=self._meta
             )
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc

@@ -43,12 +43,11 @@ class SessionBudget:
             )
         if per is not None and self.by_resource[resource] >= per:
             raise ResourceUnavailable(f"the limit of {per} live {resource!r} sessions is reached; try later")
-        if principal is not None and limits.per_principal is not None:
-            if self.by_principal[principal] >= limits.per_principal:
-                raise ResourceUnavailable(
-                    f"your credentials' session limit ({limits.per_principal}) is reached; destroy sessions "
-                    "you no longer need"
-                )
+        cap = limits.per_principal
+        if principal is not None and cap is not None and self.by_principal[principal] >= cap:
+            raise ResourceUnavailable(
+                f"your credentials' session limit ({cap}) is reached; destroy sessions you no longer need"
+            )
         if worker is not None and limits.per_worker is not None and self.by_worker[worker] >= limits.per_worker:
             raise ResourceUnavailable(
                 f"this client's session limit ({limits.per_worker}) is reached; destroy sessions you no longer need"

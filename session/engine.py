@@ -18,7 +18,7 @@ import logging
 import shutil
 import uuid
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Any, Self
 
@@ -30,6 +30,8 @@ from backends.base import Backend, BackendKind, Runtime, SessionSetup, ToolConte
 from backends.policy import split_policy_request
 from session.backend_pool import BackendPool
 from session.budget import Limits, SessionBudget
+
+__all__ = ["Caller", "Engine", "Limits"]
 from session.envelope import ResultMeta, failure, success
 from session.errors import (
     ConfigurationError,
@@ -207,8 +209,8 @@ class Engine:
                 )
             return session
         worker = self.workers.get(caller.worker_key) if caller.worker_key else None
-        session = worker.sessions.get(resource) if worker else None
-        return session if session is not None and session.live else None
+        default = worker.sessions.get(resource) if worker else None
+        return default if default is not None and default.live else None
 
     def by_handle(self, caller: Caller, handle: str) -> Session:
         """The live session `handle` names, if the caller's principal may use it; adopts an orphan.
@@ -518,14 +520,14 @@ class Engine:
         found = []
         for resource in dict.fromkeys(resources):
             self.pool.backend(resource)
-            session = worker.sessions.get(resource) if worker else None
-            if session is None or not session.live:
+            default = worker.sessions.get(resource) if worker else None
+            if default is None or not default.live:
                 have = ", ".join(sorted(worker.sessions)) if worker and worker.sessions else "none"
                 raise SessionError(
                     f"you have no {resource!r} session to use without a session_id (your sessions: {have}); "
                     f"create one with create_session({resource!r}), or pass the session_id you were given"
                 )
-            found.append(session)
+            found.append(default)
         return found
 
     async def destroy_sessions(
@@ -663,10 +665,8 @@ class Engine:
 
 
 def _rmdir_quietly(path: Any) -> None:
-    try:
+    with suppress(OSError):
         path.rmdir()
-    except OSError:
-        pass
 
 
 def worker_fingerprint(worker_key: str) -> str:

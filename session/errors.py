@@ -103,10 +103,8 @@ def _codes() -> dict[int, str]:
 
 #: code -> what it means, derived from the classes above (the one source of the table).
 ERROR_NAMES: dict[int, str] = _codes()
-ERROR_CLASSES: dict[int, type[SandboxError]] = {}
-for _cls in [SandboxError, *SandboxError.__subclasses__()]:
-    if _cls is not SandboxError:
-        ERROR_CLASSES.setdefault(_cls.code, _cls)
+#: code -> the exception class a client raises for it.
+ERROR_CLASSES: dict[int, type[SandboxError]] = {cls.code: cls for cls in SandboxError.__subclasses__()}
 
 #: How much of any caller-supplied value an error message may echo.
 ECHO_LIMIT = 200

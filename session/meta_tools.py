@@ -226,7 +226,7 @@ def config_union(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"anyOf": [*options, {"type": "null"}], "default": None, "description": "Config of the session."}
 
 
-def META_TOOLS(engine: Engine) -> list[ToolSpec]:  # noqa: N802 - a table, built per engine
+def META_TOOLS(engine: Engine) -> list[ToolSpec]:
     """The meta-tools for `engine` (their config schemas name the engine's resources)."""
     return [
         _meta(
