@@ -516,7 +516,11 @@ class Engine:
             return [session]
         worker = self.workers.get(caller.worker_key) if caller.worker_key else None
         if resources is None:
-            return [s for s in worker.sessions.values() if s.live] if worker else []
+            if worker is None:
+                return []
+            owned = {s.session_id: s for s in self.sessions.values() if s.owner == worker.key and s.live}
+            owned.update({s.session_id: s for s in worker.sessions.values() if s.live})
+            return list(owned.values())
         found = []
         for resource in dict.fromkeys(resources):
             self.pool.backend(resource)
