@@ -41,7 +41,7 @@ from session.errors import (
     SessionError,
     shown,
 )
-from session.models import Caller, Session, SessionStatus, SessionView, Worker, fingerprint, new_handle
+from session.models import Caller, Session, SessionStatus, SessionView, Worker, new_handle
 from session.reaper import collect_expired
 from session.tool_calls import CallOutcome, ToolCall, invoke, normalise_request, validate_arguments
 
@@ -350,7 +350,6 @@ class Engine:
             config=validated,
             policy=policy,
             temporary=temporary,
-            requested_config=dict(config or {}),
         )
         session.budget_key = (None if temporary else caller.principal, owner)
         try:
@@ -672,7 +671,3 @@ def _rmdir_quietly(path: Any) -> None:
     with suppress(OSError):
         path.rmdir()
 
-
-def worker_fingerprint(worker_key: str) -> str:
-    """A loggable name for a worker key."""
-    return fingerprint(worker_key, 8)
