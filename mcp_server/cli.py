@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from backends.processes import sweep_orphan_dirs, sweep_orphans
+from backends.sandbox import sweep_orphans as sweep_sandbox_orphans
 from manifests import build_backends, load_manifest
 from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
@@ -80,6 +81,9 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = engine_from_manifest(manifest)
+    # Sandboxes first: a dead server's session homes are mounts inside its scratch directory,
+    # and its sessions' processes are found by cgroup and uid (they may have dropped every tag).
+    anyio.run(sweep_sandbox_orphans)
     orphans, dirs = sweep_orphans(), sweep_orphan_dirs()
     if orphans or dirs:
         log.warning(

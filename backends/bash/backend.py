@@ -1,82 +1,111 @@
-"""`bash`: a persistent shell per session; `run` executes a command in it.
+"""`bash`: a persistent shell per session, inside the session's sandbox; `run` executes a command in it.
 
-State (`cd`, exported variables, functions, background jobs) survives between calls.
-The session's scratch directory (made and removed by the engine) holds its `HOME`, which
-is also the working directory unless `cwd` is configured. The shell does not inherit the
-server's environment (no API keys leak to the agent); `env` adds variables.
+State (`cd`, exported variables, functions, background jobs) survives between calls. The
+shell runs through `backends.sandbox.SessionSandbox` in the tier the operator's policy names
+(`none`: own process group and cgroup; `sandbox`: bubblewrap, own uid, seccomp; `gvisor`:
+runsc). Its environment is built here and handed to the sandbox whole: the server's own
+environment never reaches it, and the session's `env` config only ever exists inside the
+sandbox (never in a host-side process). `cwd` is a path inside the sandbox (default: the
+home, a size-capped private directory). Cleanup is the sandbox's: every process the session
+started dies by membership (cgroup, uid, pid namespace), however it tried to hide.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from backends.base import Backend, SessionSetup, ToolContext, tool
-from backends.bash.isolation import bwrap_argv
+from backends.bash.limits import LimitWatch
 from backends.bash.models import BashConfig, RunArgs, RunResult
 from backends.bash.shell import PersistentShell
-from backends.processes import ProcessGroupOwner
-from session.errors import ExecutionTimeout, ParameterError
+from backends.sandbox import SandboxSpec, SessionSandbox, mechanisms
+from session.errors import BackendError, ExecutionTimeout, ParameterError
 
+log = logging.getLogger(__name__)
+
+#: Host variables a shell may inherit in tier `none` (the host is what it sees anyway).
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
+#: The PATH of an isolated shell: the sandbox shows the host's /usr and merged-/usr links only.
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The session's loggable label in its environment: a diagnostic for people reading a process
+#: table, never what cleanup relies on (that is sandbox membership).
+SESSION_LABEL_ENV = "AGENTFLOW_SESSION"
 
 
 @dataclass(slots=True)
 class BashState:
     shell: PersistentShell
-    owner: ProcessGroupOwner
+    sandbox: SessionSandbox
     home: Path
+    """The home's host path (the shell sees it at `sandbox.home_path`)."""
+    limits: LimitWatch
+
+
+def shell_environment(setup: SessionSetup[BashConfig], home_inside: str) -> dict[str, str]:
+    """The shell's whole environment: a few safe basics, then the session's `env` config over them."""
+    env: dict[str, str] = {}
+    if setup.policy.isolation == "none":
+        env.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
+    else:
+        env.update({k: os.environ[k] for k in ("LANG", "LC_ALL", "TZ") if k in os.environ})
+        env["PATH"] = SANDBOX_PATH
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(
+        HOME=home_inside,
+        TERM="dumb",
+        HISTFILE="/dev/null",
+        PAGER="cat",
+        GIT_PAGER="cat",
+        **{SESSION_LABEL_ENV: setup.label},
+    )
+    env.update(setup.config.env)
+    return env
 
 
 class BashBackend(Backend[BashConfig, BashState]):
-    description: ClassVar[str] = "A persistent bash shell per session."
+    description: ClassVar[str] = "A persistent bash shell per session, inside the session's sandbox."
     Config = BashConfig
-    isolation_tiers: ClassVar[frozenset[str]] = frozenset({"none", "sandbox"})
+    isolation_tiers: ClassVar[frozenset[str]] = frozenset({"none", "sandbox", "gvisor"})
 
     async def initialize(self, setup: SessionSetup[BashConfig]) -> BashState:
         config = setup.config
         home = setup.scratch / "home"
-        home.mkdir()
-        owner = ProcessGroupOwner(setup.label)
-        env = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env.update(HOME=str(home), TERM="dumb", HISTFILE="/dev/null", PAGER="cat", GIT_PAGER="cat")
-        env.update(config.env)
-        cwd = config.cwd or str(home)
-        argv = [config.shell, "--noprofile", "--norc"]
-        isolated = setup.policy.isolation != "none"
-        if isolated:
-            argv = bwrap_argv(argv, home=home, cwd=cwd, network=setup.policy.network != "none")
-        shell = PersistentShell(
-            owner,
-            argv=argv,
-            env=env,
-            cwd=cwd,
-            isolated=isolated,
-            shell_name=Path(config.shell).name,
-            max_output_bytes=config.max_output_bytes,
-            progress_interval=config.progress_interval,
-        )
+        spec = SandboxSpec(label=setup.label, policy=setup.policy, server_id=self.runtime.server_id, home=home)
+        sandbox = await SessionSandbox.create(spec)
         try:
+            shell = PersistentShell(
+                sandbox,
+                argv=[config.shell, "--noprofile", "--norc"],
+                env=shell_environment(setup, sandbox.home_path),
+                cwd=config.cwd,
+                max_output_bytes=config.max_output_bytes,
+                progress_interval=config.progress_interval,
+            )
             await shell.start()
         except BaseException:
-            await owner.aclose()
+            await sandbox.aclose()
             raise
-        return BashState(shell=shell, owner=owner, home=home)
+        return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox))
 
     async def cleanup(self, setup: SessionSetup[BashConfig], state: BashState) -> None:
         await state.shell.kill()
-        await state.owner.aclose()
+        await state.sandbox.aclose()
 
     def describe(self, state: BashState) -> dict[str, Any]:
         return {
-            "pids": state.owner.pids(),
-            "home": str(state.home),
+            **state.sandbox.describe(),
+            "pids": state.sandbox.pids(),
+            "host_home": str(state.home),
             "shell_pid": state.shell.shell_pid(),
             "shell_restarts": state.shell.restarts,
         }
+
+    def status(self) -> dict[str, Any]:
+        return {"sandbox": mechanisms()}
 
     @tool(
         destructive=True,
@@ -96,9 +125,14 @@ class BashBackend(Backend[BashConfig, BashState]):
             raise ParameterError("command contains this shell's reserved end-of-command marker")
         timeout = args.timeout or config.timeout
         result = await ctx.state.shell.run(args.command, timeout, ctx.progress)
-        note = None
+        # A command that hit a limit fails (a kill, a failed fork or write); checking only then
+        # keeps the common, successful round trip free of cgroup reads.
+        suspicious = result.exit_code != 0 or result.timed_out or result.shell_exited
+        hit = ctx.state.limits.check(result.stderr) if suspicious else None
+        notes = [hit.message] if hit else []
         if result.shell_exited and not result.timed_out:
-            note = "the shell exited; the next command starts a fresh shell (cd, variables, functions reset)"
+            notes.append("the shell exited; the next command starts a fresh shell (cd, variables, functions reset)")
+        note = "; ".join(notes) or None
         payload = RunResult(
             stdout=result.stdout,
             stderr=result.stderr,
@@ -110,6 +144,8 @@ class BashBackend(Backend[BashConfig, BashState]):
             shell_restarted=result.shell_restarted,
             note=note,
         )
+        if hit is not None and (hit.killed or (result.exit_code != 0 and not result.timed_out)):
+            raise BackendError(f"{hit.message}; the session stays usable", data=payload.model_dump())
         if result.timed_out:
             kept = (
                 "the shell could not be recovered and will restart on the next command (state lost)"

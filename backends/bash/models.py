@@ -6,11 +6,15 @@ Isolation, network and limits are not here: they are the operator's policy
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TIMEOUT = 3600.0
+#: POSIX environment names (what `export` accepts); anything else could confuse a parser.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_ENV_ENTRIES = 256
+MAX_ENV_BYTES = 128 * 1024
 
 
 class BashConfig(BaseModel):
@@ -20,9 +24,16 @@ class BashConfig(BaseModel):
 
     cwd: str | None = Field(
         default=None,
-        description="Working directory the shell starts in (must exist); default: the session's scratch dir.",
+        max_length=4096,
+        description=(
+            "Absolute path, as the shell sees it inside its sandbox, of the directory it starts in "
+            "(must exist there); default: the session's home."
+        ),
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables of the shell (set inside its sandbox only).",
+    )
     timeout: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT, description="Default per-command timeout in seconds.")
     max_output_bytes: int = Field(
         default=64 * 1024,
@@ -34,11 +45,36 @@ class BashConfig(BaseModel):
     progress_interval: float = Field(
         default=5.0, gt=0, le=300, description="Seconds between progress reports of a long command."
     )
+
     @field_validator("cwd")
     @classmethod
-    def _cwd_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"directory {value!r} does not exist")
+    def _cwd_absolute(cls, value: str | None) -> str | None:
+        # Whether it exists is checked inside the sandbox when the shell starts, never on the host.
+        if value is not None and (not value.startswith("/") or "\0" in value):
+            raise ValueError("must be an absolute path (as seen inside the session) without NUL bytes")
+        return value
+
+    @field_validator("shell")
+    @classmethod
+    def _shell_absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "\0" in value:
+            raise ValueError("must be an absolute path without NUL bytes")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_ENV_ENTRIES:
+            raise ValueError(f"at most {MAX_ENV_ENTRIES} variables")
+        size = 0
+        for name, item in value.items():
+            if not ENV_NAME.match(name):
+                raise ValueError(f"variable name {name[:64]!r} is not a POSIX name ([A-Za-z_][A-Za-z0-9_]*)")
+            if "\0" in item:
+                raise ValueError(f"variable {name!r} contains a NUL byte")
+            size += len(name) + len(item.encode("utf-8", "surrogateescape")) + 2
+        if size > MAX_ENV_BYTES:
+            raise ValueError(f"the variables take more than {MAX_ENV_BYTES} bytes")
         return value
 
 
@@ -69,5 +105,3 @@ class RunResult(BaseModel):
         default=False, description="The previous shell had exited; this command ran in a fresh one."
     )
     note: str | None = None
-
-

@@ -1,4 +1,4 @@
-"""One persistent bash process driven over pipes.
+"""One persistent bash process driven over pipes, inside the session's sandbox.
 
 Each command is sent as a quoted here-document that the shell `source`s: bash reads it
 whole (through a pipe, no temp file) before running it, so quotes can't desync the
@@ -8,32 +8,31 @@ per-shell sentinel with the exit code on stdout and on stderr; the reader stops 
 sentinel, so a round trip costs well under a millisecond.
 
 Interrupting: the shell runs with `trap 'return 130' INT`, re-armed before every
-command. On timeout or cancellation it gets SIGINT and the processes the command
-started get SIGKILL; `return` inside a sourced file abandons the rest of the command
-(even a busy builtin loop), and the sentinel follows. Only if the shell fails to
-answer is it killed and restarted.
+command. On timeout or cancellation the command's processes get SIGKILL and the shell
+SIGINT (`backends.bash.interrupt`); `return` inside a sourced file abandons the rest of
+the command (even a busy builtin loop), and the sentinel follows. Only if the shell fails
+to answer is it killed and restarted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
+import shlex
 import subprocess
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
 from backends.base import ProgressFn
 from backends.bash.capture import BoundedCapture, SentinelScanner
-from backends.bash.isolation import inner_shell_pid
-from backends.processes import ProcessGroupOwner, descendants, kill_pids
+from backends.bash.interrupt import COMMAND_ENV, Interrupter
+from backends.sandbox import SessionSandbox
+from session.errors import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,8 @@ log = logging.getLogger(__name__)
 RECOVERY_GRACE = 3.0
 #: How often a silent command is checked for shell exit (and progress is due).
 IDLE_CHECK = 0.5
-COMMAND_ENV = "AGENTFLOW_COMMAND"
+#: How long the shell may take to start and enter its configured directory.
+STARTUP_TIMEOUT = 30.0
 
 
 @dataclass(slots=True)
@@ -59,24 +59,19 @@ class CommandResult:
 
 
 class PersistentShell:
-    """A bash process kept alive across commands; restartable if it dies."""
+    """A bash process kept alive across commands, inside `sandbox`; restartable if it dies."""
 
     def __init__(
         self,
-        owner: ProcessGroupOwner,
+        sandbox: SessionSandbox,
         *,
         argv: list[str],
         env: Mapping[str, str],
-        cwd: str,
+        cwd: str | None,
         max_output_bytes: int,
         progress_interval: float = 5.0,
-        isolated: bool = False,
-        shell_name: str = "bash",
     ) -> None:
-        self.owner = owner
-        self.isolated = isolated
-        self.shell_name = shell_name
-        self._inner_pid: int | None = None
+        self.sandbox = sandbox
         self.progress_interval = progress_interval
         self.heredoc_end = f"__AF_END_{uuid.uuid4().hex}"
         self.argv = argv
@@ -85,49 +80,59 @@ class PersistentShell:
         self.max_output_bytes = max_output_bytes
         self.marker = f"__AF_{uuid.uuid4().hex}_"
         self.process: Process | None = None
+        self._interrupter: Interrupter | None = None
         self._scanners: tuple[SentinelScanner, SentinelScanner] | None = None
         self.restarts = 0
         self.commands_run = 0
 
     # -- lifetime --------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self.process = await self.owner.spawn(
+    async def start(self, *, check_cwd: bool = True) -> None:
+        """Start the shell in the sandbox and enter `cwd` (a path inside the sandbox).
+
+        Raises:
+            ParameterError: `cwd` is not a directory inside the sandbox (checked on first start only).
+        """
+        self.process = await self.sandbox.spawn(
             self.argv,
             env=self.env,
-            cwd=self.cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         self._scanners = (SentinelScanner(self.marker), SentinelScanner(self.marker))
+        self._interrupter = Interrupter(self.sandbox, self.process)
+        # Best effort: keeps the OOM killer on the wrappers' side of the session (see protect).
+        await self.sandbox.protect(self.process)
+        if self.cwd is None:
+            return
+        entered = await self._execute(f"cd -- {shlex.quote(self.cwd)}", STARTUP_TIMEOUT, None)
+        if entered.exit_code != 0 and check_cwd:
+            await self.kill()
+            raise ParameterError(
+                f"cwd {self.cwd[:200]!r} is not a directory inside the session's sandbox "
+                f"({(entered.stderr.strip() or 'cd failed')[:200]}); the session sees its home and the host's "
+                "read-only system directories, not the server's files"
+            )
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
     def shell_pid(self) -> int | None:
-        """The bash process itself (under bwrap, a grandchild of the process we spawned)."""
-        if self.process is None:
+        """Host pid of the bash process itself (under the sandbox's wrappers); for gVisor, runsc's."""
+        if self.process is None or self._interrupter is None:
             return None
-        if not self.isolated:
-            return self.process.pid
-        if self._inner_pid is None:
-            self._inner_pid = inner_shell_pid(self.process.pid, self.shell_name)
-        return self._inner_pid
+        return self._interrupter.shell_pid()
 
     async def kill(self) -> None:
-        """Kill the shell and everything in its process group.
-
-        Processes that left the group (setsid, daemons) are swept by the session's
-        `ProcessGroupOwner` through their environment marker.
-        """
+        """Kill the shell (the sandbox's `aclose` kills whatever else the session started)."""
         process, self.process = self.process, None
-        self._inner_pid = None
+        self._interrupter = None
         if process is None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            process.kill()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await process.wait()
         for stream in (process.stdin, process.stdout, process.stderr):
@@ -142,9 +147,14 @@ class PersistentShell:
         restarted = False
         if not self.alive:
             await self.kill()
-            await self.start()
+            await self.start(check_cwd=False)
             self.restarts += 1
             restarted = True
+        result = await self._execute(command, time_limit, progress)
+        result.shell_restarted = restarted
+        return result
+
+    async def _execute(self, command: str, time_limit: float, progress: ProgressFn | None) -> CommandResult:
         assert self.process is not None
         assert self.process.stdin is not None
         pending = _Pending(self.max_output_bytes)
@@ -164,14 +174,14 @@ class PersistentShell:
                 await self._collect(pending, progress, started)
             if not pending.finished and not pending.exited:
                 timed_out = True
-                self._kill_command(command_tag)
+                await self._kill_command(command_tag)
                 with anyio.move_on_after(RECOVERY_GRACE):
                     await self._collect(pending, None, started)
         except BaseException:
             # Cancelled (client gave up, session destroyed) or the pipe broke: stop the
             # command, and drop the shell unless it answers promptly.
             with anyio.CancelScope(shield=True):
-                self._kill_command(command_tag)
+                await self._kill_command(command_tag)
                 with anyio.move_on_after(1.0):
                     await self._collect(pending, None, started)
                 if not pending.finished or pending.exited:
@@ -197,7 +207,6 @@ class PersistentShell:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             timed_out=timed_out,
             shell_exited=exited,
-            shell_restarted=restarted,
         )
 
     async def _exit_status(self) -> int | None:
@@ -207,20 +216,14 @@ class PersistentShell:
             return await self.process.wait()
         return None
 
-    def _kill_command(self, command_tag: str) -> None:
-        """Interrupt the shell (abandons the command) and SIGKILL what this command started.
+    async def _kill_command(self, command_tag: str) -> None:
+        """SIGKILL what this command started and interrupt the shell (abandons the command).
 
         Each command runs with `AGENTFLOW_COMMAND=<n>` exported, so its processes are told
         apart from background jobs of earlier commands, which live on.
         """
-        if self.process is None:
-            return
-        target = self.shell_pid()
-        if target is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(target, signal.SIGINT)
-        needle = f"{COMMAND_ENV}={command_tag}".encode()
-        kill_pids([pid for pid in descendants(self.process.pid) if needle in _environ(pid)])
+        if self._interrupter is not None:
+            await self._interrupter.interrupt(command_tag)
 
     async def _collect(self, pending: _Pending, progress: ProgressFn | None, started: float) -> None:
         """Read the streams still short of their sentinel; stop early if the shell exits.
@@ -305,10 +308,3 @@ async def _read_to_sentinel(stream: ByteReceiveStream, scanner: SentinelScanner,
             return None
         code = scanner.feed(chunk, capture)
     return code
-
-
-def _environ(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return []
