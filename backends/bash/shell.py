@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
+import signal
 import subprocess
 import time
 import uuid
@@ -131,6 +133,10 @@ class PersistentShell:
         self._interrupter = None
         if process is None:
             return
+        # The group: in tier `none` the shell's own jobs; otherwise the wrappers, whose end
+        # tears the shell's namespace (and everything in it) down.
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            os.killpg(process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
             process.kill()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
