@@ -134,8 +134,11 @@ class SessionSandbox:
         if host.version is not None:
             cgroup = cgroups.SessionCgroup(host, self.spec.server_id, self.spec.label)
             self._cgroup = cgroup
+            host_limits = limits
+            if self.tier == "gvisor":
+                host_limits = limits.model_copy(update={"pids": limits.pids + gvisor.PIDS_OVERHEAD})
             try:
-                cgroup.create(limits)
+                cgroup.create(host_limits)
             except OSError as exc:
                 raise ConfigurationError(f"cannot create the session's cgroups under {cgroup.primary}: {exc}") from None
         else:
@@ -255,10 +258,12 @@ class SessionSandbox:
             env=env,
             cwd=cwd or HOME_INSIDE,
             uid=self.uid,
+            pids=self.spec.policy.limits.pids,
             home=self._storage.home_source,
             tmp=self._storage.tmp_source,
             binds=self._storage.binds,
             hostname=self.spec.hostname,
+            host_network=self.spec.policy.network == "host",
         )
         self._containers.append(container_id)
         network = "host" if self.spec.policy.network == "host" else "none"
