@@ -18,7 +18,6 @@ refused (ConfigurationError) rather than offered broken.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -191,20 +190,3 @@ def run_argv(state: Path, bundle: Path, container_id: str, *, network: str) -> l
         str(bundle),
         container_id,
     ]
-
-
-def delete_containers(state: Path, ids: Sequence[str]) -> None:
-    """Forget the containers' state (their processes are already dead). Never raises."""
-    path = runsc_path()
-    for container_id in ids:
-        if path is not None:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    [path, "--root", str(state), "delete", "--force", container_id],
-                    capture_output=True,
-                    timeout=10,
-                    check=False,
-                )
-        for leftover in state.glob(f"{container_id}*"):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -154,9 +154,13 @@ class SessionSandbox:
         except OSError as exc:
             raise ConfigurationError(f"cannot prepare the session's home {self.spec.home}: {exc}") from None
         if self.tier == "gvisor":
-            self._gvisor_state = gvisor.STATE_ROOT / self.spec.server_id
-            self._gvisor_state.mkdir(parents=True, exist_ok=True, mode=0o700)
-            (self._gvisor_state / "bundles").mkdir(exist_ok=True, mode=0o700)
+            # One runsc state root per session: removing it forgets every container of the session
+            # without a `runsc delete` per container (a Go binary start, ~1 s here, each).
+            server_state = gvisor.STATE_ROOT / self.spec.server_id
+            server_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._gvisor_state = server_state / self.spec.label
+            self._gvisor_state.mkdir(mode=0o700)
+            (self._gvisor_state / "bundles").mkdir(mode=0o700)
 
     # -- running ----------------------------------------------------------------------
 
@@ -372,7 +376,8 @@ class SessionSandbox:
             with contextlib.suppress(ProcessLookupError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
         if self._cgroup is not None:
-            await self._cgroup.kill_all()
+            # gVisor's Sentry runs everything of the session; killing it cannot be raced by a fork.
+            await self._cgroup.kill_all(freeze=self.tier != "gvisor")
         else:
             with anyio.move_on_after(10):
                 while members := self.pids():
@@ -388,9 +393,11 @@ class SessionSandbox:
 
     def _release(self) -> None:
         if self._gvisor_state is not None:
-            gvisor.delete_containers(self._gvisor_state, self._containers)
-            for container_id in self._containers:
-                shutil.rmtree(self._gvisor_state / "bundles" / container_id, ignore_errors=True)
+            # Every runsc process is dead (cgroup), so its state is just files now.
+            shutil.rmtree(self._gvisor_state, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._gvisor_state.parent.rmdir()
+            self._gvisor_state = None
             self._containers.clear()
         if self._cgroup is not None:
             self._cgroup.remove()
