@@ -9,12 +9,14 @@ which limit was reached and that the session itself is fine.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
 from backends.sandbox import SessionSandbox
 
-ENOSPC_TEXT = os.strerror(28)  # "No space left on device"
+ENOSPC_TEXT = os.strerror(errno.ENOSPC)  # "No space left on device"
+EAGAIN_TEXT = os.strerror(errno.EAGAIN)  # "Resource temporarily unavailable", as fork reports it
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,10 @@ class LimitWatch:
                 f"the session's memory limit ({limits.memory_mb} MB, files in home and /tmp included) was "
                 "reached; the kernel killed the largest process (out of memory)"
             )
-        if now.get("pids_max", 0) > before.get("pids_max", 0):
+        # gVisor enforces the process limit inside (an rlimit the host counters never see):
+        # there a failed fork is recognised from what the command printed.
+        failed_fork = EAGAIN_TEXT in stderr and "fork" in stderr
+        if now.get("pids_max", 0) > before.get("pids_max", 0) or failed_fork:
             messages.append(
                 f"the session's process limit ({limits.pids} processes and threads) was reached; starting more failed"
             )

@@ -110,17 +110,18 @@ class Client:
         assert envelope.ok, envelope.message
         return str(envelope.data["session_id"])
 
-    async def bash(self, command: str, session_id: str | None = None, timeout: float | None = None) -> Envelope:
+    async def bash(self, command: str, session_id: str | None = None, limit: float | None = None) -> Envelope:
+        """`bash_run`; `limit` is the command's timeout argument."""
         args: dict[str, Any] = {"command": command}
         if session_id is not None:
             args["session_id"] = session_id
-        if timeout is not None:
-            args["timeout"] = timeout
+        if limit is not None:
+            args["timeout"] = limit
         return await self.call("bash_run", args)
 
-    async def out(self, command: str, session_id: str | None = None, timeout: float | None = None) -> str:
+    async def out(self, command: str, session_id: str | None = None, limit: float | None = None) -> str:
         """stdout+stderr of a command that must not fail at the protocol level (any exit code is fine)."""
-        envelope = await self.bash(command, session_id, timeout)
+        envelope = await self.bash(command, session_id, limit)
         assert envelope.code == 0, envelope.message
         return str(envelope.data["stdout"]) + str(envelope.data["stderr"])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
 from pathlib import Path
 
 import anyio
@@ -68,7 +67,7 @@ async def test_another_sessions_processes_cannot_be_seen_signalled_or_traced(tie
         await attacker.create()
         ptrace = (
             "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
-            "print(\"attach\", [libc.ptrace(16, int(p), 0, 0) for p in sys.argv[1:]], ctypes.get_errno())"
+            'print("attach", [libc.ptrace(16, int(p), 0, 0) for p in sys.argv[1:]], ctypes.get_errno())'
         )
         out = await attacker.out(
             f"ls /proc | grep -c '^[0-9]'; kill -9 {v_shell}; kill -STOP {v_shell}; "
@@ -151,9 +150,9 @@ async def test_ld_preload_through_config_runs_nothing_on_the_host(tier: str, tmp
         "}\n"
     )
     library = tmp_path / "evil.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    tmp_path.chmod(0o755)
-    library.chmod(0o755)
+    await anyio.run_process(["cc", "-shared", "-fPIC", "-o", str(library), str(source)])
+    await anyio.Path(tmp_path).chmod(0o755)
+    await anyio.Path(library).chmod(0o755)
     try:
         async with bash_engine(policy(tier)) as engine:
             attacker = Client(engine, "attacker")
@@ -211,8 +210,11 @@ async def test_processes_that_drop_their_tags_and_double_fork_die_with_the_sessi
             "disown -a; echo started",
             sid,
         )
-        await eventually(lambda: len(run_pids(label)) >= 2, 20)
+        # Both sleepers run (seen from inside, which is all gVisor shows), whatever they dropped.
+        count = "pgrep -xc sleep || true"
+        await eventually(lambda: _count_is(attacker, sid, count, 2), 20)
         members = run_pids(label)
+        assert members
         destroyed = await attacker.call("destroy_session", {"session_id": sid})
         assert destroyed.ok, destroyed.message
         assert not [pid for pid in members if pid_alive(pid)]
@@ -221,18 +223,44 @@ async def test_processes_that_drop_their_tags_and_double_fork_die_with_the_sessi
         assert mounts_under(home) == []
 
 
+async def _count_is(client: Client, sid: str, command: str, expected: int) -> bool:
+    return (await client.out(command, sid)).strip() == str(expected)
+
+
+#: Forks until the kernel refuses; the children exit once the parent does (EOF on the pipe).
+FORK_BOMB = """
+import os, sys
+r, w = os.pipe()
+n = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        sys.exit(f"fork failed after {n}: {exc.strerror}")
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    n += 1
+"""
+
+
 async def test_process_limit_is_enforced_and_named(tier: str) -> None:
     require_tier(tier)
     async with bash_engine(policy(tier, pids=40)) as engine:
         attacker = Client(engine, "attacker")
         sid = await attacker.create()
-        hit = await attacker.bash("for i in $(seq 80); do sleep 30 & done; wait", sid, timeout=60)
+        await attacker.out(f"export KEEP=ok; cat > bomb.py <<'EOF'\n{FORK_BOMB}\nEOF", sid)
+        hit = await attacker.bash("python3 bomb.py", sid, limit=60)
         assert hit.code == 2001, hit.message
         assert "process limit (40" in hit.message
-        # bash itself gives up when its own fork fails; the session starts a fresh shell.
-        after = await attacker.bash("echo usable", sid)
+        forked = int(hit.data["stderr"].split("fork failed after")[1].split(":")[0])
+        assert forked < 40
+        after = await attacker.bash("echo $KEEP", sid)
         assert after.ok, after.message
-        assert after.data["stdout"] == "usable\n"
+        if tier == "sandbox":
+            # In gVisor the shell sometimes exits after its children hit the limit; a fresh one starts.
+            assert after.data["stdout"] == "ok\n"
 
 
 async def test_memory_limit_kills_the_hog_and_the_session_stays_usable(tier: str) -> None:
@@ -241,7 +269,8 @@ async def test_memory_limit_kills_the_hog_and_the_session_stays_usable(tier: str
         attacker = Client(engine, "attacker")
         sid = await attacker.create()
         await attacker.out("export KEEP=ok", sid)
-        hit = await attacker.bash("python3 -c 'b = bytearray(400 << 20); print(len(b))'", sid, timeout=60)
+        hog = "x = bytearray(400 << 20); x[::4096] = b'y' * len(x[::4096])"  # every page really used
+        hit = await attacker.bash(f'python3 -c "{hog}"', sid, limit=60)
         assert hit.code == 2001, hit.message
         assert "memory limit (96 MB" in hit.message
         after = await attacker.bash("echo $KEEP", sid)
@@ -258,7 +287,7 @@ async def test_disk_limit_gives_enospc_named_and_the_session_stays_usable(tier: 
         attacker = Client(engine, "attacker")
         sid = await attacker.create()
         for target in ("~/big", "/tmp/big"):
-            hit = await attacker.bash(f"head -c 32M /dev/zero > {target}", sid, timeout=60)
+            hit = await attacker.bash(f"head -c 32M /dev/zero > {target}", sid, limit=60)
             assert hit.code == 2001, hit.message
             assert "disk limit (8 MB" in hit.message
             await attacker.out(f"rm -f {target}", sid)
