@@ -34,7 +34,7 @@ from backends.base import ProgressFn
 from backends.bash.capture import BoundedCapture, SentinelScanner
 from backends.bash.interrupt import COMMAND_ENV, Interrupter
 from backends.sandbox import SessionSandbox
-from session.errors import ParameterError
+from session.errors import BackendError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,17 @@ class PersistentShell:
         self._interrupter = Interrupter(self.sandbox, self.process)
         # Best effort: keeps the OOM killer on the wrappers' side of the session (see protect).
         await self.sandbox.protect(self.process)
-        if self.cwd is None:
-            return
-        entered = await self._execute(f"cd -- {shlex.quote(self.cwd)}", STARTUP_TIMEOUT, None)
+        # One round trip before the session is handed out: the shell really runs (inside its
+        # cgroup, past the sandbox's setup) and stands in its directory.
+        startup = f"cd -- {shlex.quote(self.cwd)}" if self.cwd is not None else ":"
+        entered = await self._execute(startup, STARTUP_TIMEOUT, None)
+        if entered.shell_exited or entered.timed_out:
+            await self.kill()
+            detail = (entered.stderr.strip() or entered.stdout.strip() or "no output")[:300]
+            raise BackendError(f"the shell {self.argv[0][:100]!r} did not start inside the sandbox: {detail}")
         if entered.exit_code != 0 and check_cwd:
             await self.kill()
+            assert self.cwd is not None
             raise ParameterError(
                 f"cwd {self.cwd[:200]!r} is not a directory inside the session's sandbox "
                 f"({(entered.stderr.strip() or 'cd failed')[:200]}); the session sees its home and the host's "
