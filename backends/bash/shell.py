@@ -181,7 +181,12 @@ class PersistentShell:
         )
         timed_out = False
         try:
-            await self.process.stdin.send(line.encode("utf-8", "surrogateescape"))
+            try:
+                await self.process.stdin.send(line.encode("utf-8", "surrogateescape"))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                # The shell is gone (or never started): what it printed says why.
+                pending.exited = True
+                await self._read_leftovers(pending)
             with anyio.move_on_after(time_limit):
                 await self._collect(pending, progress, started)
             if not pending.finished and not pending.exited:
@@ -220,6 +225,18 @@ class PersistentShell:
             timed_out=timed_out,
             shell_exited=exited,
         )
+
+    async def _read_leftovers(self, pending: _Pending) -> None:
+        """Whatever an exited shell (or its sandbox) wrote before it went (bounded wait)."""
+        assert self.process is not None
+        assert self._scanners is not None
+        for stream, scanner, capture in zip(
+            (self.process.stdout, self.process.stderr), self._scanners, pending.captures, strict=True
+        ):
+            if stream is None:
+                continue
+            with anyio.move_on_after(1.0):
+                await _read_to_sentinel(stream, scanner, capture)
 
     async def _exit_status(self) -> int | None:
         if self.process is None:
