@@ -198,8 +198,10 @@ def _sleeps(pids: list[int]) -> list[int]:
     return found
 
 
-async def test_cancelling_a_call_stops_its_command():
-    async with shell() as (b, ctx):
+@pytest.mark.parametrize("tier", ["none", "sandbox", "gvisor"])
+async def test_cancelling_a_call_stops_its_command(tier):
+    require_tier(tier)
+    async with shell(Policy(isolation=tier)) as (b, ctx):
         with anyio.move_on_after(0.3):
             await run(b, ctx, "sleep 40; touch should-not-exist")
         result = await run(b, ctx, "ls should-not-exist 2>&1; pgrep -f 'sleep 40' || echo no-sleep")
