@@ -129,6 +129,7 @@ async def run(
         async for chunk in process.stdout:
             out += chunk
         status = await process.wait()
+    await process.aclose()
     return status, out.decode(errors="replace")
 
 
