@@ -16,6 +16,7 @@ from backends.sandbox.spec import HOME_INSIDE
 from session.errors import ConfigurationError, ParameterError
 from tests.sandbox.helpers import (
     RUN_SERVER_ID,
+    SANDBOXED,
     TIERS,
     BoxFactory,
     has_cap_sys_resource,
@@ -42,7 +43,7 @@ async def test_environment_home_and_cwd_are_what_was_asked(make_box: BoxFactory,
     assert (Path(box.spec.home) / "f").read_text() == "hi\n"
 
 
-@pytest.mark.parametrize("tier", ["sandbox", "gvisor"])
+@pytest.mark.parametrize("tier", SANDBOXED)
 async def test_shell_basics_work(make_box: BoxFactory, tier: str) -> None:
     box = await make_box(tier)
     script = (
@@ -154,7 +155,7 @@ async def test_pass_fds_reach_the_program(make_box: BoxFactory) -> None:
             os.close(write_end)
 
 
-@pytest.mark.parametrize("tier", ["sandbox", "gvisor"])
+@pytest.mark.parametrize("tier", SANDBOXED)
 async def test_binds_are_read_only_unless_writable(make_box: BoxFactory, tmp_path: Path, tier: str) -> None:
     shared_ro = tmp_path / "ro"
     shared_rw = tmp_path / "rw"
@@ -184,6 +185,19 @@ async def test_two_processes_of_one_session_share_home_and_tmp(make_box: BoxFact
     assert (await run(box, "echo a > /tmp/shared; echo b > ~/shared"))[0] == 0
     status, out = await run(box, "cat /tmp/shared ~/shared")
     assert (status, out.split()) == (0, ["a", "b"])
+
+
+async def test_a_duplicate_label_is_refused_without_harming_the_first(make_box: BoxFactory, tmp_path: Path) -> None:
+    first = await make_box("sandbox")
+    process = await first.spawn(["/bin/sleep", "300"], env={})
+    home = tmp_path / "dup" / "home"
+    home.mkdir(parents=True)
+    spec = SandboxSpec(label=first.spec.label, policy=Policy(), server_id=RUN_SERVER_ID, home=home)
+    with pytest.raises(ConfigurationError):
+        await SessionSandbox.create(spec)
+    assert process.returncode is None
+    assert process.pid in first.pids()
+    assert (await run(first, "echo still-here"))[1].strip() == "still-here"
 
 
 async def test_create_failure_leaves_nothing(tmp_path: Path) -> None:
