@@ -15,7 +15,7 @@ from backends.policy import Policy
 from session.errors import BackendError, ExecutionTimeout, ParameterError
 from tests.backend_sessions import backend_session
 from tests.conftest import eventually
-from tests.security.bash_sandbox import pid_alive, require_tier
+from tests.security.bash_sandbox import Client, bash_engine, pid_alive, require_tier
 
 
 @asynccontextmanager
@@ -272,3 +272,23 @@ async def test_a_shell_that_cannot_start_is_a_clear_error():
     with pytest.raises(BackendError, match="did not start inside the sandbox"):
         async with shell(SANDBOX, shell="/no/such/bash"):
             pass
+
+
+async def test_get_status_and_list_sessions_show_the_sandbox():
+    require_tier("sandbox")
+    async with bash_engine(SANDBOX) as engine:
+        client = Client(engine, "w")
+        status = await client.call("get_status")
+        assert status.ok, status.message
+        mechanisms = status.data["backends"]["bash"]["sandbox"]
+        assert mechanisms["tiers"]["sandbox"] == "available"
+        assert mechanisms["limits_mechanism"]
+        sid = await client.create({"limits": {"memory_mb": 300}})
+        details = client.details(sid)
+        assert details["tier"] == "sandbox"
+        assert details["limits"]["memory_mb"] == 300
+        assert details["uid"] != os.getuid()
+        assert details["shell_pid"] in details["pids"]
+        [view] = engine.list_sessions(client.caller)
+        assert view.policy["isolation"] == "sandbox"
+        assert view.policy["limits"]["memory_mb"] == 300
