@@ -60,7 +60,7 @@ async def test_destroy_leaves_no_process_and_no_cgroup(tier: str) -> None:
         assert run_cgroup_dirs(label) == []
 
 
-@pytest.mark.parametrize("tier", ["none", "sandbox"])
+@pytest.mark.parametrize("tier", TIERS)
 async def test_ttl_expiry_leaves_no_process_and_no_cgroup(tier: str) -> None:
     require_tier(tier)
     async with bash_engine(Policy(isolation=tier), ttl=1.0) as engine:
@@ -176,7 +176,7 @@ async def _start_escapees(client: Client) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier", ["none", "sandbox"])
+@pytest.mark.parametrize("tier", TIERS)
 async def test_disconnect_ends_the_session_and_its_processes(tier: str, tmp_path: Path) -> None:
     require_tier(tier)
     async with serving(tmp_path, tier) as server:
@@ -190,7 +190,7 @@ async def test_disconnect_ends_the_session_and_its_processes(tier: str, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier", ["none", "sandbox"])
+@pytest.mark.parametrize("tier", TIERS)
 async def test_sigterm_shutdown_leaves_no_process(tier: str, tmp_path: Path) -> None:
     require_tier(tier)
     async with serving(tmp_path, tier) as server:
@@ -207,7 +207,7 @@ async def test_sigterm_shutdown_leaves_no_process(tier: str, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier", ["none", "sandbox"])
+@pytest.mark.parametrize("tier", TIERS)
 async def test_a_new_server_sweeps_what_a_sigkilled_one_left(tier: str, tmp_path: Path) -> None:
     require_tier(tier)
     async with serving(tmp_path, tier) as server:
