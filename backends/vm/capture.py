@@ -1,4 +1,4 @@
-"""Screenshots (mss grab + Pillow PNG) and the mapping between screen and model coordinates.
+"""Screenshots (X GetImage + Pillow PNG) and the mapping between screen and model coordinates.
 
 A session may ask for screenshots scaled down to fit a maximum size (`scale_to`), as
 computer-use models expect; `Geometry` maps the model's coordinates back to the
@@ -7,16 +7,20 @@ screen and checks they are on it.
 
 from __future__ import annotations
 
+import array
 import io
 import logging
 from dataclasses import dataclass
 
-import mss
 from PIL import Image as PILImage
+from Xlib import X
+from Xlib import display as xdisplay
 
-from session.errors import ParameterError
+from session.errors import BackendError, ParameterError
 
 log = logging.getLogger(__name__)
+
+ALL_PLANES = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,30 +86,47 @@ class Geometry:
 
 
 class ScreenCapture:
-    """Grabs one display through mss (XCB, MIT-SHM when available) and encodes PNG."""
+    """Grabs the root window of one display (X GetImage) and draws the pointer in if asked.
 
-    def __init__(self, display_name: str, *, with_cursor: bool = False) -> None:
-        self.display_name = display_name
-        self._mss = mss.MSS(display=display_name, with_cursor=with_cursor)
+    It uses the session's own python-xlib connection, which reaches the desktop by its
+    socket path (see `backends.vm.xconnect`); GetImage needs no shared memory, so it
+    works across the sandbox's IPC namespace.
+    """
 
-    def close(self) -> None:
-        try:
-            self._mss.close()
-        except Exception:  # the server may already be gone
-            log.debug("closing screenshot connection", exc_info=True)
+    def __init__(self, display: xdisplay.Display, *, with_cursor: bool = False) -> None:
+        self.display = display
+        self.root = display.screen().root
+        self.with_cursor = with_cursor and display.has_extension("XFIXES")
+        if self.with_cursor:
+            display.xfixes_query_version()  # the extension answers nothing before this
 
     def grab(self, geometry: Geometry) -> PILImage.Image:
-        """The whole screen as an RGB image, scaled to the shown size."""
-        region = {"left": 0, "top": 0, "width": geometry.screen_width, "height": geometry.screen_height}
-        shot = self._mss.grab(region)
-        # `raw` is the grabbed buffer as is; `bgra` would copy it byte by byte (~15 ms at 1080p).
-        image = PILImage.frombuffer("RGB", shot.size, shot.raw, "raw", "BGRX", 0, 1)
+        """The whole screen as an RGB image, scaled to the shown size.
+
+        Raises:
+            BackendError: the screen's pixel format is not 24-bit colour in 32-bit pixels.
+        """
+        size = (geometry.screen_width, geometry.screen_height)
+        reply = self.root.get_image(0, 0, size[0], size[1], X.ZPixmap, ALL_PLANES)
+        data = reply.data
+        if len(data) != size[0] * size[1] * 4:
+            raise BackendError(f"unsupported screen format (depth {reply.depth}, {len(data)} bytes)")
+        image = PILImage.frombuffer("RGB", size, data, "raw", "BGRX", 0, 1)
+        if self.with_cursor:
+            image = image.copy()  # the buffer is read-only
+            self._draw_cursor(image)
         if geometry.scaled:
             image = image.resize((geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0)
         return image
 
-    def png(self, geometry: Geometry, compress_level: int) -> bytes:
-        return encode_png(self.grab(geometry), compress_level)
+    def _draw_cursor(self, image: PILImage.Image) -> None:
+        cursor = self.display.xfixes_get_cursor_image(self.root)
+        if not cursor.width or not cursor.height:
+            return
+        # Premultiplied ARGB words; little-endian bytes are B, G, R, A.
+        pixels = array.array("I", cursor.cursor_image).tobytes()
+        sprite = PILImage.frombuffer("RGBA", (cursor.width, cursor.height), pixels, "raw", "BGRa", 0, 1)
+        image.paste(sprite, (cursor.x - cursor.xhot, cursor.y - cursor.yhot), sprite)
 
 
 def encode_png(image: PILImage.Image, compress_level: int) -> bytes:

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Sequence
 
 import Xlib.XK as XK
 from Xlib import X, Xatom
-from Xlib import display as xdisplay
 from Xlib import error as xerror
 from Xlib.ext import xtest
 
 from backends.vm.keys import MODIFIER_KEYSYMS, Keymap, char_to_keysym
+from backends.vm.xconnect import XEndpoint, open_display
 from session.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,13 @@ SETTLE_TIMEOUT = 2.0
 class XInput:
     """XTEST input and a few window queries on a private connection to one display."""
 
-    def __init__(self, display_name: str) -> None:
-        self.display = xdisplay.Display(display_name)
+    def __init__(self, endpoint: XEndpoint) -> None:
+        self.display = open_display(endpoint)
         self._errors: list[xerror.XError] = []
         self.display.set_error_handler(self._on_error)
         if not self.display.has_extension("XTEST"):
             self.display.close()
-            raise BackendError(f"X server {display_name} lacks the XTEST extension needed for input")
+            raise BackendError(f"X server {endpoint.display} lacks the XTEST extension needed for input")
         self.root = self.display.screen().root
         self.keymap = Keymap(self.display)
         self._atoms: dict[str, int] = {}
