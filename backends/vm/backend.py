@@ -60,7 +60,7 @@ from backends.vm.models import (
 )
 from backends.vm.models import Config as VMConfig
 from backends.vm.models import Settings as VMSettings
-from backends.vm.runner import HostPaths, HostRunner, Runner, SandboxRunner
+from backends.vm.runner import HostPaths, Runner
 from session.errors import BackendError, ConfigurationError, ParameterError, SandboxError, SessionError
 
 log = logging.getLogger(__name__)
@@ -222,14 +222,12 @@ class VMBackend(Backend[VMConfig, VMState]):
         return {"live_displays": len(self.displays.live), "isolation_tiers": sorted(self.isolation_tiers)}
 
     async def _runner(self, setup: SessionSetup[VMConfig], paths: HostPaths) -> Runner:
-        if setup.policy.isolation == "none":
-            return HostRunner(paths, tag=f"vm-{setup.label}-{self.runtime.server_id}")
         if setup.policy.isolation not in self.isolation_tiers:
             raise ConfigurationError(
-                f"vm desktops cannot run under isolation {setup.policy.isolation!r}; "
-                f"this backend provides {sorted(self.isolation_tiers)}"
+                f"vm desktops cannot run under isolation {setup.policy.isolation!r}: the server's own X "
+                f"connection must reach the desktop's socket; this backend provides {sorted(self.isolation_tiers)}"
             )
-        return await SandboxRunner.create(
+        return await Runner.create(
             label=setup.label, policy=setup.policy, server_id=self.runtime.server_id, paths=paths
         )
 

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +173,12 @@ class XvfbDesktop(Desktop):
         if self._closed:
             raise BackendError("this desktop is closed")
         argv = list(argv)
+        if "/" not in argv[0] and shutil.which(argv[0], path=APP_PATH) is None:
+            # Inside a sandbox a missing program is only bwrap's exit code 1: say it plainly first.
+            raise ParameterError(
+                f"program not found: {argv[0][:OUTPUT_ECHO_CHARS]!r}; "
+                "give an installed program (e.g. 'xterm') or its full path"
+            )
         log_path = self.paths.logs / f"{len(self.apps):03d}-{_safe_name(argv[0])}.log"
         with log_path.open("ab") as out:
             try:
@@ -254,7 +261,7 @@ class XvfbProvider(DisplayProvider):
     async def start(self, spec: DesktopSpec, runner: Runner, paths: HostPaths) -> Desktop:
         desktop = XvfbDesktop(spec, runner, paths, self.allocator)
         try:
-            await anyio.to_thread.run_sync(_prepare_files, desktop, getattr(runner, "uid", None))
+            await anyio.to_thread.run_sync(_prepare_files, desktop, runner.uid)
             with anyio.fail_after(spec.start_timeout):
                 await self._start_server(desktop)
                 if spec.window_manager:
@@ -370,21 +377,18 @@ def prepare_dirs(paths: HostPaths) -> None:
 
 
 def _prepare_files(desktop: XvfbDesktop, uid: int | None) -> None:
-    """The X socket directory and authority file, given to the session; a host desktop's home."""
+    """The X socket directory and authority file, given to the session; a host desktop's home dirs."""
     paths = desktop.paths
     prepare_dirs(paths)
     if not desktop.runner.sandboxed:
         # A sandbox's home is its own (capped, owned by its uid); apps make what they need there.
         for sub in (".config", ".cache", ".local/share", ".local/state"):
             (paths.home / sub).mkdir(parents=True, exist_ok=True)
-        paths.tmp.mkdir(exist_ok=True)
-    # Xvfb inside a sandbox runs as the session's uid: it must create its socket and read the
-    # cookie. Without a known uid that takes open modes; the session's scratch is out of
-    # other sessions' sight (their sandboxes do not show it) either way.
-    shared = desktop.runner.sandboxed and uid is None
-    give_to(paths.x11_dir, uid, 0o1777 if shared else 0o700)
-    give_to(paths.xauth_dir, uid, 0o755 if shared else 0o700)
-    write_authority(paths.authority, {"": desktop.cookie}, mode=0o644 if shared else 0o600)
+    # Xvfb inside a sandbox runs as the session's uid: it creates its socket here and reads
+    # the cookie. The cookie admits only this desktop's clients: the session's and ours.
+    for directory in (paths.x11_dir, paths.xauth_dir):
+        give_to(directory, uid, 0o700)
+    write_authority(paths.authority, {"": desktop.cookie}, mode=0o600)
     if uid is not None:
         os.chown(paths.authority, uid, uid)
 

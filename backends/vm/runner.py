@@ -1,9 +1,13 @@
-"""Where a desktop's processes run: on the host (isolation `none`) or in the session's sandbox.
+"""Where a desktop's processes run: the session's `SessionSandbox`, and how paths look from there.
 
-Both runners start argv lists with an environment the caller builds from nothing (never
-the server's), and own every process they start: `pids()` lists them, `aclose()` leaves
-none behind. They also say how paths look to the processes (`inside`), since a sandboxed
-app sees its home at /home/user while the server writes it under the session's scratch.
+Every process of a desktop (Xvfb, the window manager, each launched app) is spawned by
+the session's sandbox with an environment the desktop builds from nothing (never the
+server's). Under isolation `sandbox` each runs in bubblewrap as the session's own uid;
+the desktop's X socket directory is a host directory in the session's scratch, bound at
+/tmp/.X11-unix, so the server reaches the socket by its host path while other sessions
+(other uids, mount and network namespaces) cannot; the cookie file is bound read-only.
+Under isolation `none` they run on the host (own process group and cgroup) and the
+socket is the host's /tmp/.X11-unix/X<n>.
 """
 
 from __future__ import annotations
@@ -13,20 +17,24 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from anyio.abc import Process
 
 from backends.policy import Policy
-from backends.processes import ProcessGroupOwner
-from session.errors import ConfigurationError
+from backends.sandbox import Bind, SandboxSpec, SessionSandbox
 
 log = logging.getLogger(__name__)
 
 #: Where the desktop's X socket directory appears inside a sandbox (the path every X client looks in).
 X11_DIR_INSIDE = "/tmp/.X11-unix"
-#: Where the desktop's authority file appears inside a sandbox.
+#: Where the desktop's authority file's directory appears inside a sandbox.
 XAUTH_DIR_INSIDE = "/tmp/.X11-auth"
+#: Read-only host directories desktop programs need beyond /usr and /etc.
+DESKTOP_HOST_DIRS = ("/var/cache/fontconfig",)
+_HOST_DIRS_PRESENT = tuple(p for p in DESKTOP_HOST_DIRS if os.path.isdir(p))
+#: The host's X socket directory (isolation `none`).
+HOST_X11_DIR = Path("/tmp/.X11-unix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +45,10 @@ class HostPaths:
     x11_dir: Path
     xauth_dir: Path
     logs: Path
-    tmp: Path
 
     @classmethod
     def under(cls, scratch: Path) -> HostPaths:
-        return cls(
-            home=scratch / "home",
-            x11_dir=scratch / "x11",
-            xauth_dir=scratch / "xauth",
-            logs=scratch / "logs",
-            tmp=scratch / "tmp",
-        )
+        return cls(home=scratch / "home", x11_dir=scratch / "x11", xauth_dir=scratch / "xauth", logs=scratch / "logs")
 
     @property
     def authority(self) -> Path:
@@ -63,125 +64,40 @@ class InsidePaths:
     tmp: str
 
 
-class Runner(Protocol):
-    """Starts and owns one desktop's processes."""
+class Runner:
+    """Starts and owns one desktop's processes through the session's sandbox."""
 
-    inside: InsidePaths
-    sandboxed: bool
-
-    async def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        stdin: int | None,
-        stdout: int | None,
-        stderr: int | None,
-        pass_fds: Sequence[int] = (),
-    ) -> Process: ...
-
-    def x11_socket(self, number: int) -> Path:
-        """Where the server finds display `number`'s socket."""
-        ...
-
-    def pids(self) -> list[int]: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class HostRunner:
-    """Isolation `none`: processes run as the server's user, in their own process group.
-
-    They share the host's /tmp/.X11-unix (so the display number must be free there) and
-    see the host's files; only the environment is the desktop's own.
-    """
-
-    sandboxed = False
-
-    def __init__(self, paths: HostPaths, tag: str) -> None:
-        self.inside = InsidePaths(home=str(paths.home), authority=str(paths.authority), tmp=str(paths.tmp))
-        self._owner = ProcessGroupOwner(tag, grace=1.0)
-
-    async def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        stdin: int | None,
-        stdout: int | None,
-        stderr: int | None,
-        pass_fds: Sequence[int] = (),
-    ) -> Process:
-        return await self._owner.spawn(
-            argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds)
-        )
-
-    def x11_socket(self, number: int) -> Path:
-        return Path(f"/tmp/.X11-unix/X{number}")
-
-    def pids(self) -> list[int]:
-        return self._owner.pids()
-
-    def describe(self) -> dict[str, Any]:
-        return {"isolation": "none"}
-
-    async def aclose(self) -> None:
-        await self._owner.aclose()
-
-
-class SandboxRunner:
-    """Isolation `sandbox`: every process runs inside the session's bubblewrap sandbox.
-
-    The session's X socket directory is a host directory bound at /tmp/.X11-unix, so the
-    server reaches the socket by its host path while other sessions (other uids, other
-    mount and network namespaces) cannot; its authority file is bound read-only.
-    """
-
-    sandboxed = True
-
-    def __init__(self, sandbox: Any, paths: HostPaths) -> None:
-        self._sandbox = sandbox
-        self._paths = paths
-        self.inside = InsidePaths(
-            home=_sandbox_home(), authority=f"{XAUTH_DIR_INSIDE}/{paths.authority.name}", tmp="/tmp"
-        )
+    def __init__(self, sandbox: SessionSandbox, paths: HostPaths) -> None:
+        self.sandbox = sandbox
+        self.paths = paths
+        self.sandboxed = sandbox.tier != "none"
+        if self.sandboxed:
+            self.inside = InsidePaths(
+                home=sandbox.home_path, authority=f"{XAUTH_DIR_INSIDE}/{paths.authority.name}", tmp="/tmp"
+            )
+        else:
+            self.inside = InsidePaths(home=sandbox.home_path, authority=str(paths.authority), tmp="/tmp")
 
     @classmethod
-    async def create(cls, *, label: str, policy: Policy, server_id: str, paths: HostPaths) -> SandboxRunner:
+    async def create(cls, *, label: str, policy: Policy, server_id: str, paths: HostPaths) -> Runner:
         """Create the session's sandbox with the desktop's X directories bound in.
 
         Raises:
-            ConfigurationError: the machine cannot provide the sandbox (5001, with the reason).
+            ConfigurationError: the machine cannot provide the policy's tier (5001, with the reason).
         """
-        try:
-            from backends.sandbox import Bind, SandboxSpec, SessionSandbox
-        except ImportError as exc:
-            raise ConfigurationError(
-                f"vm isolation 'sandbox' is unavailable on this server ({exc}); "
-                "the operator may set [resources.vm.policy] isolation = 'none' for development"
-            ) from None
-        spec = SandboxSpec(
-            label=label,
-            policy=policy,
-            server_id=server_id,
-            home=paths.home,
-            binds=(
-                Bind(paths.x11_dir, X11_DIR_INSIDE, writable=True),
-                Bind(paths.xauth_dir, XAUTH_DIR_INSIDE, writable=False),
-            ),
-        )
-        sandbox = await SessionSandbox.create(spec)
-        return cls(sandbox, paths)
+        binds = [
+            Bind(paths.x11_dir, X11_DIR_INSIDE, writable=True),
+            Bind(paths.xauth_dir, XAUTH_DIR_INSIDE, writable=False),
+        ]
+        # Without the host's font cache every app rebuilds it in its home (seconds per start).
+        binds += [Bind(Path(p), p) for p in _HOST_DIRS_PRESENT]
+        spec = SandboxSpec(label=label, policy=policy, server_id=server_id, home=paths.home, binds=tuple(binds))
+        return cls(await SessionSandbox.create(spec), paths)
 
     @property
     def uid(self) -> int | None:
-        """The session's host uid, when the sandbox says (its X files are given to it)."""
-        uid = getattr(self._sandbox, "uid", None)
-        return uid if isinstance(uid, int) else None
+        """The uid the desktop's processes run as, when it is the session's own."""
+        return self.sandbox.uid if self.sandboxed else None
 
     async def spawn(
         self,
@@ -194,31 +110,22 @@ class SandboxRunner:
         stderr: int | None,
         pass_fds: Sequence[int] = (),
     ) -> Process:
-        process: Process = await self._sandbox.spawn(
-            list(argv), env=dict(env), cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds)
+        return await self.sandbox.spawn(
+            argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=pass_fds
         )
-        return process
 
     def x11_socket(self, number: int) -> Path:
-        return self._paths.x11_dir / f"X{number}"
+        """Where the server finds display `number`'s socket."""
+        return (self.paths.x11_dir if self.sandboxed else HOST_X11_DIR) / f"X{number}"
 
     def pids(self) -> list[int]:
-        return sorted(self._sandbox.pids())
+        return sorted(self.sandbox.pids())
 
     def describe(self) -> dict[str, Any]:
-        described = self._sandbox.describe()
-        return dict(described) if isinstance(described, Mapping) else {"sandbox": str(described)}
+        return self.sandbox.describe()
 
     async def aclose(self) -> None:
-        await self._sandbox.aclose()
-
-
-def _sandbox_home() -> str:
-    try:
-        from backends.sandbox.spec import HOME_INSIDE
-    except ImportError:
-        return "/home/user"
-    return HOME_INSIDE
+        await self.sandbox.aclose()
 
 
 def give_to(path: Path, uid: int | None, mode: int) -> None:

@@ -6,9 +6,8 @@ desktop. The server keeps the cookie in memory and hands it to its own connectio
 directly (`backends.vm.xconnect`), so no authority file or environment variable of the
 server process is involved.
 
-Entries use the local family with this host's name, the form both python-xlib and
-libXau match, and an empty display number, which matches any display: inside a
-sandbox the desktop's display number is whatever the server picked.
+Entries use the wildcard family (any host name: a sandbox has its own) and an empty
+display number (any display), so the one file fits wherever the desktop's clients run.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from pathlib import Path
 
 COOKIE_NAME = b"MIT-MAGIC-COOKIE-1"
 FAMILY_LOCAL = 256
+FAMILY_WILD = 65535
 
 
 def new_cookie() -> bytes:
@@ -31,11 +31,9 @@ def _field(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
-def encode_entry(number: str, cookie: bytes) -> bytes:
-    host = socket.gethostname().encode()
-    return struct.pack(">H", FAMILY_LOCAL) + b"".join(
-        _field(part) for part in (host, number.encode(), COOKIE_NAME, cookie)
-    )
+def encode_entry(number: str, cookie: bytes, *, family: int = FAMILY_WILD) -> bytes:
+    host = socket.gethostname().encode() if family == FAMILY_LOCAL else b""
+    return struct.pack(">H", family) + b"".join(_field(part) for part in (host, number.encode(), COOKIE_NAME, cookie))
 
 
 def write_authority(path: Path, entries: dict[str, bytes], mode: int = 0o600) -> None:
