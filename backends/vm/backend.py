@@ -415,6 +415,10 @@ def _echo(argv: list[str]) -> list[str]:
 def _check_exit(app: LaunchedApp) -> None:
     code = app.returncode
     if code is not None and code != 0:
+        output = app.output()
+        if output.startswith("bwrap: execvp"):
+            # The sandbox could not start it: a missing or non-executable program, the caller's mistake.
+            raise ParameterError(f"program {app.argv[0][:OUTPUT_ECHO_CHARS]!r} could not be started: {output}")
         raise BackendError(f"{app.argv[0][:OUTPUT_ECHO_CHARS]} exited with code {code}: {app.output() or 'no output'}")
 
 

@@ -28,7 +28,7 @@ from Xlib import display as xdisplay
 
 from backends.vm.allocator import DisplayAllocator
 from backends.vm.runner import HostPaths, Runner, give_to
-from backends.vm.xauth import new_cookie, write_authority
+from backends.vm.xauth import desktop_entries, new_cookie, write_authority
 from backends.vm.xconnect import XEndpoint, open_display
 from session.errors import BackendError, ParameterError
 
@@ -235,19 +235,16 @@ class XvfbDesktop(Desktop):
         log.info("vm %s: desktop %s closed", self.spec.label, self.display_name or "(unstarted)")
 
     def _remove_host_leftovers(self) -> None:
-        """A killed host Xvfb leaves its lock and socket in /tmp; remove them if they are ours."""
-        if self.runner.sandboxed or self.number is None or self.server is None:
-            return  # a sandbox's /tmp and socket directory go with the session's scratch
-        lock = Path(f"/tmp/.X{self.number}-lock")
-        try:
-            owner_pid = int(lock.read_text().strip())
-        except (OSError, ValueError):
-            return
-        if owner_pid == self.server.pid:
+        """Remove the cookie and socket, and a killed host Xvfb's socket in /tmp/.X11-unix.
+
+        The number was free on the host when we took it and stays ours until `aclose`
+        releases it, so the host socket of that number is this desktop's.
+        """
+        for directory in (self.paths.x11_dir, self.paths.xauth_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+        if not self.runner.sandboxed and self.number is not None and self.server is not None:
             with contextlib.suppress(OSError):
-                lock.unlink()
-            with contextlib.suppress(OSError):
-                Path(f"/tmp/.X11-unix/X{self.number}").unlink()
+                self.runner.x11_socket(self.number).unlink()
 
 
 class XvfbProvider(DisplayProvider):
@@ -388,7 +385,7 @@ def _prepare_files(desktop: XvfbDesktop, uid: int | None) -> None:
     # the cookie. The cookie admits only this desktop's clients: the session's and ours.
     for directory in (paths.x11_dir, paths.xauth_dir):
         give_to(directory, uid, 0o700)
-    write_authority(paths.authority, {"": desktop.cookie}, mode=0o600)
+    write_authority(paths.authority, desktop_entries(desktop.cookie, desktop.runner.hostname), mode=0o600)
     if uid is not None:
         os.chown(paths.authority, uid, uid)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ class Runner:
         self.sandbox = sandbox
         self.paths = paths
         self.sandboxed = sandbox.tier != "none"
+        #: The host name the desktop's processes see (their X cookie entry names it).
+        self.hostname = sandbox.spec.hostname if self.sandboxed else socket.gethostname()
         if self.sandboxed:
             self.inside = InsidePaths(
                 home=sandbox.home_path, authority=f"{XAUTH_DIR_INSIDE}/{paths.authority.name}", tmp="/tmp"

@@ -6,14 +6,15 @@ desktop. The server keeps the cookie in memory and hands it to its own connectio
 directly (`backends.vm.xconnect`), so no authority file or environment variable of the
 server process is involved.
 
-Entries use the wildcard family (any host name: a sandbox has its own) and an empty
-display number (any display), so the one file fits wherever the desktop's clients run.
+Entries have an empty display number (any display) and come twice: with the wildcard
+family, which libXau clients (xterm, openbox, Chromium) match on any host name, and with
+the local family and the host name the desktop's clients see (a sandbox has its own),
+the only form python-xlib matches.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import threading
 from pathlib import Path
@@ -31,14 +32,19 @@ def _field(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
-def encode_entry(number: str, cookie: bytes, *, family: int = FAMILY_WILD) -> bytes:
-    host = socket.gethostname().encode() if family == FAMILY_LOCAL else b""
-    return struct.pack(">H", family) + b"".join(_field(part) for part in (host, number.encode(), COOKIE_NAME, cookie))
+def encode_entry(family: int, host: str, number: str, cookie: bytes) -> bytes:
+    return struct.pack(">H", family) + b"".join(
+        _field(part) for part in (host.encode(), number.encode(), COOKIE_NAME, cookie)
+    )
 
 
-def write_authority(path: Path, entries: dict[str, bytes], mode: int = 0o600) -> None:
-    """Write `display number -> cookie` entries atomically (readers never see half a file)."""
-    data = b"".join(encode_entry(number, cookie) for number, cookie in entries.items())
+def desktop_entries(cookie: bytes, hostname: str) -> bytes:
+    """The authority file of one desktop whose clients see `hostname`."""
+    return encode_entry(FAMILY_WILD, "", "", cookie) + encode_entry(FAMILY_LOCAL, hostname, "", cookie)
+
+
+def write_authority(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write an authority file atomically (readers never see half a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
