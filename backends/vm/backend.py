@@ -204,6 +204,7 @@ class VMBackend(Backend[VMConfig, VMState]):
             "display": desktop.display_name,
             "pids": desktop.pids(),
             "screen_size": [state.geometry.screen_width, state.geometry.screen_height],
+            "sandbox": desktop.describe(),
         }
 
     def export(self, state: VMState) -> dict[str, str]:

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -102,6 +103,10 @@ class Desktop(abc.ABC):
     @abc.abstractmethod
     def pids(self) -> list[int]:
         """Live local processes belonging to this desktop (for diagnostics and tests)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Where the desktop's processes run (tier, uid, limits...), for `list_sessions`."""
+        return {}
 
     @abc.abstractmethod
     def export(self) -> dict[str, str]:
@@ -215,6 +220,9 @@ class XvfbDesktop(Desktop):
 
     def pids(self) -> list[int]:
         return self.runner.pids()
+
+    def describe(self) -> dict[str, Any]:
+        return self.runner.describe()
 
     def export(self) -> dict[str, str]:
         return {
@@ -369,6 +377,9 @@ class XvfbProvider(DisplayProvider):
 
 def prepare_dirs(paths: HostPaths) -> None:
     """The session's directories the server writes (made before a sandbox binds them)."""
+    # The sandbox's uid must pass through the session's scratch to reach what is bound from
+    # it (home, X socket and cookie directories); it still cannot list it.
+    os.chmod(paths.home.parent, 0o711)
     for directory in (paths.logs, paths.x11_dir, paths.xauth_dir):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
