@@ -289,6 +289,10 @@ class XvfbProvider(DisplayProvider):
             desktop.number = number
             desktop.display_name = f":{number}"
             if await self._run_xvfb(desktop, number):
+                if desktop.runner.sandboxed:
+                    # Xvfb opens its socket directory to everyone (01777 as for /tmp/.X11-unix);
+                    # here it is the session's alone: only its uid (and the server) connect.
+                    await anyio.Path(desktop.paths.x11_dir).chmod(0o700)
                 log.info(
                     "vm %s: Xvfb %s %dx%d pid %d",
                     desktop.spec.label,
