@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_TYPE_CHARS = 20_000
-_CONNECTION_ERRORS = (xerror.ConnectionClosedError, xerror.DisplayError, ConnectionError)
+_CONNECTION_ERRORS = (xerror.ConnectionClosedError, xerror.DisplayError, ConnectionError)  # incl. GrabError
 STARTUP_WINDOW_WAIT = 5.0
 #: After a launched program exits (code 0), how long a window from its children is awaited.
 EXITED_WINDOW_GRACE = 2.0
@@ -113,6 +113,7 @@ class VMState:
             raise BackendError(f"X server error: {exc}") from exc
 
     def close_connections(self) -> None:
+        self.capture.close()
         self.input.close()
 
 
@@ -172,7 +173,9 @@ class VMBackend(Backend[VMConfig, VMState]):
         input_conn: XInput | None = None
         try:
             input_conn = await anyio.to_thread.run_sync(XInput, desktop.endpoint)
-            capture = ScreenCapture(input_conn.display, with_cursor=config.show_cursor)
+            capture = await anyio.to_thread.run_sync(
+                lambda: ScreenCapture(desktop.endpoint, input_conn.display, with_cursor=config.show_cursor)
+            )
             state = VMState(
                 desktop=desktop,
                 input=input_conn,

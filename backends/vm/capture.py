@@ -13,14 +13,13 @@ import logging
 from dataclasses import dataclass
 
 from PIL import Image as PILImage
-from Xlib import X
 from Xlib import display as xdisplay
 
+from backends.vm.xconnect import XEndpoint
+from backends.vm.xgrab import RootGrabber
 from session.errors import BackendError, ParameterError
 
 log = logging.getLogger(__name__)
-
-ALL_PLANES = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,19 +85,23 @@ class Geometry:
 
 
 class ScreenCapture:
-    """Grabs the root window of one display (X GetImage) and draws the pointer in if asked.
+    """Grabs one desktop's screen and draws the pointer in if asked.
 
-    It uses the session's own python-xlib connection, which reaches the desktop by its
-    socket path (see `backends.vm.xconnect`); GetImage needs no shared memory, so it
-    works across the sandbox's IPC namespace.
+    Pixels come over a connection of their own (`RootGrabber`: core GetImage, which needs
+    no shared memory, so it works across a sandbox's IPC namespace); the pointer image
+    comes from XFIXES on the session's python-xlib connection.
     """
 
-    def __init__(self, display: xdisplay.Display, *, with_cursor: bool = False) -> None:
+    def __init__(self, endpoint: XEndpoint, display: xdisplay.Display, *, with_cursor: bool = False) -> None:
         self.display = display
         self.root = display.screen().root
         self.with_cursor = with_cursor and display.has_extension("XFIXES")
         if self.with_cursor:
             display.xfixes_query_version()  # the extension answers nothing before this
+        self._grabber = RootGrabber(endpoint)
+
+    def close(self) -> None:
+        self._grabber.close()
 
     def grab(self, geometry: Geometry) -> PILImage.Image:
         """The whole screen as an RGB image, scaled to the shown size.
@@ -107,13 +110,11 @@ class ScreenCapture:
             BackendError: the screen's pixel format is not 24-bit colour in 32-bit pixels.
         """
         size = (geometry.screen_width, geometry.screen_height)
-        reply = self.root.get_image(0, 0, size[0], size[1], X.ZPixmap, ALL_PLANES)
-        data = reply.data
+        data = self._grabber.grab(*size)
         if len(data) != size[0] * size[1] * 4:
-            raise BackendError(f"unsupported screen format (depth {reply.depth}, {len(data)} bytes)")
+            raise BackendError(f"unsupported screen format (depth {self._grabber.depth}, {len(data)} bytes)")
         image = PILImage.frombuffer("RGB", size, data, "raw", "BGRX", 0, 1)
         if self.with_cursor:
-            image = image.copy()  # the buffer is read-only
             self._draw_cursor(image)
         if geometry.scaled:
             image = image.resize((geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0)
