@@ -169,7 +169,7 @@ class XInput:
             return True  # no window manager: input goes to the window under the pointer
         # The property is absent until the window manager first focuses something.
         active = self._window_property(self.root, "_NET_ACTIVE_WINDOW", Xatom.WINDOW)
-        return bool(active) and active[0] == window_id
+        return active is not None and len(active) > 0 and active[0] == window_id
 
     def client_windows(self) -> list[int]:
         """Top-level windows the window manager manages (`_NET_CLIENT_LIST`), else mapped root children."""

@@ -74,7 +74,8 @@ def _socket_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     def get_socket(dname: str, protocol: str | None, host: str | None, dno: int) -> socket.socket:
         endpoint = _current()
         if endpoint is None:
-            return original(dname, protocol, host, dno)
+            found: socket.socket = original(dname, protocol, host, dno)
+            return found
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(os.fspath(endpoint.socket_path))
