@@ -136,9 +136,10 @@ def encode_png(image: PILImage.Image, compress_level: int) -> bytes:
     return out.getvalue()
 
 
-#: Largest encoded screenshot sent as is. Base64 adds a third, and the official MCP
-#: client refuses a streamable-HTTP event over 1 MiB, so busy large screens go JPEG.
-MAX_IMAGE_BYTES = 700 * 1024
+#: Largest encoded screenshot sent as is. Base64 adds a third and the engine keeps a whole
+#: result under 900 KiB (the official MCP client refuses an event over 1 MiB), so a busy
+#: large screen goes JPEG rather than being dropped.
+MAX_IMAGE_BYTES = 640 * 1024
 
 
 def encode_screenshot(image: PILImage.Image, compress_level: int, limit: int = MAX_IMAGE_BYTES) -> tuple[bytes, str]:
