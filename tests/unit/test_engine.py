@@ -9,8 +9,8 @@ import pytest
 from backends.base import BackendKind
 from session.engine import Engine, Limits
 from session.errors import ParameterError, ResourceTypeNotFound, ResourceUnavailable, SessionError
-from tests.conftest import eventually
 from tests.fakes import FakeBackend, SharedFake
+from tests.support.polling import eventually
 
 
 def make_engine() -> Engine:
