@@ -15,7 +15,7 @@ import pytest
 
 from backends.base import ToolContext
 from backends.bash import BashBackend, RunArgs
-from backends.bash.backend import BashState
+from backends.bash.backend import BashConfig, BashState
 from backends.processes import sweep_orphan_dirs
 from session.errors import ExecutionTimeout, ParameterError
 from tests.support import leaks
@@ -27,6 +27,7 @@ from tests.support.polling import eventually
 async def shell(**config: object) -> AsyncIterator[tuple[BashBackend, ToolContext[BashState]]]:
     backend = BashBackend("bash", {})
     cfg = backend.session_config(dict(config))
+    assert isinstance(cfg, BashConfig)
     state = await backend.initialize("w", cfg)
     try:
         yield backend, ToolContext(worker_id="w", session_id="s", state=state, config=cfg)

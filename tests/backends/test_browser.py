@@ -219,6 +219,7 @@ async def test_screenshot_size_follows_viewport(backend: BrowserBackend, site: s
         await s("navigate", url=f"{site}/long")
         shot = await s("screenshot")
         assert isinstance(shot, ToolResult)
+        assert isinstance(shot.data, dict)
         assert (shot.data["width"], shot.data["height"]) == (800, 600)
         assert (shot.data["url"], shot.data["title"]) == (f"{site}/long", "Long")
         assert shot.images[0].mime_type == "image/png"
@@ -329,7 +330,7 @@ async def test_console_keeps_messages_and_page_errors(backend: BrowserBackend, s
 async def test_context_options_and_storage_state(backend: BrowserBackend, site: str) -> None:
     host = site.split("//")[1].split(":")[0]
     cookie = {"name": "sid", "value": "logged-in", "domain": host, "path": "/"}
-    config = {
+    config: dict[str, Any] = {
         "user_agent": "AgentFlowTest/1.0",
         "locale": "de-DE",
         "timezone": "Asia/Tokyo",

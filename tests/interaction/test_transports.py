@@ -31,10 +31,11 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import TextContent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from tests.support import leaks
-from tests.support.envelopes import PROBE, WORKER_META_KEY, envelope, ok, parse_probe
+from tests.support.envelopes import PROBE, WORKER_META_KEY, envelope, ok, parse_probe, worker_meta
 from tests.support.leaks import kill_leftovers, session_pids, wait_gone
 from tests.support.polling import eventually
 from tests.support.procs import alive
@@ -129,7 +130,7 @@ async def test_worker_key_on_a_connection_still_ends_with_it(
     """With a `_meta` worker key the key names the worker, but the connection still decides its end."""
     server = None if kind.startswith("stdio") else request.getfixturevalue("http_server")
     run = run_id if server is None else server.run_id
-    meta = {WORKER_META_KEY: f"conn-key-{os.urandom(6).hex()}"}
+    meta = worker_meta(f"conn-key-{os.urandom(6).hex()}")
     with anyio.fail_after(60):
         async with connect(kind, server=server, manifest=stdio_manifest) as client:
             ok(await client.call_tool("create_session", {"resource": "bash"}, meta=meta))
@@ -208,7 +209,7 @@ async def test_stateless_http_without_worker_key(http_server: ServerProcess) -> 
 
 async def test_stateless_http_worker_key_persists_across_clients_and_expires(short_ttl_server: ServerProcess) -> None:
     """The `_meta` key is the worker across separate stateless clients; idle sessions die by TTL (2 s)."""
-    meta = {WORKER_META_KEY: f"stateless-{os.urandom(8).hex()}"}
+    meta = worker_meta(f"stateless-{os.urandom(8).hex()}")
     run = short_ttl_server.run_id
     with anyio.fail_after(45):
         async with connect("http", server=short_ttl_server) as first:
@@ -254,8 +255,8 @@ async def test_handshake_http_client_vanishing_without_delete_is_reaped(short_tt
 @pytest.mark.parametrize("kind", ["sse", "http-legacy", "http"])
 async def test_worker_isolation_across_connections(kind: str, http_server: ServerProcess) -> None:
     """B cannot list, use or destroy A's session (two connections, or two keys on stateless HTTP)."""
-    meta_a = {WORKER_META_KEY: f"worker-a-{os.urandom(6).hex()}"} if kind == "http" else None
-    meta_b = {WORKER_META_KEY: f"worker-b-{os.urandom(6).hex()}"} if kind == "http" else None
+    meta_a = worker_meta(f"worker-a-{os.urandom(6).hex()}") if kind == "http" else None
+    meta_b = worker_meta(f"worker-b-{os.urandom(6).hex()}") if kind == "http" else None
     with anyio.fail_after(45):
         async with connect(kind, server=http_server) as a, connect(kind, server=http_server) as b:
             created = ok(await a.call_tool("create_session", {"resource": "bash"}, meta=meta_a))
@@ -288,7 +289,7 @@ async def test_http_server_sigterm_leaves_no_bash_process(tmp_path: Path) -> Non
     """SIGTERM with live sessions of every HTTP kind (one still connected): afterwards no bash process."""
     with anyio.fail_after(60), running_http_server(tmp_path) as server:
         tags: list[str] = []
-        meta = {WORKER_META_KEY: f"shutdown-{os.urandom(6).hex()}"}
+        meta = worker_meta(f"shutdown-{os.urandom(6).hex()}")
         async with connect("http", server=server) as modern:
             ok(await modern.call_tool("create_session", {"resource": "bash"}, meta=meta))
             tags.append(parse_probe(ok(await modern.call_tool("bash_run", {"command": PROBE}, meta=meta)))[0])
@@ -408,16 +409,18 @@ async def test_tools_list_and_result_shape(kind: str, request: pytest.FixtureReq
             assert env["meta"]["tool"] in ("run", "bash_run")
             assert env["meta"]["resource_type"] == "bash"
             assert isinstance(env["meta"]["execution_time_ms"], int | float)
-            text = result.content[0].text
-            assert "hi" in text
+            first = result.content[0]
+            assert isinstance(first, TextContent)
+            assert "hi" in first.text
 
-            for name, args, code in [
+            cases: list[tuple[str, dict[str, Any], int]] = [
                 ("bash_nope", {"command": "true"}, 1001),
                 ("bash_run", {}, 1002),
                 ("bash_run", {"command": 7}, 1002),
                 # Stateless HTTP without a key: create_session is refused before the resource is looked up.
                 ("create_session", {"resource": "nosuchresource"}, 1004 if kind == "http" else 1005),
-            ]:
+            ]
+            for name, args, code in cases:
                 bad = await client.call_tool(name, args)
                 env = envelope(bad)
                 assert bad.is_error is True, (name, env)

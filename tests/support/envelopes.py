@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+from mcp_types import RequestParamsMeta
 
 WORKER_META_KEY = "agentflow/worker_id"  # documented `_meta` key (mcp_server/worker_identity.py)
 
 # A command that reports the session marker and the shell's pid and starts a long background
 # child, so the process-table checks also cover a session's descendants.
 PROBE = 'sleep 300 & echo "$AGENTFLOW_SESSION $$ $PPID"'
+
+
+def worker_meta(key: str) -> RequestParamsMeta:
+    """A request `_meta` naming the worker `key`."""
+    return cast(RequestParamsMeta, {WORKER_META_KEY: key})
 
 
 def envelope(result: Any) -> dict[str, Any]:

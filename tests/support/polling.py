@@ -45,7 +45,7 @@ async def eventually(
         if inspect.isawaitable(result):
             result = await result
         if result:
-            return result  # type: ignore[return-value]
+            return result
         if anyio.current_time() > deadline:
             pytest.fail(f"timed out after {within:g}s waiting for {_describe(what)}")
         await anyio.sleep(every)
