@@ -36,6 +36,7 @@ from session.errors import (
     PermissionDenied,
     SessionError,
 )
+from tests.support.polling import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -351,10 +352,11 @@ async def test_downloads_land_in_a_private_dir_removed_on_cleanup(backend: Brows
     async with session(backend) as s:
         await s("navigate", url=f"{site}/download")
         await s("click", ref=ref_of((await s("snapshot"))["snapshot"], "Get the file"))
-        for _ in range(100):
-            if (await s("downloads"))["downloads"]:
-                break
-            await asyncio.sleep(0.02)
+
+        async def downloaded() -> bool:
+            return bool((await s("downloads"))["downloads"])
+
+        await eventually(downloaded, what="the download to finish")
         listed = await s("downloads")
         saved = anyio.Path(listed["downloads"][0]["path"])
         assert await saved.read_text() == "file contents\n"
@@ -476,10 +478,11 @@ async def test_killed_browser_is_relaunched_and_old_sessions_fail_cleanly(site: 
     first = b.launcher.pids()
     assert len(first) > 1, "the browser and its zygotes/renderers are all found"
     kill_pids(first)
-    for _ in range(200):
-        if await b.health(old.state):
-            break
-        await asyncio.sleep(0.02)
+
+    async def unhealthy() -> bool:
+        return bool(await b.health(old.state))
+
+    await eventually(unhealthy, what="the killed browser to be noticed")
     assert "crashed" in (await b.health(old.state) or "")
     with pytest.raises(SessionError, match="crashed") as caught:
         await old("snapshot")

@@ -6,6 +6,7 @@ The `vm` versions live in tests/backends/test_vm_seed.py.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import anyio
 import pytest
@@ -197,7 +198,7 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.parametrize("over", ["in-memory", "stdio"])
-async def test_long_commands_report_progress_to_callers_that_ask(over, bash_manifest):
+async def test_long_commands_report_progress_to_callers_that_ask(over: str, bash_manifest: Path) -> None:
     reports: list[tuple[float, str | None]] = []
 
     async def progress(done: float, total: float | None, message: str | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+from pathlib import Path
 
 import anyio
 import pytest
@@ -54,7 +55,9 @@ async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_random_lifecycles_leave_no_process_or_directory(seed, tmp_path, monkeypatch):
+async def test_random_lifecycles_leave_no_process_or_directory(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the sessions' scratch dirs land here
     run_id = new_test_marker()
     codes: list[int] = []
@@ -65,4 +68,4 @@ async def test_random_lifecycles_leave_no_process_or_directory(seed, tmp_path, m
     assert codes.count(0) > 20, "the churn made too few successful calls to mean anything"
     assert set(codes) <= ALLOWED_CALL_CODES, sorted(set(codes))
     assert session_pids(test_marker=run_id) == []
-    assert list(tmp_path.iterdir()) == []
+    assert [entry async for entry in anyio.Path(tmp_path).iterdir()] == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import anyio
 import pytest
@@ -28,13 +28,33 @@ def _describe(what: str | Callable[[], str] | None) -> str:
     return what() if callable(what) else what
 
 
+@overload
 async def eventually(
-    condition: Callable[[], T | Awaitable[T]],
+    condition: Callable[[], Awaitable[T]],
+    within: float = ...,
+    every: float = ...,
+    *,
+    what: str | Callable[[], str] | None = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    condition: Callable[[], T],
+    within: float = ...,
+    every: float = ...,
+    *,
+    what: str | Callable[[], str] | None = ...,
+) -> T: ...
+
+
+async def eventually(
+    condition: Callable[[], Any],
     within: float = DEFAULT_WITHIN,
     every: float = 0.05,
     *,
     what: str | Callable[[], str] | None = None,
-) -> T:
+) -> Any:
     """Poll `condition` until it returns something truthy and return that; fail the test after `within` s.
 
     `what` (a string, or a callable evaluated at failure time) names the condition in the failure.
