@@ -12,8 +12,8 @@ from session.engine import Engine, Limits
 from session.errors import PermissionDenied, ResourceUnavailable, SessionError
 from session.models import Caller
 from session.tool_calls import RESULT_BUDGET
-from tests.conftest import eventually
 from tests.fakes import FakeBackend
+from tests.support.polling import eventually
 
 ALICE = Caller("alice", "w-alice")
 ALICE_OTHER_CONNECTION = Caller("alice", "w-alice-2")
