@@ -17,7 +17,7 @@ import asyncio
 import shlex
 import typing
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from os import PathLike
 from types import TracebackType
@@ -38,7 +38,7 @@ from mcp_server.worker_identity import WORKER_META_KEY
 from session.errors import ERROR_CLASSES, SandboxError, ServiceUnavailable
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
-ProgressCallback = ProgressFnT
+ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
 class Sandbox:
@@ -226,7 +226,7 @@ class Sandbox:
         client = self._require()
         try:
             result = await client.call_tool(
-                name, args, progress_callback=progress, meta=self._meta
+                name, args, progress_callback=typing.cast(ProgressFnT | None, progress), meta=self._meta
             )
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc

@@ -41,7 +41,7 @@ from session.errors import (
     SessionError,
     shown,
 )
-from session.models import Caller, Session, SessionStatus, SessionView, Worker, fingerprint, new_handle
+from session.models import Caller, Session, SessionStatus, SessionView, Worker, new_handle
 from session.reaper import collect_expired
 from session.tool_calls import CallOutcome, ToolCall, invoke, normalise_request, validate_arguments
 
@@ -350,7 +350,6 @@ class Engine:
             config=validated,
             policy=policy,
             temporary=temporary,
-            requested_config=dict(config or {}),
         )
         session.budget_key = (None if temporary else caller.principal, owner)
         try:
@@ -516,7 +515,11 @@ class Engine:
             return [session]
         worker = self.workers.get(caller.worker_key) if caller.worker_key else None
         if resources is None:
-            return [s for s in worker.sessions.values() if s.live] if worker else []
+            if worker is None:
+                return []
+            owned = {s.session_id: s for s in self.sessions.values() if s.owner == worker.key and s.live}
+            owned.update({s.session_id: s for s in worker.sessions.values() if s.live})
+            return list(owned.values())
         found = []
         for resource in dict.fromkeys(resources):
             self.pool.backend(resource)
@@ -668,7 +671,3 @@ def _rmdir_quietly(path: Any) -> None:
     with suppress(OSError):
         path.rmdir()
 
-
-def worker_fingerprint(worker_key: str) -> str:
-    """A loggable name for a worker key."""
-    return fingerprint(worker_key, 8)

@@ -94,7 +94,6 @@ class Session:
     grace_until: float | None = None
     setup: SessionSetup[Any] | None = None
     scratch: Path | None = None
-    requested_config: dict[str, Any] = field(default_factory=dict)
     links: dict[str, dict[str, Any]] = field(default_factory=dict)
     budget_key: tuple[str | None, str | None] = (None, None)
     """(principal, worker) the session was counted against; released with the same."""

@@ -12,8 +12,8 @@ from session.engine import Engine, Limits
 from session.errors import PermissionDenied, ResourceUnavailable, SessionError
 from session.models import Caller
 from session.tool_calls import RESULT_BUDGET
-from tests.conftest import eventually
 from tests.fakes import FakeBackend
+from tests.support.polling import eventually
 
 ALICE = Caller("alice", "w-alice")
 ALICE_OTHER_CONNECTION = Caller("alice", "w-alice-2")
@@ -197,3 +197,16 @@ async def test_a_call_by_handle_holds_the_session_against_the_ttl():
             await eventually(lambda: any(s.active_calls for s in engine.sessions.values()), 5)
         assert engine.sessions  # survived a call longer than the TTL
         await eventually(lambda: not backend.live, 10)
+
+
+async def test_destroying_all_includes_sessions_adopted_beside_the_default():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=30, disconnect_grace=30) as engine:
+        [(adoptee, _)] = await engine.create_sessions(ALICE, "fake")
+        engine.disconnect(ALICE.worker_key or "")
+        await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")  # its own default
+        await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": adoptee.session_id})
+        assert len(backend.live) == 2
+        destroyed = (await engine.call(ALICE_OTHER_CONNECTION, "destroy_session", {})).envelope
+        assert len(destroyed.data["destroyed"]) == 2
+        assert not backend.live
