@@ -63,10 +63,14 @@ def base_layout() -> list[str]:
     return args
 
 
-def bind_args(binds: Sequence[Bind]) -> list[str]:
+def bind_args(binds: Sequence[Bind], fds: list[int]) -> list[str]:
+    """Binds by open descriptor: the unprivileged bwrap could not walk a root-only path (the
+    server's 0700 scratch root) to reach them, and a descriptor also pins what was checked."""
     args: list[str] = []
     for bind in binds:
-        args += ["--bind" if bind.writable else "--ro-bind", str(bind.host), bind.inside]
+        fd = os.open(bind.host, os.O_PATH | os.O_CLOEXEC)
+        fds.append(fd)
+        args += ["--bind-fd" if bind.writable else "--ro-bind-fd", str(fd), bind.inside]
     return args
 
 
@@ -81,8 +85,12 @@ def options(
     env: Mapping[str, str],
     cwd: str,
     seccomp_fd: int,
+    fds: list[int],
 ) -> list[str]:
-    """Every bwrap option for one process of a session (the command goes after `--`)."""
+    """Every bwrap option for one process of a session (the command goes after `--`).
+
+    Descriptors opened for binds are appended to `fds`; the caller passes them on and closes them.
+    """
     args = [
         "--unshare-all",
         "--unshare-user",
@@ -106,12 +114,13 @@ def options(
     ]
     if share_net:
         args.append("--share-net")
+    own = [Bind(home, HOME_INSIDE, writable=True)]
     if tmp is not None:
-        args += ["--bind", str(tmp), TMP_INSIDE]
+        own.append(Bind(tmp, TMP_INSIDE, writable=True))
     else:
         args += ["--size", str(tmp_size_mb << 20), "--tmpfs", TMP_INSIDE]
-    args += ["--symlink", TMP_INSIDE, "/var/tmp", "--bind", str(home), HOME_INSIDE]
-    args += bind_args(binds)
+    args += bind_args([*own, *binds], fds)
+    args += ["--symlink", TMP_INSIDE, "/var/tmp"]
     # bwrap's root is a private tmpfs: read-only, so nothing lands outside home and /tmp.
     args += ["--remount-ro", "/"]
     args += ["--seccomp", str(seccomp_fd), "--clearenv"]

@@ -1,15 +1,21 @@
-"""The session's writable storage on the host: a size-capped tmpfs for HOME and one for /tmp.
+"""The session's storage on the host: size-capped tmpfs for HOME and /tmp, and staged binds.
 
 Threat: a session that fills the host's disk, or that reads another session's files. Each
 session's home and /tmp are their own tmpfs mounts (`size=disk_mb`, `mode=0700`, owned by the
 session's uid, `nosuid,nodev`), so writing past the cap gets ENOSPC and nothing else on the host
-is touched. Both live in host directories the server owns (inside its private scratch root),
-so host-side code (a vm backend writing an X authority file) can still reach them.
+is touched.
+
+Staging: the unprivileged bwrap resolves bind sources with the session uid's permissions, and
+the server's scratch root is 0700 root. So everything a session binds is mounted (as root) into
+a stage directory `/run/agentflow/stage/<server_id>/<label>/` whose path is traversable (0711,
+not listable) and bwrap binds from there. The session's home tmpfs is also bind-mounted back
+onto the caller's home path, so host-side code (a vm backend writing a file for the session)
+still finds it where it asked. Permissions of a bind's own files still apply.
 
 tmpfs pages are memory: cgroup v1 (and v2) charge them to the memory cgroup of the process that
-wrote them, so a session's files also count against its memory limit.
-Mounting needs CAP_SYS_ADMIN; a server that is not root gets plain directories (no disk cap)
-and `describe()` says so.
+wrote them, so a session's files also count against its memory limit. Mounting needs
+CAP_SYS_ADMIN; a server that is not root gets plain directories (no disk cap) and direct binds
+(bwrap then runs as the server's uid, which can walk its own paths), and `describe()` says so.
 """
 
 from __future__ import annotations
@@ -20,22 +26,34 @@ import ctypes.util
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+
+from backends.sandbox.spec import Bind
 
 log = logging.getLogger(__name__)
 
+STAGE_ROOT = Path("/run/agentflow/stage")
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_BIND = 4096
+MS_REC = 16384
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _mount_tmpfs(target: Path, size_mb: int, uid: int, gid: int) -> None:
-    data = f"size={size_mb}m,mode=0700,uid={uid},gid={gid}".encode()
-    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", MS_NOSUID | MS_NODEV, data) != 0:
+def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None) -> None:
+    rc = _libc.mount(
+        source.encode(),
+        os.fsencode(target),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
+    )
+    if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount tmpfs on {target}: {os.strerror(err)}")
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
 def unmount(target: Path) -> None:
@@ -47,7 +65,7 @@ def unmount(target: Path) -> None:
 
 
 def mounts_under(root: Path) -> list[Path]:
-    """Mount points at or below `root`, deepest first (for unmounting a dead server's scratch)."""
+    """Mount points at or below `root`, deepest first (for unmounting a dead server's leftovers)."""
     prefix = str(root).rstrip("/") + "/"
     found: list[Path] = []
     with contextlib.suppress(OSError), open("/proc/self/mountinfo") as fh:
@@ -58,27 +76,86 @@ def mounts_under(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
-def prepare_dir(path: Path, size_mb: int, uid: int, gid: int, *, cap: bool) -> bool:
-    """Make `path` the session's private directory, size-capped when `cap`; True if capped.
-
-    Files already in `path` (put there by the backend before the sandbox existed) are
-    copied into the new tmpfs, through a descriptor to the directory underneath.
-    """
+def _traversable_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    capped = False
-    if cap:
-        below = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    path.chmod(0o711)
+
+
+class SessionStorage:
+    """Home, /tmp and binds of one session, as the paths bwrap/runsc should bind from."""
+
+    def __init__(self, server_id: str, label: str, home: Path, uid: int) -> None:
+        self.home = home
+        self.uid = uid
+        self.stage: Path | None = None
+        self.stage_key = (server_id, label)
+        self.home_source: Path = home
+        self.tmp_source: Path | None = None
+        self.binds: list[Bind] = []
+        self.capped = False
+        self._mounted: list[Path] = []
+
+    def prepare(self, size_mb: int, binds: Sequence[Bind], *, private_tmp: bool) -> None:
+        """Make the home (and /tmp) tmpfs and stage the binds. Raises OSError; `release` undoes."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            self._own(self.home)
+            self.binds = list(binds)
+            return
+        server_id, label = self.stage_key
+        for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
+            _traversable_dir(directory)
+        self.stage = STAGE_ROOT / server_id / label
+        self.stage.mkdir(mode=0o711)
+        self.home_source = self._tmpfs("home", size_mb)
+        below = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            _mount_tmpfs(path, size_mb, uid, gid)
-            capped = True
             if os.listdir(below):
-                shutil.copytree(f"/proc/self/fd/{below}", path, symlinks=True, dirs_exist_ok=True)
+                shutil.copytree(f"/proc/self/fd/{below}", self.home_source, symlinks=True, dirs_exist_ok=True)
         finally:
             os.close(below)
-    os.chown(path, uid, gid)
-    os.chmod(path, 0o700)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
+        self._own(self.home_source)
+        _mount(str(self.home_source), self.home, None, MS_BIND, None)
+        self._mounted.append(self.home)
+        if private_tmp:
+            self.tmp_source = self._tmpfs("tmp", size_mb)
+        for index, bind in enumerate(binds):
+            staged = self.stage / f"bind{index}"
+            if Path(bind.host).is_dir():
+                staged.mkdir()
+            else:
+                staged.touch()
+            _mount(str(bind.host), staged, None, MS_BIND | MS_REC, None)
+            self._mounted.append(staged)
+            self.binds.append(Bind(staged, bind.inside, bind.writable))
+        self.capped = True
+
+    def _tmpfs(self, name: str, size_mb: int) -> Path:
+        assert self.stage is not None
+        target = self.stage / name
+        target.mkdir(mode=0o700)
+        options = f"size={size_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        self._mounted.append(target)
+        return target
+
+    def _own(self, path: Path) -> None:
+        os.chown(path, self.uid, self.uid)
+        path.chmod(0o700)
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    os.lchown(os.path.join(root, name), self.uid, self.uid)
+
+    def release(self) -> None:
+        """Unmount everything this session mounted and remove its stage. Never raises."""
+        staged = mounts_under(self.stage) if self.stage is not None else []
+        for target in [self.home, *staged]:
+            if target in self._mounted or target in staged:
+                unmount(target)
+        self._mounted.clear()
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
             with contextlib.suppress(OSError):
-                os.lchown(os.path.join(root, name), uid, gid)
-    return capped
+                self.stage.parent.rmdir()
+            self.stage = None

@@ -91,9 +91,7 @@ class SessionSandbox:
         self._lease = lease
         self._cgroup: cgroups.SessionCgroup | None = None
         self._rlimit_prefix: list[str] = []
-        self._tmp: Path | None = None
-        self._mounted: list[Path] = []
-        self._disk_capped = False
+        self._storage = hostfs.SessionStorage(spec.server_id, spec.label, spec.home, uid)
         self._processes: list[Process] = []
         self._namespaces: set[str] = set()
         self._containers: list[str] = []
@@ -148,17 +146,8 @@ class SessionSandbox:
                 f"--fsize={limits.disk_mb << 20}",
                 "--",
             ]
-        can_mount = os.geteuid() == 0
         try:
-            self._disk_capped = hostfs.prepare_dir(self.spec.home, limits.disk_mb, self.uid, self.uid, cap=can_mount)
-            if self._disk_capped:
-                self._mounted.append(self.spec.home)
-            if self.tier != "none":
-                self._tmp = self.spec.home.with_name(self.spec.home.name + ".tmp")
-                if hostfs.prepare_dir(self._tmp, limits.disk_mb, self.uid, self.uid, cap=can_mount):
-                    self._mounted.append(self._tmp)
-                elif self.tier == "sandbox":
-                    self._tmp = None  # bwrap's own size-capped tmpfs instead (per process, not shared)
+            self._storage.prepare(limits.disk_mb, self._binds(), private_tmp=self.tier != "none")
         except OSError as exc:
             raise ConfigurationError(f"cannot prepare the session's home {self.spec.home}: {exc}") from None
         if self.tier == "gvisor":
@@ -236,15 +225,16 @@ class SessionSandbox:
         seccomp_fd = seccomp.filter_fd()
         fds.append(seccomp_fd)
         options = bwrap.options(
-            home=self.spec.home,
-            tmp=self._tmp,
+            home=self._storage.home_source,
+            tmp=self._storage.tmp_source,
             tmp_size_mb=self.spec.policy.limits.disk_mb,
-            binds=self._binds(),
+            binds=self._storage.binds,
             share_net=self.spec.policy.network == "host",
             hostname=self.spec.hostname,
             env=env,
             cwd=cwd or HOME_INSIDE,
             seccomp_fd=seccomp_fd,
+            fds=fds,
         )
         args_fd = os.memfd_create("agentflow-bwrap-args", os.MFD_CLOEXEC)
         fds.append(args_fd)
@@ -255,7 +245,7 @@ class SessionSandbox:
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
-        assert self._tmp is not None
+        assert self._storage.tmp_source is not None
         container_id = f"{self.spec.label}-{next(self._counter)}"
         bundle = self._gvisor_state / "bundles" / container_id
         bundle.mkdir(mode=0o700)
@@ -265,9 +255,9 @@ class SessionSandbox:
             env=env,
             cwd=cwd or HOME_INSIDE,
             uid=self.uid,
-            home=self.spec.home,
-            tmp=self._tmp,
-            binds=self._binds(),
+            home=self._storage.home_source,
+            tmp=self._storage.tmp_source,
+            binds=self._storage.binds,
             hostname=self.spec.hostname,
         )
         self._containers.append(container_id)
@@ -328,10 +318,12 @@ class SessionSandbox:
     async def protect(self, process: Process) -> bool:
         """Keep the OOM killer off the session's wrapper processes (bwrap and its pid-1 reaper).
 
-        The program itself keeps the default score: `oom_score_adj` is inherited on fork, so
-        lowering it for a shell would shield every command the shell runs and leave the memory
-        cgroup with nothing to kill. With equal scores the kernel kills the largest process,
-        which is the one that hit the limit; the tests check the shell survives that.
+        Returns False when the scores could not be set (lowering one needs CAP_SYS_RESOURCE,
+        which some hosts withhold even from root). The program itself keeps the default score:
+        `oom_score_adj` is inherited on fork, so lowering it for a shell would shield every
+        command the shell runs and leave the memory cgroup with nothing to kill. With equal
+        scores the kernel kills the largest process, which is the one that hit the limit; the
+        tests check the shell survives that.
         """
         if self.tier != "sandbox" or await self.wait_inner_pid(process) is None:
             return False
@@ -357,7 +349,7 @@ class SessionSandbox:
 
         Idempotent, shielded from cancellation, and never raises (failures are logged).
         """
-        if self._closed and self._lease is None and self._cgroup is None and not self._mounted:
+        if self._closed and self._lease is None and self._cgroup is None and self._storage.stage is None:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
@@ -398,10 +390,7 @@ class SessionSandbox:
         if self._cgroup is not None:
             self._cgroup.remove()
             self._cgroup = None
-        while self._mounted:
-            hostfs.unmount(self._mounted.pop())
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._storage.release()
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -421,7 +410,7 @@ class SessionSandbox:
             "limits": limits.model_dump(),
             "disk": (
                 f"home and /tmp are tmpfs mounts of {limits.disk_mb} MB each (counted as memory)"
-                if self._disk_capped
+                if self._storage.capped
                 else "not capped (server is not root: no tmpfs mounts)"
             ),
         }
