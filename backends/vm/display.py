@@ -381,9 +381,6 @@ class XvfbProvider(DisplayProvider):
 
 def prepare_dirs(paths: HostPaths) -> None:
     """The session's directories the server writes (made before a sandbox binds them)."""
-    # The sandbox's uid must pass through the session's scratch to reach what is bound from
-    # it (home, X socket and cookie directories); it still cannot list it.
-    os.chmod(paths.home.parent, 0o711)
     for directory in (paths.logs, paths.x11_dir, paths.xauth_dir):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 

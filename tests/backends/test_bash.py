@@ -32,9 +32,7 @@ async def shell(
         yield backend, ctx
 
 
-async def run(
-    backend: BashBackend, ctx: ToolContext[BashConfig, BashState], command: str, limit: float | None = None
-):
+async def run(backend: BashBackend, ctx: ToolContext[BashConfig, BashState], command: str, limit: float | None = None):
     return await backend.run(ctx, RunArgs(command=command, timeout=limit))
 
 

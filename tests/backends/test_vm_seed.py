@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from sandbox import Sandbox
 from tests.backends.vm_harness import alive
-from tests.conftest import write_manifest
+from tests.support.manifests import write_manifest
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,9 +1,10 @@
 """Shared by the vm tests: a `VMBackend` driven directly (no engine, no MCP), like the engine drives it.
 
-Every backend these tests make carries this run's server id (`vmtest-<pid>-<hex>`) and a
-scratch root of its own, so leak checks count only this run's processes and files. Sessions
-get the operator's policy the test names; a read-only mount of this checkout lets the probe
-app (`vm_probe_app.py`, python-xlib from this checkout's venv) run inside a sandbox.
+Every backend these tests make carries this run's server id (`<run id>-<pid>-<hex>`) and a
+scratch root of its own (0700, as the engine makes it), so leak checks count only this run's
+processes and files. Sessions get the operator's policy the test names; a read-only mount
+of this checkout lets the probe app (`vm_probe_app.py`, python-xlib from this checkout's
+venv) run inside a sandbox.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from backends.sandbox import mechanisms
 from backends.vm import VMBackend, VMState
 from backends.vm.display import XvfbDesktop
 from backends.vm.models import Config
+from tests.support import procs
+from tests.support.leaks import run_id
+from tests.support.polling import eventually
 
-RUN_SERVER_ID = f"vmtest-{os.getpid()}-{secrets.token_hex(4)}"
+#: This run's server id (`<run id>-<pid>-<hex>`): the run's leak accounting recognises its cgroups.
+RUN_SERVER_ID = f"{run_id()}-{os.getpid()}-{secrets.token_hex(4)}"
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("vm_probe_app.py")
 #: The probe's interpreter inside a sandbox: the system Python with this checkout's python-xlib.
@@ -112,7 +117,7 @@ class Desktops:
         require_tier(tier)
         label = f"t{len(self.sessions) + 1}"
         scratch = self.root / label
-        scratch.mkdir(mode=0o711)
+        scratch.mkdir(mode=0o700)
         # The engine would do the same; the probe finds python-xlib through it.
         cfg = self.backend.session_config({"env": {"PYTHONPATH": str(SITE_PACKAGES)}, **(config or {})})
         assert isinstance(cfg, Config)
@@ -137,9 +142,8 @@ class Desktops:
 
 
 async def desktops(settings: dict[str, Any] | None = None) -> AsyncIterator[Desktops]:
-    """A backend with its own scratch root (traversable, as the engine's is, so sandboxes can bind from it)."""
+    """A backend with its own scratch root, `agentflow-<server id>` like the engine's."""
     root = Path(tempfile.mkdtemp(prefix=f"agentflow-{RUN_SERVER_ID}-"))
-    os.chmod(root, 0o711)
     backend = VMBackend("vm", settings=settings, runtime=Runtime(scratch_root=root, server_id=RUN_SERVER_ID))
     pool = Desktops(backend, root)
     try:
@@ -151,15 +155,7 @@ async def desktops(settings: dict[str, Any] | None = None) -> AsyncIterator[Desk
 
 async def until(check: Callable[[], Any], seconds: float = 15.0, what: str = "condition") -> Any:
     """Poll `check` until it returns something truthy (no event exists for another process's output)."""
-    try:
-        with anyio.fail_after(seconds):
-            while True:
-                value = check()
-                if value:
-                    return value
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    return await eventually(check, seconds, what=what)
 
 
 def events(log: Path, kind: str) -> list[dict[str, Any]]:
@@ -186,19 +182,8 @@ async def file_text(path: Path, expected_end: str = "", seconds: float = 15.0) -
     return result
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def names(pids: list[int]) -> set[str]:
-    found = set()
-    for pid in pids:
-        try:
-            found.add(Path(f"/proc/{pid}/comm").read_text().strip())
-        except OSError:
-            continue
-    return found
+    return {name for name in map(procs.name, pids) if name}
+
+
+alive = procs.alive
