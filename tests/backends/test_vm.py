@@ -215,10 +215,11 @@ async def test_cleanup_leaves_no_process_display_or_directory(vm: Desktops, tier
     await session.cleanup()  # twice is harmless
 
 
-async def test_apps_get_a_minimal_environment_and_a_private_home(vm: Desktops) -> None:
+@pytest.mark.parametrize("tier", ["sandbox", "none"])
+async def test_apps_get_a_minimal_environment_and_a_private_home(vm: Desktops, tier: str) -> None:
     os.environ["AGENTFLOW_VMTEST_SECRET"] = "server-only"
     try:
-        session = await vm.start({"env": {"PROBE_VAR": "x1"}, "window_manager": "none"})
+        session = await vm.start({"env": {"PROBE_VAR": "x1"}, "window_manager": "none"}, tier=tier)
         result = await session.call("launch", command=["sh", "-c", "env > $HOME/env.txt"], wait_for_window=False)
         assert isinstance(result, LaunchResult)
         text = await file_text(session.home / "env.txt", "\n")

@@ -98,7 +98,14 @@ async def test_an_app_cannot_read_the_servers_environment(vm: Desktops, monkeypa
     )
     assert FAKE_KEY not in output
     assert "OPENAI_API_KEY" not in output
-    # The launch result itself never carries it either, nor more than a bounded prefix of output.
+    # `vm_launch` of `env` shows the app's own variables only (and at most 200 characters of them).
+    shown = await session.call("launch", command="env", timeout=20)
+    assert shown.exit_code == 0
+    assert shown.output is not None
+    assert "=" in shown.output
+    assert "OPENAI_API_KEY" not in shown.output
+    assert len(shown.output) <= 200
+    # A failing launch's error never carries it either, nor more than a bounded prefix of output.
     with pytest.raises(BackendError) as failed:
         await session.call("launch", command=["sh", "-c", "env; exit 3"])
     assert FAKE_KEY not in failed.value.message
