@@ -207,6 +207,7 @@ class VMBackend(Backend[VMConfig, VMState]):
             "display": desktop.display_name,
             "pids": desktop.pids(),
             "screen_size": [state.geometry.screen_width, state.geometry.screen_height],
+            "screenshots": state.capture.method,
             "sandbox": desktop.describe(),
         }
 

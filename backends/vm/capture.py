@@ -11,6 +11,7 @@ import array
 import io
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from PIL import Image as PILImage
 from Xlib import display as xdisplay
@@ -100,6 +101,11 @@ class ScreenCapture:
             display.xfixes_query_version()  # the extension answers nothing before this
         self._grabber = RootGrabber(endpoint)
 
+    @property
+    def method(self) -> str:
+        """How pixels are read: 'mit-shm' (shared memory) or 'getimage' (copied over the socket)."""
+        return "mit-shm" if self._grabber.shared_memory else "getimage"
+
     def close(self) -> None:
         self._grabber.close()
 
@@ -113,7 +119,8 @@ class ScreenCapture:
         data = self._grabber.grab(*size)
         if len(data) != size[0] * size[1] * 4:
             raise BackendError(f"unsupported screen format (depth {self._grabber.depth}, {len(data)} bytes)")
-        image = PILImage.frombuffer("RGB", size, data, "raw", "BGRX", 0, 1)
+        # Unpacking BGRX into RGB copies, so shared memory the next grab reuses is not kept.
+        image = PILImage.frombuffer("RGB", size, cast(bytes, data), "raw", "BGRX", 0, 1)
         if self.with_cursor:
             self._draw_cursor(image)
         if geometry.scaled:

@@ -21,6 +21,7 @@ from backends.base import Runtime, ToolResult
 from backends.vm import VMBackend
 from backends.vm.keys import parse_combo, split_combo
 from backends.vm.models import LaunchResult, PointResult
+from backends.vm.xgrab import RootGrabber
 from session.errors import BackendError, ParameterError, SessionError
 from tests.backends.vm_harness import (
     RUN_SERVER_ID,
@@ -149,6 +150,8 @@ async def test_screenshot_size_follows_screen_size(vm: Desktops) -> None:
     assert image.size == (1920, 1080)
     assert (data.width, data.height, data.scale) == (1920, 1080, 1.0)
     assert data.bytes < 900 * 1024
+    # Shared memory reaches into the sandbox too (the memfd travels over the X socket).
+    assert session.backend.describe(session.state)["screenshots"] == "mit-shm"
 
     # startup waits (bounded) for the window's focus; on a loaded machine it can come later
     title = await until(lambda: session.state.input.active_window_title() == "sh", what="xterm focused")
@@ -179,6 +182,23 @@ async def test_two_sessions_get_distinct_displays_and_screens(vm: Desktops) -> N
     await file_text(one.home / "one.txt", "\n")
     assert not (two.home / "one.txt").exists()
     assert (await _settled_screen(two)).tobytes() == two_before.tobytes()
+
+
+async def test_shared_memory_and_copied_grabs_agree(vm: Desktops) -> None:
+    session = await vm.start({"startup": [SHELL]})
+    await _settled_screen(session)
+    shared = await anyio.to_thread.run_sync(RootGrabber, session.desktop.endpoint)
+    copied = await anyio.to_thread.run_sync(lambda: RootGrabber(session.desktop.endpoint, shared_memory=False))
+    try:
+        assert (shared.shared_memory, copied.shared_memory) == (True, False)
+        one = bytes(await anyio.to_thread.run_sync(shared.grab, 1280, 800))
+        two = bytes(await anyio.to_thread.run_sync(copied.grab, 1280, 800))
+        assert len(one) == 1280 * 800 * 4
+        assert one == two
+        assert len(set(one[0::4])) > 1  # not a blank buffer: the xterm is on it
+    finally:
+        shared.close()
+        copied.close()
 
 
 async def _settled_screen(session: Session) -> object:
