@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +59,43 @@ class DesktopSpec:
     start_timeout: float = 10.0
 
 
+class OutputLog:
+    """Where one program's output goes: an unnamed file in the session's own home.
+
+    The home is the session's size-capped storage, so a program printing without end fills
+    its own quota, not the host's disk. The file has no name (`O_TMPFILE`), so nothing in
+    the session can swap it for a link to a host file the server would then read back.
+    """
+
+    def __init__(self, directory: Path, fallback: Path) -> None:
+        try:
+            self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            # A filesystem without O_TMPFILE: an unlinked file in the server's own scratch.
+            with tempfile.TemporaryFile(dir=fallback) as handle:
+                self.fd = os.dup(handle.fileno())
+
+    def read(self, limit: int) -> bytes:
+        """The first `limit` bytes written."""
+        try:
+            return os.pread(self.fd, limit, 0)
+        except OSError:
+            return b""
+
+    def text(self, limit: int = OUTPUT_ECHO_CHARS) -> str:
+        """The start of the output, at most `limit` characters."""
+        return self.read(limit * 4).decode("utf-8", "replace")[:limit].strip()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 @dataclass(slots=True)
 class LaunchedApp:
     pid: int
     argv: list[str]
-    log_path: Path | None
+    log: OutputLog
     process: Process | None = None
 
     @property
@@ -71,9 +104,7 @@ class LaunchedApp:
 
     def output(self, limit: int = OUTPUT_ECHO_CHARS) -> str:
         """The start of what the program printed, at most `limit` characters."""
-        if self.log_path is None:
-            return ""
-        return read_prefix(self.log_path, limit)
+        return self.log.text(limit)
 
 
 class Desktop(abc.ABC):
@@ -147,6 +178,8 @@ class XvfbDesktop(Desktop):
         self.cookie = new_cookie()
         self.server: Process | None = None
         self.apps: list[LaunchedApp] = []
+        self.logs: list[OutputLog] = []
+        self.xvfb_log: OutputLog | None = None
         self._closed = False
 
     @property
@@ -154,6 +187,12 @@ class XvfbDesktop(Desktop):
         if self.number is None:
             raise BackendError("this desktop has no display yet")
         return XEndpoint(self.display_name, self.runner.x11_socket(self.number), self.cookie)
+
+    def new_log(self) -> OutputLog:
+        """A fresh output file for one program (closed with the desktop)."""
+        log = OutputLog(self.paths.home, self.paths.home.parent)
+        self.logs.append(log)
+        return log
 
     def app_env(self) -> dict[str, str]:
         """A launched program's whole environment, built from nothing (never the server's)."""
@@ -184,25 +223,24 @@ class XvfbDesktop(Desktop):
                 f"program not found: {argv[0][:OUTPUT_ECHO_CHARS]!r}; "
                 "give an installed program (e.g. 'xterm') or its full path"
             )
-        log_path = self.paths.logs / f"{len(self.apps):03d}-{_safe_name(argv[0])}.log"
-        with log_path.open("ab") as out:
-            try:
-                process = await self.runner.spawn(
-                    argv,
-                    env=self.app_env(),
-                    cwd=self.runner.inside.home,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out.fileno(),
-                    stderr=subprocess.STDOUT,
-                )
-            except FileNotFoundError:
-                raise ParameterError(
-                    f"program not found: {argv[0][:OUTPUT_ECHO_CHARS]!r}; "
-                    "give an installed program (e.g. 'xterm') or its full path"
-                ) from None
-            except PermissionError:
-                raise ParameterError(f"program {argv[0][:OUTPUT_ECHO_CHARS]!r} is not executable") from None
-        app = LaunchedApp(pid=process.pid, argv=argv, log_path=log_path, process=process)
+        output = self.new_log()
+        try:
+            process = await self.runner.spawn(
+                argv,
+                env=self.app_env(),
+                cwd=self.runner.inside.home,
+                stdin=subprocess.DEVNULL,
+                stdout=output.fd,
+                stderr=subprocess.STDOUT,
+            )
+        except FileNotFoundError:
+            raise ParameterError(
+                f"program not found: {argv[0][:OUTPUT_ECHO_CHARS]!r}; "
+                "give an installed program (e.g. 'xterm') or its full path"
+            ) from None
+        except PermissionError:
+            raise ParameterError(f"program {argv[0][:OUTPUT_ECHO_CHARS]!r} is not executable") from None
+        app = LaunchedApp(pid=process.pid, argv=argv, log=output, process=process)
         self.apps.append(app)
         log.info("vm %s: launched %s (pid %d) on %s", self.spec.label, _safe_name(argv[0]), app.pid, self.display_name)
         return app
@@ -217,6 +255,9 @@ class XvfbDesktop(Desktop):
                 "destroy or reinitialize the vm session to get a new desktop"
             )
         return None
+
+    def xvfb_output(self, limit: int) -> str:
+        return self.xvfb_log.text(limit) if self.xvfb_log else ""
 
     def pids(self) -> list[int]:
         return self.runner.pids()
@@ -237,6 +278,8 @@ class XvfbDesktop(Desktop):
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self.runner.aclose()
+            for output in self.logs:
+                output.close()
             await anyio.to_thread.run_sync(self._remove_host_leftovers)
             if self.number is not None:
                 self.allocator.release(self.number)
@@ -276,7 +319,7 @@ class XvfbProvider(DisplayProvider):
             if isinstance(exc, TimeoutError):
                 raise BackendError(
                     f"desktop did not start within {spec.start_timeout:g} s "
-                    f"({read_prefix(paths.logs / 'xvfb.log', OUTPUT_ECHO_CHARS) or 'no output'})"
+                    f"({desktop.xvfb_output(OUTPUT_ECHO_CHARS) or 'no output'})"
                 ) from exc
             raise
         return desktop
@@ -302,7 +345,7 @@ class XvfbProvider(DisplayProvider):
                     desktop.server.pid if desktop.server else -1,
                 )
                 return
-            output = read_prefix(desktop.paths.logs / "xvfb.log", 4096)
+            output = desktop.xvfb_output(4096)
             self.allocator.release(number)
             desktop.number = None
             if "already active" not in output:
@@ -333,20 +376,20 @@ class XvfbProvider(DisplayProvider):
             "-dpi",
             "96",
         ]
+        desktop.xvfb_log = desktop.new_log()
         try:
-            with (desktop.paths.logs / "xvfb.log").open("wb") as out:
-                try:
-                    desktop.server = await desktop.runner.spawn(
-                        argv,
-                        env={"PATH": APP_PATH, "HOME": desktop.runner.inside.home, "LANG": "C.UTF-8"},
-                        cwd=desktop.runner.inside.home,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out.fileno(),
-                        stderr=subprocess.STDOUT,
-                        pass_fds=(write_fd,),
-                    )
-                except FileNotFoundError:
-                    raise BackendError(f"{self.xvfb} is not installed (apt-get install xvfb openbox)") from None
+            try:
+                desktop.server = await desktop.runner.spawn(
+                    argv,
+                    env={"PATH": APP_PATH, "HOME": desktop.runner.inside.home, "LANG": "C.UTF-8"},
+                    cwd=desktop.runner.inside.home,
+                    stdin=subprocess.DEVNULL,
+                    stdout=desktop.xvfb_log.fd,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(write_fd,),
+                )
+            except FileNotFoundError:
+                raise BackendError(f"{self.xvfb} is not installed (apt-get install xvfb openbox)") from None
             os.close(write_fd)
             write_fd = -1
             answered = await _read_display_number(read_fd)
@@ -381,7 +424,7 @@ class XvfbProvider(DisplayProvider):
 
 def prepare_dirs(paths: HostPaths) -> None:
     """The session's directories the server writes (made before a sandbox binds them)."""
-    for directory in (paths.logs, paths.x11_dir, paths.xauth_dir):
+    for directory in (paths.x11_dir, paths.xauth_dir):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
@@ -400,16 +443,6 @@ def _prepare_files(desktop: XvfbDesktop, uid: int | None) -> None:
     write_authority(paths.authority, desktop_entries(desktop.cookie, desktop.runner.hostname), mode=0o600)
     if uid is not None:
         os.chown(paths.authority, uid, uid)
-
-
-def read_prefix(path: Path, limit: int) -> str:
-    """The first `limit` characters of a log file, decoded, or '' if unreadable."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(limit * 4)
-    except OSError:
-        return ""
-    return data.decode("utf-8", "replace")[:limit].strip()
 
 
 def _safe_name(program: str) -> str:

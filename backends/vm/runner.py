@@ -45,11 +45,10 @@ class HostPaths:
     home: Path
     x11_dir: Path
     xauth_dir: Path
-    logs: Path
 
     @classmethod
     def under(cls, scratch: Path) -> HostPaths:
-        return cls(home=scratch / "home", x11_dir=scratch / "x11", xauth_dir=scratch / "xauth", logs=scratch / "logs")
+        return cls(home=scratch / "home", x11_dir=scratch / "x11", xauth_dir=scratch / "xauth")
 
     @property
     def authority(self) -> Path:

@@ -19,6 +19,7 @@ import Xlib.XK as XK
 
 from backends.base import Runtime, ToolResult
 from backends.vm import VMBackend
+from backends.vm.display import OutputLog
 from backends.vm.keys import parse_combo, split_combo
 from backends.vm.models import LaunchResult, PointResult
 from backends.vm.xgrab import RootGrabber
@@ -48,7 +49,7 @@ async def vm() -> AsyncIterator[Desktops]:
         yield pool
 
 
-async def _probe(session: Session) -> tuple[Path, dict]:
+async def _probe(session: Session) -> tuple[OutputLog, dict]:
     """Open the probe window; return its log and its settled geometry (screen coordinates)."""
     result = await session.call("launch", command=session.probe_command())
     assert result.window is not None, result
@@ -59,7 +60,7 @@ async def _probe(session: Session) -> tuple[Path, dict]:
     return log, settled
 
 
-def _stable(log: Path) -> dict | None:
+def _stable(log: OutputLog) -> dict | None:
     geometry = events(log, "geometry")
     if len(geometry) >= 2 and geometry[-1] == geometry[-2]:
         return geometry[-1]

@@ -26,10 +26,10 @@ import Xlib
 from PIL import Image as PILImage
 
 from backends.base import Runtime, SessionSetup, ToolContext, ToolResult
-from backends.policy import Mount, Policy
+from backends.policy import Limits, Mount, Policy
 from backends.sandbox import mechanisms
 from backends.vm import VMBackend, VMState
-from backends.vm.display import XvfbDesktop
+from backends.vm.display import OutputLog, XvfbDesktop
 from backends.vm.models import Config
 from tests.support import procs
 from tests.support.leaks import run_id
@@ -56,9 +56,9 @@ def require_tier(tier: str) -> None:
         pytest.skip(f"isolation {tier!r} {state}")
 
 
-def policy(tier: str) -> Policy:
+def policy(tier: str, **limits: int) -> Policy:
     """The operator's policy for test desktops: the tier, plus this checkout read-only (for the probe)."""
-    return Policy(isolation=tier, mounts=[Mount(host=str(REPO), mode="ro")])
+    return Policy(isolation=tier, mounts=[Mount(host=str(REPO), mode="ro")], limits=Limits(**limits))
 
 
 @dataclass
@@ -96,10 +96,8 @@ class Session:
         """Start the probe window, logging to its standard output (captured by the desktop)."""
         return [SYSTEM_PYTHON, str(PROBE), "-"]
 
-    def last_app_log(self) -> Path:
-        log = self.desktop.apps[-1].log_path
-        assert log is not None
-        return log
+    def last_app_log(self) -> OutputLog:
+        return self.desktop.apps[-1].log
 
     async def cleanup(self) -> None:
         await self.backend.cleanup(self.setup, self.state)
@@ -113,7 +111,7 @@ class Desktops:
     root: Path
     sessions: list[Session] = field(default_factory=list)
 
-    async def start(self, config: dict[str, Any] | None = None, *, tier: str = "sandbox") -> Session:
+    async def start(self, config: dict[str, Any] | None = None, *, tier: str = "sandbox", **limits: int) -> Session:
         require_tier(tier)
         label = f"t{len(self.sessions) + 1}"
         scratch = self.root / label
@@ -127,7 +125,7 @@ class Desktops:
             label=label,
             resource="vm",
             config=cfg,
-            policy=policy(tier),
+            policy=policy(tier, **limits),
             scratch=scratch,
         )
         with anyio.fail_after(60):
@@ -158,12 +156,9 @@ async def until(check: Callable[[], Any], seconds: float = 15.0, what: str = "co
     return await eventually(check, seconds, what=what)
 
 
-def events(log: Path, kind: str) -> list[dict[str, Any]]:
+def events(log: OutputLog, kind: str) -> list[dict[str, Any]]:
     """The probe's records of one kind (complete lines only)."""
-    try:
-        text = log.read_text()
-    except OSError:
-        return []
+    text = log.read(1 << 20).decode()
     records = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n") and line.strip()]
     return [r for r in records if r["event"] == kind]
 

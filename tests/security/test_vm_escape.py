@@ -151,6 +151,17 @@ async def test_nothing_outlives_the_session(vm: Desktops) -> None:
     assert desktop.number not in vm.backend.displays.live
 
 
+async def test_endless_output_fills_the_sessions_quota_not_the_hosts_disk(vm: Desktops) -> None:
+    session = await vm.start({"window_manager": "none"}, disk_mb=16)
+    # 100 MB of output against a 16 MB quota: the writes fail (ENOSPC), so the program exits 1.
+    with pytest.raises(BackendError, match="exited with code 1") as flood:
+        await session.call("launch", command=["sh", "-c", "head -c 100000000 /dev/zero | tr '\\0' x; echo"])
+    assert len(flood.value.message) < 400
+    home = await anyio.to_thread.run_sync(os.statvfs, session.home)
+    assert (home.f_blocks - home.f_bfree) * home.f_frsize <= 17 << 20  # the app hit its own 16 MB cap
+    assert not [p.name for p in await anyio.to_thread.run_sync(lambda: list(session.home.iterdir()))]
+
+
 async def test_gvisor_is_refused_with_the_reason(vm: Desktops) -> None:
     backend = vm.backend
     scratch = vm.root / "gv"
