@@ -289,9 +289,9 @@ async def _check_token(url: str, headers: dict[str, str], origin: str) -> None:
         except httpx2.HTTPError:
             return  # unreachable: the MCP client reports that in its own words
     if status in (401, 429):
-        problem = (
-            f"refused the token from {origin}" if headers else f"requires a bearer token and none was found ({origin})"
-        )
+        problem = f"refused the token from {origin}"
+        if not headers:
+            problem = f"requires a bearer token and none was found ({origin})"
         raise PermissionDenied(
             f"the server at {url} {problem}. Pass Sandbox(url, token=...), set {TOKEN_ENV}, or, on the "
             "server's machine, let Sandbox read the token file the server wrote for its port"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 
 SESSION_MARKER = b"AGENTFLOW_SESSION=bash-"
 RUN_MARKER = "AGENTFLOW_TEST_RUN"
 WORKER_META_KEY = "agentflow/worker_id"  # documented `_meta` key (mcp_server/worker_identity.py)
+TOKEN_ENV = "AGENTFLOW_SANDBOX_TOKEN"
 
 SERVER_START_TIMEOUT = 30.0
 GONE_TIMEOUT = 15.0
@@ -58,9 +61,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_manifest(directory: Path, run_id: str, *, session_ttl: float = 30.0, name: str = "manifest.json") -> Path:
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_manifest(
+    directory: Path,
+    run_id: str,
+    *,
+    session_ttl: float = 30.0,
+    name: str = "manifest.json",
+    server: dict[str, Any] | None = None,
+) -> Path:
+    """A bash-only manifest; `server` adds or overrides `[server]` settings."""
     manifest = {
-        "server": {"session_ttl": session_ttl, "host": "127.0.0.1", "log_level": "WARNING"},
+        "server": {"session_ttl": session_ttl, "host": "127.0.0.1", "log_level": "WARNING", **(server or {})},
         "resources": {"bash": {"enabled": True, "config": {"timeout": 20, "env": {RUN_MARKER: run_id}}}},
     }
     path = directory / name
@@ -173,6 +188,8 @@ class ServerProcess:
     run_id: str
     manifest: Path
     log_path: Path
+    token: str | None = field(repr=False, default=None)
+    state_home: Path | None = None
     _log: Any = field(repr=False, default=None)
 
     @property
@@ -186,6 +203,15 @@ class ServerProcess:
     @property
     def sse_url(self) -> str:
         return f"{self.base}/sse"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Authorization: Bearer` with this server's token (empty for a --no-auth server)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def http_client(self, **headers: str) -> httpx2.AsyncClient:
+        """An HTTP client for the MCP SDK's transports, sending the token (and `headers`)."""
+        return httpx2.AsyncClient(headers={**self.headers, **headers}, timeout=httpx2.Timeout(30.0, read=300.0))
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -213,11 +239,33 @@ class ServerProcess:
         return int(self.process.returncode)
 
 
-def start_http_server(tmp_path: Path, *, session_ttl: float = 30.0, transport: str = "http") -> ServerProcess:
-    """`agentflow-sandbox serve --transport http` on a free 127.0.0.1 port, healthy on return."""
+def start_http_server(
+    tmp_path: Path,
+    *,
+    session_ttl: float = 30.0,
+    transport: str = "http",
+    token: str | None = "",
+    server_settings: dict[str, Any] | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> ServerProcess:
+    """`agentflow-sandbox serve --transport http` on a free 127.0.0.1 port, healthy on return.
+
+    `token=""` (default): a fresh token in the server's AGENTFLOW_SANDBOX_TOKEN. `token=None`:
+    no variable, so the server takes the manifest's tokens or generates one into its token
+    file under `tmp_path` (its XDG_STATE_HOME); `server.token` is then read from that file.
+    """
     run_id = uuid.uuid4().hex
-    manifest = write_manifest(tmp_path, run_id, session_ttl=session_ttl, name=f"manifest-{run_id[:8]}.json")
+    manifest = write_manifest(
+        tmp_path, run_id, session_ttl=session_ttl, name=f"manifest-{run_id[:8]}.json", server=server_settings
+    )
     log_path = tmp_path / f"server-{run_id[:8]}.log"
+    state_home = tmp_path / f"state-{run_id[:8]}"
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env["XDG_STATE_HOME"] = str(state_home)
+    if token == "":
+        token = new_token()
+    if token is not None:
+        env[TOKEN_ENV] = token
     last_error = ""
     for _attempt in range(3):  # the free port can be taken between probe and bind: retry
         port = free_port()
@@ -234,16 +282,21 @@ def start_http_server(tmp_path: Path, *, session_ttl: float = 30.0, transport: s
                 "127.0.0.1",
                 "--port",
                 str(port),
+                *extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            env=env,
         )
-        server = ServerProcess(process, port, run_id, manifest, log_path, log_file)
+        server = ServerProcess(process, port, run_id, manifest, log_path, token, state_home, log_file)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
             status = server.health()
             if status is not None and status.get("status") == "running":
+                generated = state_home / "agentflow-sandbox" / f"token-{port}"
+                if token is None and generated.exists():
+                    server.token = generated.read_text().strip()
                 return server
             time.sleep(0.05)
         last_error = server.log()
@@ -262,8 +315,9 @@ def kill_leftovers(run_id: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def running_http_server(directory: Path, *, session_ttl: float = 30.0) -> Iterator[ServerProcess]:
-    server = start_http_server(directory, session_ttl=session_ttl)
+def running_http_server(directory: Path, *, session_ttl: float = 30.0, **options: Any) -> Iterator[ServerProcess]:
+    """A server (see `start_http_server` for `options`), stopped and its leftovers killed on exit."""
+    server = start_http_server(directory, session_ttl=session_ttl, **options)
     try:
         yield server
     finally:
