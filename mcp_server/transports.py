@@ -200,7 +200,12 @@ async def serve_http(
     if generated:
         assert options.tokens is not None
         token_path = write_token_file(bound_port, options.tokens[DEFAULT_PRINCIPAL])
-        log.info("generated a bearer token for this server in %s (mode 0600)", token_path)
+        # WARNING so that it shows at every log level: clients need this path to connect.
+        log.warning(
+            "no token configured: generated one in %s (mode 0600); Sandbox(url) on this machine reads it, "
+            "other clients send it as 'Authorization: Bearer <token>'",
+            token_path,
+        )
     elif options.tokens is not None:
         log.info("bearer tokens from the %s: principals %s", options.token_source, ", ".join(sorted(options.tokens)))
     config = uvicorn.Config(
