@@ -4,6 +4,9 @@
 - `Sandbox(url="http://127.0.0.1:18890/mcp")` talks to a running server (`.../sse` for SSE);
 - `Sandbox(command=["agentflow-sandbox", "serve"])` spawns one over stdio.
 
+Over HTTP/SSE it sends `Authorization: Bearer <token>`: the `token` argument, else
+AGENTFLOW_SANDBOX_TOKEN, else the token file the server generated for the URL's port.
+
 One `Sandbox` is one worker: it sends its worker key in every request's `_meta`, so its
 sessions hold on every transport and protocol revision, and closing it destroys them.
 `execute` returns the result envelope as a dict (a failing tool is data, not an

@@ -57,16 +57,20 @@ INIT = {
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
-async def raw_request(server: ServerProcess, method: str, path: str, headers: dict[str, str]) -> httpx2.Response:
-    """One request on a fresh connection, the body not streamed (an SSE answer is read up to its headers)."""
-    async with httpx2.AsyncClient(timeout=10.0) as http:
-        body = json.dumps(INIT).encode() if method == "POST" else None
-        request = http.build_request(method, f"{server.base}{path}", headers={**MCP_HEADERS, **headers}, content=body)
-        response = await http.send(request, stream=True)
-        if response.status_code != 200 or path != "/sse":
-            await response.aread()
-        await response.aclose()
-        return response
+async def raw_request(
+    server: ServerProcess, method: str, path: str, headers: dict[str, str], http: httpx2.AsyncClient | None = None
+) -> httpx2.Response:
+    """One request (an SSE answer is read up to its headers only), on `http` or a new client."""
+    if http is None:
+        async with httpx2.AsyncClient(timeout=10.0) as own:
+            return await raw_request(server, method, path, headers, own)
+    body = json.dumps(INIT).encode() if method == "POST" else None
+    request = http.build_request(method, f"{server.base}{path}", headers={**MCP_HEADERS, **headers}, content=body)
+    response = await http.send(request, stream=True)
+    if response.status_code != 200 or path != "/sse":
+        await response.aread()
+    await response.aclose()
+    return response
 
 
 def refused_lines(server: ServerProcess) -> list[str]:
@@ -258,12 +262,14 @@ async def test_burst_of_bad_tokens_is_rate_limited(tmp_path: Path) -> None:
     with anyio.fail_after(120), running_http_server(tmp_path) as server:
         statuses: list[int] = []
         started = anyio.current_time()
-        for attempt in range(150):
-            response = await raw_request(server, "POST", "/mcp", {"Authorization": f"Bearer guess-{attempt:040d}"})
-            statuses.append(response.status_code)
-            if response.status_code == 429:
-                assert response.headers["retry-after"]
-                assert response.json()["error"] == "too_many_requests"
+        async with httpx2.AsyncClient(timeout=10.0) as http:
+            for attempt in range(150):
+                guess = {"Authorization": f"Bearer guess-{attempt:040d}"}
+                response = await raw_request(server, "POST", "/mcp", guess, http)
+                statuses.append(response.status_code)
+                if response.status_code == 429:
+                    assert response.headers["retry-after"]
+                    assert response.json()["error"] == "too_many_requests"
         elapsed = anyio.current_time() - started
         # A budget of 20 refusals per address, refilled at 2 per second.
         assert statuses[:20] == [401] * 20
