@@ -5,7 +5,10 @@ wrapped app's SSE streams pass through untouched. Every request except `GET /hea
 must carry `Authorization: Bearer <token>`; the token is compared in constant time with
 every configured token, and the matching principal's NAME is stored at
 `scope["state"]["principal"]` (`request.state.principal` in Starlette), where worker
-identity reads it. Refusals are 401 (`WWW-Authenticate: Bearer`) or, once an address has
+identity reads it. It is also given to the SDK as `scope["user"]` (an `AuthenticatedUser`
+whose `client_id` is the name), which makes the SDK bind every transport session
+(`Mcp-Session-Id`, SSE `session_id`) to the principal that opened it: another principal
+naming it gets 404, as if it did not exist. Refusals are 401 (`WWW-Authenticate: Bearer`) or, once an address has
 spent its budget of refusals, 429 without comparing anything.
 """
 
@@ -17,6 +20,8 @@ import logging
 from collections.abc import Mapping
 from typing import Final
 
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_server.ratelimit import AddressLimiter, RateLimitedLog
@@ -69,7 +74,7 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         if self._open:
-            scope.setdefault("state", {})[PRINCIPAL_KEY] = DEFAULT_PRINCIPAL
+            _admit(scope, DEFAULT_PRINCIPAL)
             await self.app(scope, receive, send)
             return
         address = _client_address(scope)
@@ -80,7 +85,7 @@ class BearerAuth:
                 await receive()
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+            _admit(scope, principal)
             await self.app(scope, receive, send)
             return
         if self._limiter.limited(address):
@@ -95,7 +100,7 @@ class BearerAuth:
             self._refuse_log(scope, address, reason)
             await _reply(send, 401, _unauthorized_message(presented is None), invalid=presented is not None)
             return
-        scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+        _admit(scope, principal)
         await self.app(scope, receive, send)
 
     def _match(self, presented: bytes) -> str | None:
@@ -111,6 +116,12 @@ class BearerAuth:
         self._refusals.log(
             logging.WARNING, "refused %s %s from %s: %s", method, scope.get("path", "?"), address, reason
         )
+
+
+def _admit(scope: Scope, principal: str) -> None:
+    scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+    # The SDK keys session ownership on client_id; the token itself is never kept.
+    scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal, scopes=[]))
 
 
 def _client_address(scope: Scope) -> str:

@@ -391,3 +391,34 @@ async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_p
             assert again["data"]["stdout"] == "still-here\n"
         await wait_for(lambda: not session_pids(server.run_id), 15, "the sessions to end")
         assert "Traceback" not in server.log()
+
+
+async def test_transport_sessions_belong_to_their_principal(tmp_path: Path) -> None:
+    """Bob naming Alice's Mcp-Session-Id or SSE session_id gets 404 (the SDK's ownership check, fed
+    by the middleware's `scope["user"]`); Alice's own requests pass."""
+    alice, bob = new_token(), new_token()
+    settings = {"tokens": {"alice": alice, "bob": bob}}
+    as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    initialized = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+    with anyio.fail_after(60), running_http_server(tmp_path, token=None, server_settings=settings) as server:
+        async with httpx2.AsyncClient(base_url=server.base, timeout=10.0, headers=MCP_HEADERS) as http:
+            opened = await http.post("/mcp", headers=as_alice, content=json.dumps(INIT).encode())
+            assert opened.status_code == 200
+            session = opened.headers["mcp-session-id"]
+            for who, expected in ((as_bob, 404), (as_alice, 202)):
+                sent = await http.post("/mcp", headers={**who, "mcp-session-id": session}, content=initialized)
+                assert sent.status_code == expected, (who == as_bob, sent.status_code, sent.text)
+
+            async with http.stream("GET", "/sse", headers={**as_alice, "Accept": "text/event-stream"}) as stream:
+                assert stream.status_code == 200
+                # One iterator kept alive: abandoning an iterator of the stream would close it.
+                lines = stream.aiter_lines()
+                line = ""
+                while not line.startswith("data:"):
+                    line = await anext(lines)
+                endpoint = line.removeprefix("data:").strip()
+                assert "session_id=" in endpoint
+                ping = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "ping"}).encode()
+                for who, expected in ((as_bob, 404), (as_alice, 202)):
+                    posted = await http.post(endpoint, headers=who, content=ping)
+                    assert posted.status_code == expected, (who == as_bob, posted.status_code, posted.text)
