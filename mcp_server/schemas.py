@@ -183,6 +183,29 @@ def arrays_without_items(schema: Any, path: str = "#") -> list[str]:
     return found
 
 
+def free_form_maps(schema: Any, path: str = "#") -> list[str]:
+    """JSON pointers of the objects in `schema` that accept undeclared keys (`dict[str, X]`).
+
+    These are what strict conversions cannot express: openai-agents then serves the tool
+    non-strict, LangChain's `strict=True` empties them to `{}`.
+    """
+    found: list[str] = []
+    if isinstance(schema, dict):
+        extra = schema.get("additionalProperties")
+        if extra is not None and extra is not False:
+            found.append(path)
+        for key, value in schema.items():
+            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                for name, sub in value.items():
+                    found += free_form_maps(sub, f"{path}/{key}/{name}")
+            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+                for index, sub in enumerate(value):
+                    found += free_form_maps(sub, f"{path}/{key}/{index}")
+            elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
+                found += free_form_maps(value, f"{path}/{key}")
+    return found
+
+
 class _Rewriter:
     def __init__(self, defs: Mapping[str, Any], *, keep_titles: bool) -> None:
         self._defs = defs
