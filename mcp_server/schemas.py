@@ -334,13 +334,18 @@ def with_session_configs(
     configs: Mapping[str, Mapping[str, Any]],
     *,
     common_properties: Mapping[str, Mapping[str, Any]] | None = None,
+    typed_resource_map: bool = False,
 ) -> Schema:
     """A portable `create_session` / `reinitialize` schema with typed configs in place of open objects.
 
-    `schema` is the meta-tool's (portable) input schema. Its `config` property becomes
-    `config_union_schema(configs)` and, where `resource` accepts a mapping
-    `{resource: config}`, that open-map branch becomes `config_map_schema(configs)`.
-    Descriptions of the replaced properties are kept in front of the generated ones.
+    `schema` is the meta-tool's input schema (raw or portable). Its `config` property becomes
+    `config_union_schema(configs)`; the description of the original is kept in front.
+
+    With `typed_resource_map`, the open-map branch of `resource` (`{resource: config}`) becomes
+    `config_map_schema(configs)` too. That doubles the schema (every config twice: about 12 KB
+    instead of 6 KB for the three built-in resources), so it is off by default: the string
+    and list forms plus `config` cover one resource with a config, and the map keeps working
+    for clients that send it (a strict conversion may empty it, as any free-form map).
     """
     out = portable_schema(schema)
     properties = out["properties"]
@@ -351,7 +356,7 @@ def with_session_configs(
             union["description"] = f"{own} {union['description']}"
         properties["config"] = union
     resource = properties.get("resource")
-    if isinstance(resource, dict) and isinstance(resource.get("anyOf"), list):
+    if typed_resource_map and isinstance(resource, dict) and isinstance(resource.get("anyOf"), list):
         resource["anyOf"] = [
             config_map_schema(configs, common_properties=common_properties) if _is_open_map(branch) else branch
             for branch in resource["anyOf"]

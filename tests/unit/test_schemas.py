@@ -236,7 +236,9 @@ def test_create_session_and_reinitialize_get_typed_configs(catalog, configs):
         validator = Draft202012Validator(typed)
         assert validator.is_valid({"resource": "bash", "config": {"cwd": "/tmp"}}), name
         assert not validator.is_valid({"resource": "bash", "config": {"no_such_field": 1}}), name
-    create = Draft202012Validator(with_session_configs(catalog["create_session"], configs))
+    create = Draft202012Validator(with_session_configs(catalog["create_session"], configs, typed_resource_map=True))
     assert create.is_valid({"resource": {"bash": {"cwd": "/tmp"}, "vm": None}})
     assert create.is_valid({"resource": ["bash", "vm"]})
     assert not create.is_valid({"resource": {"nosuch": None}})
+    untyped = Draft202012Validator(with_session_configs(catalog["create_session"], configs))
+    assert untyped.is_valid({"resource": {"bash": {"cwd": "/tmp"}, "vm": None}})

@@ -1,7 +1,7 @@
 """Run tool schemas through a framework's strict conversion, in that framework's virtualenv.
 
-Reads {tool name: input schema} as JSON on stdin and prints, per tool, whether the strict
-conversion accepted it, its error, and the converted schema:
+Reads {"framework": name, "schemas": {tool name: input schema}} as JSON on stdin and prints,
+per tool, whether the strict conversion accepted it, its error, and the converted schema:
 
 - `openai-agents`: `agents.strict_schema.ensure_strict_json_schema`, called the way
   `MCPUtil.to_function_tool` calls it for MCP tools (open objects rejected); a tool it
@@ -9,7 +9,7 @@ conversion accepted it, its error, and the converted schema:
 - `langchain`: `convert_to_openai_tool(..., strict=True)`, which never refuses but closes every
   object, so a free-form map becomes `{}`.
 
-Usage: python strict_probe.py openai-agents|langchain < schemas.json
+Usage: python strict_probe.py < request.json
 """
 
 from __future__ import annotations
@@ -48,5 +48,6 @@ def langchain(schemas: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    convert = {"openai-agents": openai_agents, "langchain": langchain}[sys.argv[1]]
-    sys.stdout.write(json.dumps(convert(json.load(sys.stdin))) + "\n")
+    request = json.load(sys.stdin)
+    convert = {"openai-agents": openai_agents, "langchain": langchain}[request["framework"]]
+    sys.stdout.write(json.dumps(convert(request["schemas"])) + "\n")

@@ -1,0 +1,158 @@
+"""Every tool schema of the default manifest under the strict conversions agent frameworks apply.
+
+The schemas are the portable ones (`mcp_server.schemas`): `portable_schema` for every tool and
+typed per-resource configs for `create_session` / `reinitialize`. Each one must be a valid
+Draft 2020-12 schema with `items` on every array, before and after conversion. Then:
+
+- openai-agents (`ensure_strict_json_schema`, as `MCPUtil.to_function_tool` calls it) must
+  accept every tool except those holding a free-form map (bash `env`, browser
+  `extra_headers`, ...), the one accepted reason to fall back to non-strict;
+- LangChain (`convert_to_openai_tool(strict=True)`) must empty nothing but free-form maps; in
+  particular the session configs keep every resource's fields instead of collapsing to `{}`.
+
+`NON_STRICT_TOOLS` is the list the README gives; this test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from manifests import build_backends, load_manifest
+from mcp_server.cli import cli_logic
+from mcp_server.schemas import (
+    arrays_without_items,
+    free_form_maps,
+    portable_schema,
+    with_session_configs,
+)
+from tests.frameworks.helpers import run_probe
+
+pytestmark = pytest.mark.slow
+
+NON_STRICT_TOOLS = {"create_session", "reinitialize"}
+SESSION_CONFIG_TOOLS = ("create_session", "reinitialize")
+CUSTOM_NAME = {"custom_name": {"type": "string", "description": "A label for the session."}}
+
+
+@pytest.fixture(scope="module")
+def raw_catalog() -> dict[str, dict[str, Any]]:
+    """name -> inputSchema as `agentflow-sandbox tools --json` lists them for the default manifest."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_logic(["tools", "--json"]) == 0
+    return {tool["name"]: tool["inputSchema"] for tool in json.loads(out.getvalue())}
+
+
+@pytest.fixture(scope="module")
+def catalog(raw_catalog: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The portable schemas.
+
+    Applied here until the server's tool listing applies them itself; then this is the identity
+    for every tool (both functions are idempotent).
+    """
+    configs = {name: backend.Config.model_json_schema() for name, backend in build_backends(load_manifest()).items()}
+    portable = {name: portable_schema(schema) for name, schema in raw_catalog.items()}
+    for name in SESSION_CONFIG_TOOLS:
+        portable[name] = with_session_configs(raw_catalog[name], configs, common_properties=CUSTOM_NAME)
+    return portable
+
+
+@pytest.fixture(scope="module")
+def openai_agents_strict(framework_venvs: dict[str, Path], catalog: dict[str, Any]) -> dict[str, Any]:
+    return run_probe(framework_venvs["openai-agents"], "strict_probe.py", "", "", stdin=_args("openai-agents", catalog))
+
+
+@pytest.fixture(scope="module")
+def langchain_strict(framework_venvs: dict[str, Path], catalog: dict[str, Any]) -> dict[str, Any]:
+    return run_probe(framework_venvs["langchain"], "strict_probe.py", "", "", stdin=_args("langchain", catalog))
+
+
+def _args(framework: str, catalog: dict[str, Any]) -> bytes:
+    return json.dumps({"framework": framework, "schemas": catalog}).encode()
+
+
+def test_the_raw_catalog_breaks_the_array_rule(raw_catalog):
+    """Why portable_schema exists: pydantic tuples (vm_drag) have no `items`."""
+    offenders = {name for name, schema in raw_catalog.items() if arrays_without_items(schema)}
+    assert "vm_drag" in offenders
+
+
+def test_every_portable_schema_is_valid_with_items_on_every_array(catalog):
+    for name, schema in catalog.items():
+        Draft202012Validator.check_schema(schema)
+        assert arrays_without_items(schema) == [], name
+        assert schema["type"] == "object", name
+
+
+def test_openai_agents_strict_conversion_falls_back_only_for_free_form_maps(catalog, openai_agents_strict):
+    assert set(openai_agents_strict) == set(catalog)
+    non_strict = {name for name, outcome in openai_agents_strict.items() if not outcome["strict"]}
+    for name in non_strict:
+        maps = free_form_maps(catalog[name])
+        assert maps, f"{name} falls back to non-strict without a free-form map: {openai_agents_strict[name]['error']}"
+        assert (
+            "additionalProperties" in openai_agents_strict[name]["error"]
+            or "undeclared properties" in (openai_agents_strict[name]["error"])
+        ), openai_agents_strict[name]["error"]
+    with_maps = {name for name, schema in catalog.items() if free_form_maps(schema)}
+    assert non_strict == with_maps, "every tool with a free-form map falls back, and no other"
+    assert non_strict == NON_STRICT_TOOLS, "update NON_STRICT_TOOLS and the README's list"
+
+
+def test_openai_agents_strict_schemas_stay_valid_and_keep_items(openai_agents_strict):
+    for name, outcome in openai_agents_strict.items():
+        if outcome["strict"]:
+            Draft202012Validator.check_schema(outcome["schema"])
+            assert arrays_without_items(outcome["schema"]) == [], name
+            assert _emptied(outcome["schema"]) == [], name
+
+
+def test_langchain_strict_conversion_empties_only_free_form_maps(catalog, langchain_strict):
+    for name, schema in catalog.items():
+        outcome = langchain_strict[name]
+        assert outcome["strict"], outcome["error"]
+        converted = outcome["schema"]
+        Draft202012Validator.check_schema(converted)
+        assert arrays_without_items(converted) == [], name
+        emptied = set(_emptied(converted))
+        assert emptied <= set(free_form_maps(schema)), f"{name}: {sorted(emptied - set(free_form_maps(schema)))}"
+
+
+def test_session_configs_keep_every_resource_s_fields_under_strict_conversion(langchain_strict):
+    for name in SESSION_CONFIG_TOOLS:
+        config = langchain_strict[name]["schema"]["properties"]["config"]
+        objects = [branch for branch in config["anyOf"] if branch.get("type") == "object"]
+        fields = [set(branch["properties"]) for branch in objects]
+        assert {"cwd", "timeout", "custom_name"} in [f & {"cwd", "timeout", "custom_name"} for f in fields], name
+        assert any("screen_size" in f for f in fields), name
+        assert any("viewport" in f for f in fields), name
+
+
+def _emptied(schema: Any, path: str = "#") -> list[str]:
+    """Pointers of closed objects with no properties below the root: what a model cannot fill."""
+    found: list[str] = []
+    if isinstance(schema, dict):
+        if (
+            path != "#"
+            and schema.get("type") == "object"
+            and not schema.get("properties")
+            and schema.get("additionalProperties") is False
+        ):
+            found.append(path)
+        for key, value in schema.items():
+            if key == "properties" and isinstance(value, dict):
+                for prop, sub in value.items():
+                    found += _emptied(sub, f"{path}/properties/{prop}")
+            elif key in ("anyOf", "oneOf", "allOf") and isinstance(value, list):
+                for index, sub in enumerate(value):
+                    found += _emptied(sub, f"{path}/{key}/{index}")
+            elif key in ("items", "additionalProperties") and isinstance(value, dict):
+                found += _emptied(value, f"{path}/{key}")
+    return found
