@@ -8,7 +8,9 @@ Draft 2020-12 schema with `items` on every array, before and after conversion. T
   accept every tool except those holding a free-form map (bash `env`, browser
   `extra_headers`, ...), the one accepted reason to fall back to non-strict;
 - LangChain (`convert_to_openai_tool(strict=True)`) must empty nothing but free-form maps; in
-  particular the session configs keep every resource's fields instead of collapsing to `{}`.
+  particular the session configs keep every resource's fields instead of collapsing to `{}`;
+- google-genai's conversion into Gemini's schema subset must accept every tool (it refuses
+  `prefixItems` and `exclusiveMinimum`, which pydantic emits).
 
 `NON_STRICT_TOOLS` is the list the README gives; this test keeps the two in step.
 """
@@ -74,6 +76,11 @@ def langchain_strict(framework_venvs: dict[str, Path], catalog: dict[str, Any]) 
     return run_probe(framework_venvs["langchain"], "strict_probe.py", "", "", stdin=_args("langchain", catalog))
 
 
+@pytest.fixture(scope="module")
+def gemini_schemas(framework_venvs: dict[str, Path], catalog: dict[str, Any]) -> dict[str, Any]:
+    return run_probe(framework_venvs["gemini"], "strict_probe.py", "", "", stdin=_args("gemini", catalog))
+
+
 def _args(framework: str, catalog: dict[str, Any]) -> bytes:
     return json.dumps({"framework": framework, "schemas": catalog}).encode()
 
@@ -133,6 +140,18 @@ def test_session_configs_keep_every_resource_s_fields_under_strict_conversion(la
         assert {"cwd", "timeout", "custom_name"} in [f & {"cwd", "timeout", "custom_name"} for f in fields], name
         assert any("screen_size" in f for f in fields), name
         assert any("viewport" in f for f in fields), name
+
+
+def test_gemini_accepts_every_portable_schema(catalog, gemini_schemas, framework_venvs, raw_catalog):
+    refused = {name: outcome["error"] for name, outcome in gemini_schemas.items() if not outcome["strict"]}
+    assert refused == {}
+    assert set(gemini_schemas) == set(catalog)
+    drag = gemini_schemas["vm_drag"]["schema"]["properties"]["from"]
+    assert drag["items"]["type"] == "INTEGER"
+    assert (int(drag["min_items"]), int(drag["max_items"])) == (2, 2)
+    # The same conversion refuses pydantic's raw output, so this checks something.
+    raw = run_probe(framework_venvs["gemini"], "strict_probe.py", "", "", stdin=_args("gemini", raw_catalog))
+    assert not raw["vm_drag"]["strict"]
 
 
 def _emptied(schema: Any, path: str = "#") -> list[str]:

@@ -8,8 +8,10 @@ per tool, whether the strict conversion accepted it, its error, and the converte
   rejects is served non-strict.
 - `langchain`: `convert_to_openai_tool(..., strict=True)`, which never refuses but closes every
   object, so a free-form map becomes `{}`.
+- `gemini`: google-genai's `Schema.from_json_schema(..., api_option="GEMINI_API")`, the
+  conversion into Gemini's schema subset (it refuses keywords outside it).
 
-Usage: python strict_probe.py < request.json
+Usage: python strict_probe.py < request.json   (framework: openai-agents | langchain | gemini)
 """
 
 from __future__ import annotations
@@ -47,7 +49,22 @@ def langchain(schemas: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def gemini(schemas: dict[str, Any]) -> dict[str, Any]:
+    from google.genai import types
+
+    out: dict[str, Any] = {}
+    for name, schema in schemas.items():
+        try:
+            converted = types.Schema.from_json_schema(
+                json_schema=types.JSONSchema.model_validate(copy.deepcopy(schema)), api_option="GEMINI_API"
+            )
+            out[name] = {"strict": True, "error": None, "schema": converted.model_dump(mode="json", exclude_none=True)}
+        except Exception as exc:
+            out[name] = {"strict": False, "error": f"{type(exc).__name__}: {exc}"[:500], "schema": None}
+    return out
+
+
 if __name__ == "__main__":
     request = json.load(sys.stdin)
-    convert = {"openai-agents": openai_agents, "langchain": langchain}[request["framework"]]
+    convert = {"openai-agents": openai_agents, "langchain": langchain, "gemini": gemini}[request["framework"]]
     sys.stdout.write(json.dumps(convert(request["schemas"])) + "\n")
