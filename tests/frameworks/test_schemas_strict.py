@@ -1,8 +1,9 @@
 """Every tool schema of the default manifest under the strict conversions agent frameworks apply.
 
-The schemas are the portable ones (`mcp_server.schemas`): `portable_schema` for every tool and
-typed per-resource configs for `create_session` / `reinitialize`. Each one must be a valid
-Draft 2020-12 schema with `items` on every array, before and after conversion. Then:
+The schemas are the ones the server lists: `portable_schema` (mcp_server/schemas.py) applied to
+every tool, whose `create_session` / `reinitialize` configs are a union of the resources'
+config schemas. Each one must be a valid Draft 2020-12 schema with `items` on every array,
+before and after conversion. Then:
 
 - openai-agents (`ensure_strict_json_schema`, as `MCPUtil.to_function_tool` calls it) must
   accept every tool except those holding a free-form map (bash `env`, browser
@@ -26,44 +27,32 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from manifests import build_backends, load_manifest
+from manifests import load_manifest
 from mcp_server.cli import cli_logic
-from mcp_server.schemas import (
-    arrays_without_items,
-    free_form_maps,
-    portable_schema,
-    with_session_configs,
-)
+from mcp_server.factory import engine_from_manifest
+from mcp_server.schemas import arrays_without_items, free_form_maps, portable_schema
 from tests.frameworks.helpers import run_probe
 
 pytestmark = pytest.mark.slow
 
 NON_STRICT_TOOLS = {"create_session", "reinitialize"}
 SESSION_CONFIG_TOOLS = ("create_session", "reinitialize")
-CUSTOM_NAME = {"custom_name": {"type": "string", "description": "A label for the session."}}
 
 
 @pytest.fixture(scope="module")
 def raw_catalog() -> dict[str, dict[str, Any]]:
-    """name -> inputSchema as `agentflow-sandbox tools --json` lists them for the default manifest."""
+    """name -> the raw pydantic input schema of every tool of the default manifest."""
+    engine = engine_from_manifest(load_manifest())
+    return {spec.qualified_name: spec.input_schema() for spec in engine.catalog.values()}
+
+
+@pytest.fixture(scope="module")
+def catalog() -> dict[str, dict[str, Any]]:
+    """name -> inputSchema as the server lists them (`agentflow-sandbox tools --json`, default manifest)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_logic(["tools", "--json"]) == 0
     return {tool["name"]: tool["inputSchema"] for tool in json.loads(out.getvalue())}
-
-
-@pytest.fixture(scope="module")
-def catalog(raw_catalog: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The portable schemas.
-
-    Applied here until the server's tool listing applies them itself; then this is the identity
-    for every tool (both functions are idempotent).
-    """
-    configs = {name: backend.Config.model_json_schema() for name, backend in build_backends(load_manifest()).items()}
-    portable = {name: portable_schema(schema) for name, schema in raw_catalog.items()}
-    for name in SESSION_CONFIG_TOOLS:
-        portable[name] = with_session_configs(raw_catalog[name], configs, common_properties=CUSTOM_NAME)
-    return portable
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +80,13 @@ def test_the_raw_catalog_breaks_the_array_rule(raw_catalog):
     assert "vm_drag" in offenders
 
 
-def test_every_portable_schema_is_valid_with_items_on_every_array(catalog):
+def test_the_listing_serves_the_portable_schemas(catalog, raw_catalog):
+    assert set(catalog) == set(raw_catalog)
+    for name, schema in catalog.items():
+        assert schema == portable_schema(schema), f"{name} is listed without portable_schema"
+
+
+def test_every_listed_schema_is_valid_with_items_on_every_array(catalog):
     for name, schema in catalog.items():
         Draft202012Validator.check_schema(schema)
         assert arrays_without_items(schema) == [], name

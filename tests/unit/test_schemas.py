@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 from typing import Any, Literal
 
@@ -12,8 +10,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, Field
 
-from manifests import build_backends, load_manifest
-from mcp_server.cli import cli_logic
+from manifests import load_manifest
+from mcp_server.factory import engine_from_manifest
 from mcp_server.schemas import (
     arrays_without_items,
     config_map_schema,
@@ -21,6 +19,7 @@ from mcp_server.schemas import (
     portable_schema,
     with_session_configs,
 )
+from session.engine import Engine
 
 # Gemini's function-declaration schema (an OpenAPI 3.0 subset) knows these keywords; the
 # portable schemas use nothing else. `additionalProperties` is kept on purpose (a closed
@@ -34,17 +33,19 @@ CUSTOM_NAME = {"custom_name": {"type": "string", "description": "A label for the
 
 
 @pytest.fixture(scope="module")
-def catalog() -> dict[str, dict[str, Any]]:
-    """name -> inputSchema, as `agentflow-sandbox tools --json` prints them for the default manifest."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert cli_logic(["tools", "--json"]) == 0
-    return {tool["name"]: tool["inputSchema"] for tool in json.loads(out.getvalue())}
+def engine() -> Engine:
+    return engine_from_manifest(load_manifest())
 
 
 @pytest.fixture(scope="module")
-def configs() -> dict[str, dict[str, Any]]:
-    return {name: backend.Config.model_json_schema() for name, backend in build_backends(load_manifest()).items()}
+def catalog(engine: Engine) -> dict[str, dict[str, Any]]:
+    """name -> the raw pydantic input schema of every tool of the default manifest (before listing)."""
+    return {spec.qualified_name: spec.input_schema() for spec in engine.catalog.values()}
+
+
+@pytest.fixture(scope="module")
+def configs(engine: Engine) -> dict[str, dict[str, Any]]:
+    return {name: backend.Config.model_json_schema() for name, backend in engine.backends.items()}
 
 
 def keywords(schema: Any) -> set[str]:
