@@ -51,6 +51,10 @@ class Run:
         self.framework = framework
         self.server = server
         self.result = result
+        # Taken right after the probe exits: the session outlives it by the grace or the TTL,
+        # so the leak check below is about processes that really existed.
+        self.session_tag = _session_tag(result)
+        self.alive_after_close = session_pids(server.run_id, self.session_tag) if self.session_tag else []
 
     def outcome(self, step: str) -> dict[str, Any]:
         value = self.result.get(step)
@@ -120,7 +124,8 @@ def test_a_bad_argument_is_a_tool_error_not_an_exception(run: Run) -> None:
 async def test_nothing_is_left_after_close_grace_and_ttl(run: Run) -> None:
     """The probe has exited; its sessions end by the disconnect grace or, with no connection, the TTL."""
     within = SESSION_TTL + DISCONNECT_GRACE + GONE_TIMEOUT
-    shell = _session_shell(run)
+    assert run.session_tag is not None, "no session was created, so there is nothing to see go"
+    assert run.alive_after_close, f"{run.framework}: the session's shell was already gone when the probe exited"
     await wait_for(
         lambda: not session_pids(run.server.run_id),
         within,
@@ -131,8 +136,6 @@ async def test_nothing_is_left_after_close_grace_and_ttl(run: Run) -> None:
         within,
         f"{run.framework}: the server's children to exit: {server_descendants(run.server.pid)}",
     )
-    if shell is not None:
-        assert shell not in session_pids(run.server.run_id)
 
 
 def _succeeded(outcome: dict[str, Any]) -> bool:
@@ -151,11 +154,10 @@ def _stdout(outcome: dict[str, Any]) -> str:
     return match.group(1).encode().decode("unicode_escape")
 
 
-def _session_shell(run: Run) -> int | None:
-    """The shell pid the state test's session reported, when it got that far."""
-    pwd = run.result.get("pwd")
-    if not isinstance(pwd, dict) or "exception" in pwd or pwd.get("is_error"):
+def _session_tag(result: dict[str, Any]) -> str | None:
+    """The AGENTFLOW_SESSION tag the state test's session printed, when it got that far."""
+    pwd = result.get("pwd")
+    if not isinstance(pwd, dict) or "exception" in pwd or not _succeeded(pwd):
         return None
     lines = _stdout(pwd).splitlines()
-    fields = lines[1].split() if len(lines) > 1 else []
-    return int(fields[1]) if len(fields) == 2 and fields[1].isdigit() else None
+    return lines[1].strip() if len(lines) > 1 and lines[1].startswith("bash-") else None

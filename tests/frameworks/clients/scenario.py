@@ -61,7 +61,7 @@ async def run(list_tools: Callable[[], Awaitable[list[str]]], call: Call) -> dic
     if handle is not None:
         result["cd"] = await guarded(call, "bash_run", {"command": "cd /tmp", "session_id": handle})
         result["pwd"] = await guarded(
-            call, "bash_run", {"command": 'pwd; echo "$AGENTFLOW_SESSION $$"', "session_id": handle}
+            call, "bash_run", {"command": 'pwd; echo "$AGENTFLOW_SESSION"', "session_id": handle}
         )
     result["screenshot"] = await guarded(call, "vm_screenshot", {})
     result["bad_argument"] = await guarded(call, "bash_run", {"command": "true", "timeout": -1})
