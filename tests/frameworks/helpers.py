@@ -91,7 +91,8 @@ def _start(directory: Path, token: str) -> ServerProcess:
     run_id = uuid.uuid4().hex
     manifest = write_manifest(directory, run_id)
     log_path = directory / f"server-{run_id[:8]}.log"
-    env = {**os.environ, TOKEN_VARIABLE: token}
+    # XDG_STATE_HOME: whatever the server keeps there (a token file) stays in the test's directory.
+    env = {**os.environ, TOKEN_VARIABLE: token, "XDG_STATE_HOME": str(directory / "state")}
     last_log = ""
     for _attempt in range(3):  # the free port can be taken between probe and bind: retry
         port = free_port()
@@ -103,7 +104,9 @@ def _start(directory: Path, token: str) -> ServerProcess:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        server = ServerProcess(process, port, run_id, manifest, log_path, log_file)
+        server = ServerProcess(
+            process=process, port=port, run_id=run_id, manifest=manifest, log_path=log_path, _log=log_file
+        )
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
             status = server.health()
