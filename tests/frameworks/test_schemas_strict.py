@@ -108,6 +108,13 @@ def test_openai_agents_strict_conversion_falls_back_only_for_free_form_maps(cata
     assert non_strict == NON_STRICT_TOOLS, "update NON_STRICT_TOOLS and the README's list"
 
 
+def test_the_readme_lists_the_non_strict_tools():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Strict tool schemas", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert {row.split("`")[1] for row in rows} == NON_STRICT_TOOLS
+
+
 def test_openai_agents_strict_schemas_stay_valid_and_keep_items(openai_agents_strict):
     for name, outcome in openai_agents_strict.items():
         if outcome["strict"]:
