@@ -101,6 +101,13 @@ class ResourceSpec(BaseModel):
         "sessions may only tighten it. Omitted keys keep the backend's defaults.",
     )
     max_sessions: int | None = Field(default=None, ge=1, description="Live sessions of this resource.")
+    pool: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Sessions kept started with the default config and policy, so create_session and "
+        "temporary calls take a ready one (each is used once, never recycled).",
+    )
 
 
 class Manifest(BaseModel):
