@@ -11,7 +11,9 @@ started must both be gone once the session's owner is.
 | sse          | Client(sse_client(url))                             | 2026-07-28 | the SSE stream  |
 | sse-legacy   | Client(sse_client(url), mode="legacy")              | 2025-11-25 | the SSE stream  |
 | http-legacy  | Client(streamable_http_client(url), mode="legacy")  | 2025-11-25 | Mcp-Session-Id  |
-| http         | Client(url)                                         | 2026-07-28 | `_meta` key/TTL |
+| http         | Client(streamable_http_client(url))                 | 2026-07-28 | `_meta` key/TTL |
+
+HTTP and SSE clients send the server's bearer token (`ServerProcess.headers`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +76,21 @@ async def connect(
     """A plain `mcp.Client` of `kind` (see the module docstring)."""
     legacy = kind.endswith("-legacy")
     mode = "legacy" if legacy else "auto"
-    if kind.startswith("stdio"):
-        assert manifest is not None
-        client = Client(stdio_params(manifest), mode=mode)
-    else:
-        assert server is not None
-        if kind.startswith("sse"):
-            client = Client(sse_client(server.sse_url), mode=mode)
-        elif kind == "http-legacy":
-            client = Client(streamable_http_client(server.mcp_url, terminate_on_close=terminate_on_close), mode=mode)
+    async with AsyncExitStack() as stack:
+        if kind.startswith("stdio"):
+            assert manifest is not None
+            client = Client(stdio_params(manifest), mode=mode)
         else:
-            client = Client(server.mcp_url)
-    async with client:
+            assert server is not None
+            if kind.startswith("sse"):
+                client = Client(sse_client(server.sse_url, headers=server.headers), mode=mode)
+            else:
+                http = await stack.enter_async_context(server.http_client())
+                transport = streamable_http_client(
+                    server.mcp_url, http_client=http, terminate_on_close=terminate_on_close
+                )
+                client = Client(transport, mode=mode)
+        await stack.enter_async_context(client)
         expected = "2025-11-25" if legacy else MODERN
         assert client.protocol_version == expected, (kind, client.protocol_version)
         yield client
@@ -302,7 +307,7 @@ async def test_http_server_sigterm_leaves_no_bash_process(tmp_path: Path) -> Non
             ok(await legacy.call_tool("create_session", {"resource": "bash"}))
             tags.append(parse_probe(ok(await legacy.call_tool("bash_run", {"command": PROBE})))[0])
         assert all(session_pids(tag, test_marker=server.run_id) for tag in tags)
-        assert server.health() == {"status": "running", "live_sessions": 2}
+        assert server.health() == {"status": "running"}
 
         returncode = await anyio.to_thread.run_sync(server.stop, signal.SIGTERM, 20.0)
         leftovers = session_pids(test_marker=server.run_id)

@@ -21,6 +21,7 @@ def write_manifest(
     log_level: str = "WARNING",
     disconnect_grace: float = 0.0,
     isolation: str = "none",
+    server: dict[str, Any] | None = None,
 ) -> Path:
     """Write a JSON manifest (server on 127.0.0.1) and return its path.
 
@@ -40,6 +41,7 @@ def write_manifest(
             "disconnect_grace": disconnect_grace,
             "host": "127.0.0.1",
             "log_level": log_level,
+            **(server or {}),
         },
         "resources": resources,
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import httpx2
 import pytest
 
 from tests.support import leaks
@@ -28,6 +31,11 @@ from tests.support.polling import eventually_sync
 from tests.support.ports import free_port
 
 SERVER_START_TIMEOUT = 60.0  # generous: a loaded machine can take many seconds to import and bind
+TOKEN_ENV = "AGENTFLOW_SANDBOX_TOKEN"
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def server_command() -> list[str]:
@@ -49,7 +57,18 @@ class ServerProcess:
     test_marker: str
     manifest: Path
     log_path: Path
+    token: str | None = field(repr=False, default=None)
+    state_home: Path | None = None
     _log: IO[bytes] | None = field(repr=False, default=None)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Authorization: Bearer` with this server's token (empty for a --no-auth server)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def http_client(self, **headers: str) -> httpx2.AsyncClient:
+        """An HTTP client for the MCP SDK's transports, sending the token (and `headers`)."""
+        return httpx2.AsyncClient(headers={**self.headers, **headers}, timeout=httpx2.Timeout(30.0, read=300.0))
 
     @property
     def run_id(self) -> str:
@@ -98,31 +117,54 @@ class ServerProcess:
 
 
 def start_http_server(
-    directory: Path, *, session_ttl: float = 30.0, transport: str = "http", manifest: Path | None = None
+    directory: Path,
+    *,
+    session_ttl: float = 30.0,
+    transport: str = "http",
+    manifest: Path | None = None,
+    token: str | None = "",
+    server_settings: dict[str, Any] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> ServerProcess:
     """`agentflow-sandbox serve --transport http` on a free 127.0.0.1 port, healthy on return.
 
-    Without `manifest`, one with a bash resource whose shells carry a fresh per-test marker.
+    Without `manifest`, one with a bash resource whose shells carry a fresh per-test marker
+    (`server_settings` adds to its `[server]`). `token=""` (default): a fresh token in the
+    server's AGENTFLOW_SANDBOX_TOKEN. `token=None`: no variable, so the server takes the
+    manifest's tokens or generates one into its token file under `directory` (its
+    XDG_STATE_HOME); `server.token` is then read from that file.
     """
     marker = leaks.new_test_marker()
     if manifest is None:
         manifest = write_manifest(
-            directory, session_ttl=session_ttl, test_marker=marker, name=f"manifest-{uuid.uuid4().hex[:8]}.json"
+            directory,
+            session_ttl=session_ttl,
+            test_marker=marker,
+            name=f"manifest-{uuid.uuid4().hex[:8]}.json",
+            server=server_settings,
         )
     log_path = directory / f"server-{marker}.log"
+    state_home = directory / f"state-{marker}"
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env["XDG_STATE_HOME"] = str(state_home)
+    if token == "":
+        token = new_token()
+    if token is not None:
+        env[TOKEN_ENV] = token
     last_error = ""
     for _attempt in range(3):  # the free port can be taken between probe and bind: retry
         port = free_port()
         log_file = log_path.open("wb")
         argv = [*server_command(), "serve", "--transport", transport, "--manifest", str(manifest)]
         process = subprocess.Popen(
-            [*argv, "--host", "127.0.0.1", "--port", str(port)],
+            [*argv, "--host", "127.0.0.1", "--port", str(port), *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         leaks.note_server(process.pid)
-        server = ServerProcess(process, port, marker, manifest, log_path, log_file)
+        server = ServerProcess(process, port, marker, manifest, log_path, token, state_home, log_file)
 
         def ready(server: ServerProcess = server) -> bool:
             if server.process.poll() is not None:
@@ -132,6 +174,9 @@ def start_http_server(
 
         eventually_sync(ready, SERVER_START_TIMEOUT, what=f"server on port {port} to become healthy")
         if process.poll() is None:
+            generated = state_home / "agentflow-sandbox" / f"token-{port}"
+            if token is None and generated.exists():
+                server.token = generated.read_text().strip()
             return server
         last_error = server.log()
         with contextlib.suppress(Exception):
@@ -140,9 +185,9 @@ def start_http_server(
 
 
 @contextlib.contextmanager
-def running_http_server(directory: Path, *, session_ttl: float = 30.0) -> Iterator[ServerProcess]:
-    """A started server, stopped (and its sessions' leftovers killed) on exit."""
-    server = start_http_server(directory, session_ttl=session_ttl)
+def running_http_server(directory: Path, *, session_ttl: float = 30.0, **options: Any) -> Iterator[ServerProcess]:
+    """A started server (see `start_http_server` for `options`), stopped and its leftovers killed on exit."""
+    server = start_http_server(directory, session_ttl=session_ttl, **options)
     try:
         yield server
     finally:
