@@ -18,7 +18,6 @@ refused (ConfigurationError) rather than offered broken.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -39,6 +38,8 @@ log = logging.getLogger(__name__)
 STATE_ROOT = Path("/run/agentflow/runsc")
 SHIM_DIR = Path("/run/agentflow/gvisor-lib")
 SHIM_INSIDE = "/.agentflow/lib"
+#: Host threads and processes gVisor itself needs (Sentry, gofer, stubs) beyond the session's own.
+PIDS_OVERHEAD = 256
 _SHIM_SOURCE = Path(__file__).with_name("gvisor_statx_shim.c")
 
 
@@ -105,10 +106,12 @@ def write_bundle(
     env: Mapping[str, str],
     cwd: str,
     uid: int,
+    pids: int,
     home: Path,
     tmp: Path,
     binds: Sequence[Bind],
     hostname: str,
+    host_network: bool = False,
 ) -> None:
     """Write an OCI bundle (config.json + an empty read-only rootfs of mount points)."""
     rootfs = bundle / "rootfs"
@@ -144,6 +147,8 @@ def write_bundle(
     if inside_env.get("LD_PRELOAD"):
         preload += " " + inside_env["LD_PRELOAD"]
     inside_env["LD_PRELOAD"] = preload
+    # With the host's network, the sandbox must stay in the host's network namespace.
+    namespaces = ["pid", "ipc", "uts", "mount"] if host_network else ["pid", "network", "ipc", "uts", "mount"]
     no_caps: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
     config = {
         "ociVersion": "1.0.0",
@@ -155,11 +160,13 @@ def write_bundle(
             "cwd": cwd,
             "noNewPrivileges": True,
             "capabilities": no_caps,
+            # The Sentry enforces this inside; the host cgroup's pids.max is raised by PIDS_OVERHEAD for gVisor itself.
+            "rlimits": [{"type": "RLIMIT_NPROC", "hard": pids, "soft": pids}],
         },
         "root": {"path": "rootfs", "readonly": True},
         "hostname": hostname,
         "mounts": mounts,
-        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
+        "linux": {"namespaces": [{"type": t} for t in namespaces]},
     }
     fd = os.open(bundle / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -170,21 +177,16 @@ def run_argv(state: Path, bundle: Path, container_id: str, *, network: str) -> l
     path = runsc_path()
     if path is None:
         raise ConfigurationError("isolation 'gvisor' is unavailable: runsc is not installed (apt-get install runsc)")
-    return [path, "--root", str(state), f"--network={network}", "run", "--bundle", str(bundle), container_id]
-
-
-def delete_containers(state: Path, ids: Sequence[str]) -> None:
-    """Forget the containers' state (their processes are already dead). Never raises."""
-    path = runsc_path()
-    for container_id in ids:
-        if path is not None:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    [path, "--root", str(state), "delete", "--force", container_id],
-                    capture_output=True,
-                    timeout=10,
-                    check=False,
-                )
-        for leftover in state.glob(f"{container_id}*"):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    # --ignore-cgroups: otherwise runsc moves its sandbox and gofer out of the session's cgroups,
+    # escaping the limits and the membership cleanup relies on.
+    return [
+        path,
+        "--root",
+        str(state),
+        "--ignore-cgroups",
+        f"--network={network}",
+        "run",
+        "--bundle",
+        str(bundle),
+        container_id,
+    ]

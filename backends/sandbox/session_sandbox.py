@@ -134,8 +134,11 @@ class SessionSandbox:
         if host.version is not None:
             cgroup = cgroups.SessionCgroup(host, self.spec.server_id, self.spec.label)
             self._cgroup = cgroup
+            host_limits = limits
+            if self.tier == "gvisor":
+                host_limits = limits.model_copy(update={"pids": limits.pids + gvisor.PIDS_OVERHEAD})
             try:
-                cgroup.create(limits)
+                cgroup.create(host_limits)
             except OSError as exc:
                 raise ConfigurationError(f"cannot create the session's cgroups under {cgroup.primary}: {exc}") from None
         else:
@@ -151,9 +154,13 @@ class SessionSandbox:
         except OSError as exc:
             raise ConfigurationError(f"cannot prepare the session's home {self.spec.home}: {exc}") from None
         if self.tier == "gvisor":
-            self._gvisor_state = gvisor.STATE_ROOT / self.spec.server_id
-            self._gvisor_state.mkdir(parents=True, exist_ok=True, mode=0o700)
-            (self._gvisor_state / "bundles").mkdir(exist_ok=True, mode=0o700)
+            # One runsc state root per session: removing it forgets every container of the session
+            # without a `runsc delete` per container (a Go binary start, ~1 s here, each).
+            server_state = gvisor.STATE_ROOT / self.spec.server_id
+            server_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._gvisor_state = server_state / self.spec.label
+            self._gvisor_state.mkdir(mode=0o700)
+            (self._gvisor_state / "bundles").mkdir(mode=0o700)
 
     # -- running ----------------------------------------------------------------------
 
@@ -255,10 +262,12 @@ class SessionSandbox:
             env=env,
             cwd=cwd or HOME_INSIDE,
             uid=self.uid,
+            pids=self.spec.policy.limits.pids,
             home=self._storage.home_source,
             tmp=self._storage.tmp_source,
             binds=self._storage.binds,
             hostname=self.spec.hostname,
+            host_network=self.spec.policy.network == "host",
         )
         self._containers.append(container_id)
         network = "host" if self.spec.policy.network == "host" else "none"
@@ -367,7 +376,8 @@ class SessionSandbox:
             with contextlib.suppress(ProcessLookupError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
         if self._cgroup is not None:
-            await self._cgroup.kill_all()
+            # gVisor's Sentry runs everything of the session; killing it cannot be raced by a fork.
+            await self._cgroup.kill_all(freeze=self.tier != "gvisor")
         else:
             with anyio.move_on_after(10):
                 while members := self.pids():
@@ -383,9 +393,11 @@ class SessionSandbox:
 
     def _release(self) -> None:
         if self._gvisor_state is not None:
-            gvisor.delete_containers(self._gvisor_state, self._containers)
-            for container_id in self._containers:
-                shutil.rmtree(self._gvisor_state / "bundles" / container_id, ignore_errors=True)
+            # Every runsc process is dead (cgroup), so its state is just files now.
+            shutil.rmtree(self._gvisor_state, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._gvisor_state.parent.rmdir()
+            self._gvisor_state = None
             self._containers.clear()
         if self._cgroup is not None:
             self._cgroup.remove()

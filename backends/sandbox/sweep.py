@@ -4,7 +4,7 @@ Threat: a session's processes that outlive their server (it could not run `aclos
 running with nobody to stop them. Found by membership, not by tags: the dead server's cgroup
 directories (`agentflow/<server_id>/...`, the server id names its pid), processes that run
 under a session uid whose lock no live server holds, its runsc state, and its scratch
-directory `<tmp>/agentflow-<server_id>` (tmpfs homes are unmounted first). Servers that are
+directory `<tmp>/agentflow-<server_id>` and its bind stage (tmpfs homes are unmounted first). Servers that are
 alive are never touched.
 """
 
@@ -100,8 +100,9 @@ def _sweep_dirs(report: SweepReport, tmp_root: Path) -> None:
             match = _SCRATCH.match(entry.name)
             if match and entry.is_dir():
                 candidates.append((match.group(1), entry))
-    with contextlib.suppress(OSError):
-        candidates += [(p.name, p) for p in gvisor.STATE_ROOT.iterdir() if p.is_dir()]
+    for root in (gvisor.STATE_ROOT, hostfs.STAGE_ROOT):
+        with contextlib.suppress(OSError):
+            candidates += [(p.name, p) for p in root.iterdir() if p.is_dir()]
     for server_id, path in candidates:
         if not _dead(server_id):
             continue

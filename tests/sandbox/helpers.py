@@ -49,6 +49,11 @@ def read_proc(pid: int | str, name: str) -> str:
         return ""
 
 
+def host_exists(path: str | Path) -> bool:
+    """Whether `path` exists on the host (sync on purpose: a local stat in a test)."""
+    return os.path.lexists(path)
+
+
 def has_cap_sys_resource() -> bool:
     for line in read_proc("self", "status").splitlines():
         if line.startswith("CapEff:"):
