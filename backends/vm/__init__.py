@@ -4,7 +4,7 @@ Modules: `backend` (tools and lifecycle), `models` (config, settings, arguments,
 results), `display` (the provider seam and Xvfb), `runner` (host or sandbox processes),
 `allocator` (display numbers), `xconnect` and `xauth` (reaching a desktop by socket
 path and cookie), `input` (XTEST mouse and keyboard), `keys` (key names and keymaps),
-`capture` (screenshots and screen/model coordinates).
+`capture` (screenshots and screen/model coordinates), `xgrab` (the pixels, over MIT-SHM).
 """
 
 from backends.vm.backend import VMBackend, VMState

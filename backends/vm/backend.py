@@ -30,6 +30,7 @@ from backends.vm.display import (
     DesktopSpec,
     DisplayProvider,
     LaunchedApp,
+    XvfbDesktop,
     XvfbProvider,
     prepare_dirs,
 )
@@ -417,14 +418,22 @@ def _echo(argv: list[str]) -> list[str]:
     return shown
 
 
-def _check_exit(app: LaunchedApp) -> None:
+def _check_exit(app: LaunchedApp, limits: str = "") -> None:
     code = app.returncode
     if code is not None and code != 0:
         output = app.output()
         if output.startswith("bwrap: execvp"):
             # The sandbox could not start it: a missing or non-executable program, the caller's mistake.
             raise ParameterError(f"program {app.argv[0][:OUTPUT_ECHO_CHARS]!r} could not be started: {output}")
-        raise BackendError(f"{app.argv[0][:OUTPUT_ECHO_CHARS]} exited with code {code}: {app.output() or 'no output'}")
+        reason = f" ({limits})" if limits else ""
+        raise BackendError(
+            f"{app.argv[0][:OUTPUT_ECHO_CHARS]} exited with code {code}{reason}: {output or 'no output'}"
+        )
+
+
+def _limits(state: VMState) -> str:
+    desktop = state.desktop
+    return desktop.runner.limits_hit() if isinstance(desktop, XvfbDesktop) else ""
 
 
 async def _target(state: VMState, x: int | None, y: int | None) -> tuple[int, int]:
@@ -486,7 +495,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
             if new:
                 window = new[-1]
                 break
-            _check_exit(app)
+            _check_exit(app, _limits(state))
             if app.returncode == 0:
                 # A launcher may exit at once and leave a window to a child: give it a moment.
                 exited_at = exited_at or anyio.current_time()
@@ -494,7 +503,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
                     break
             await anyio.sleep(0.05)
     if window is None:
-        _check_exit(app)
+        _check_exit(app, _limits(state))
         return None
     # On a busy machine the window manager may take a while to focus it.
     with anyio.move_on_after(max(1.0, min(5.0, deadline - anyio.current_time()))):

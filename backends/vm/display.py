@@ -250,9 +250,10 @@ class XvfbDesktop(Desktop):
             return "this desktop was closed"
         if self.server is None or self.server.returncode is not None:
             code = None if self.server is None else self.server.returncode
+            limits = self.runner.limits_hit()
             return (
-                f"the X server of this desktop ({self.display_name}) exited (code {code}); "
-                "destroy or reinitialize the vm session to get a new desktop"
+                f"the X server of this desktop ({self.display_name}) exited (code {code})"
+                f"{'; ' + limits if limits else ''}; destroy or reinitialize the vm session to get a new desktop"
             )
         return None
 

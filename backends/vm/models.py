@@ -245,7 +245,7 @@ class WindowInfo(_Result):
 
 
 class LaunchResult(_Result):
-    pid: int = Field(description="Process id of the program (as the desktop's processes see it).")
+    pid: int = Field(description="Host process id of the program (of its sandbox wrapper when sandboxed).")
     command: list[str]
     window: WindowInfo | None = Field(description="The window it opened, if it was awaited and appeared.")
     exit_code: int | None = None

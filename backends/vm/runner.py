@@ -120,6 +120,14 @@ class Runner:
         """Where the server finds display `number`'s socket."""
         return (self.paths.x11_dir if self.sandboxed else HOST_X11_DIR) / f"X{number}"
 
+    def limits_hit(self) -> str:
+        """Which of the session's limits were hit so far, for an error message ('' if none)."""
+        hits = {name: count for name, count in self.sandbox.limit_hits().items() if count}
+        if not hits:
+            return ""
+        named = ", ".join(f"{name} ({count}x)" for name, count in sorted(hits.items()))
+        return f"the session hit its limits: {named}"
+
     def pids(self) -> list[int]:
         return sorted(self.sandbox.pids())
 

@@ -162,6 +162,19 @@ async def test_endless_output_fills_the_sessions_quota_not_the_hosts_disk(vm: De
     assert not [p.name for p in await anyio.to_thread.run_sync(lambda: list(session.home.iterdir()))]
 
 
+async def test_an_app_over_the_memory_limit_is_killed_and_the_error_names_the_limit(vm: Desktops) -> None:
+    session = await vm.start({"window_manager": "none"}, memory_mb=160)
+    hog = ["python3", "-c", "b = bytearray(600 << 20); print(len(b))"]
+    with pytest.raises(BackendError, match="memory") as killed:
+        await session.call("launch", command=hog, timeout=60)
+    assert "exited with code" in killed.value.message
+    assert "memory_oom_kills" in killed.value.message
+    # The desktop itself survives its app.
+    assert await session.backend.health(session.state) is None
+    shot, _ = await session.screenshot()
+    assert shot.width == 1280
+
+
 async def test_gvisor_is_refused_with_the_reason(vm: Desktops) -> None:
     backend = vm.backend
     scratch = vm.root / "gv"
