@@ -30,7 +30,6 @@ from backends.vm.display import (
     DesktopSpec,
     DisplayProvider,
     LaunchedApp,
-    XvfbDesktop,
     XvfbProvider,
     prepare_dirs,
 )
@@ -172,6 +171,7 @@ class VMBackend(Backend[VMConfig, VMState]):
                 await runner.aclose()
             raise
         input_conn: XInput | None = None
+        capture: ScreenCapture | None = None
         try:
             input_conn = await anyio.to_thread.run_sync(XInput, desktop.endpoint)
             capture = await anyio.to_thread.run_sync(
@@ -189,8 +189,9 @@ class VMBackend(Backend[VMConfig, VMState]):
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await desktop.aclose()
-                if input_conn is not None:
-                    await anyio.to_thread.run_sync(input_conn.close)
+                for conn in (capture, input_conn):
+                    if conn is not None:
+                        await anyio.to_thread.run_sync(conn.close)
             raise
         return state
 
@@ -431,11 +432,6 @@ def _check_exit(app: LaunchedApp, limits: str = "") -> None:
         )
 
 
-def _limits(state: VMState) -> str:
-    desktop = state.desktop
-    return desktop.runner.limits_hit() if isinstance(desktop, XvfbDesktop) else ""
-
-
 async def _target(state: VMState, x: int | None, y: int | None) -> tuple[int, int]:
     """Screen point for model (x, y); an omitted axis keeps the pointer's current position."""
     if x is not None and y is not None:
@@ -495,7 +491,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
             if new:
                 window = new[-1]
                 break
-            _check_exit(app, _limits(state))
+            _check_exit(app, state.desktop.limits_hit())
             if app.returncode == 0:
                 # A launcher may exit at once and leave a window to a child: give it a moment.
                 exited_at = exited_at or anyio.current_time()
@@ -503,7 +499,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
                     break
             await anyio.sleep(0.05)
     if window is None:
-        _check_exit(app, _limits(state))
+        _check_exit(app, state.desktop.limits_hit())
         return None
     # On a busy machine the window manager may take a while to focus it.
     with anyio.move_on_after(max(1.0, min(5.0, deadline - anyio.current_time()))):

@@ -139,6 +139,10 @@ class Desktop(abc.ABC):
         """Where the desktop's processes run (tier, uid, limits...), for `list_sessions`."""
         return {}
 
+    def limits_hit(self) -> str:
+        """Which of the session's limits were hit so far, for an error message ('' if none)."""
+        return ""
+
     @abc.abstractmethod
     def export(self) -> dict[str, str]:
         """What another session needs to show windows here: display, authority file, socket directory."""
@@ -256,6 +260,9 @@ class XvfbDesktop(Desktop):
                 f"{'; ' + limits if limits else ''}; destroy or reinitialize the vm session to get a new desktop"
             )
         return None
+
+    def limits_hit(self) -> str:
+        return self.runner.limits_hit()
 
     def xvfb_output(self, limit: int) -> str:
         return self.xvfb_log.text(limit) if self.xvfb_log else ""
