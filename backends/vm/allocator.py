@@ -12,6 +12,7 @@ race for a number to another program gets the next one (see `XvfbProvider`).
 from __future__ import annotations
 
 import os
+import socket
 
 from session.errors import ResourceUnavailable
 
@@ -49,4 +50,22 @@ class DisplayAllocator:
 
 
 def _used_on_host(number: int) -> bool:
-    return os.path.lexists(f"/tmp/.X{number}-lock") or os.path.lexists(f"/tmp/.X11-unix/X{number}")
+    """True if an X server holds `number` here: its lock file, or a socket that still answers.
+
+    A socket nobody listens on is what a killed X server leaves behind; Xvfb replaces it.
+    """
+    if os.path.lexists(f"/tmp/.X{number}-lock"):
+        return True
+    path = f"/tmp/.X11-unix/X{number}"
+    if not os.path.lexists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -44,3 +45,20 @@ def test_numbers_to_avoid_and_host_used_numbers_are_skipped() -> None:
     finally:
         os.unlink(lock)
     assert allocator.take() == base
+
+
+def test_a_dead_x_servers_socket_does_not_hold_its_number() -> None:
+    base = _free_base(1)
+    allocator = DisplayAllocator(base, 1)
+    path = f"/tmp/.X11-unix/X{base}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    try:
+        listener.listen(1)
+        with pytest.raises(ResourceUnavailable):
+            allocator.take()  # a live X server (anything listening there) keeps it
+        listener.close()
+        assert allocator.take() == base  # the socket file is left, nobody answers: free
+    finally:
+        listener.close()
+        os.unlink(path)
