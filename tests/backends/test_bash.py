@@ -32,7 +32,9 @@ async def shell(
         yield backend, ctx
 
 
-async def run(backend: BashBackend, ctx: ToolContext[BashConfig, BashState], command: str, limit: float | None = None):
+async def run(
+    backend: BashBackend, ctx: ToolContext[BashConfig, BashState], command: str, limit: float | None = None
+):
     return await backend.run(ctx, RunArgs(command=command, timeout=limit))
 
 
