@@ -341,9 +341,9 @@ class XvfbProvider(DisplayProvider):
             desktop.display_name = f":{number}"
             if await self._run_xvfb(desktop, number):
                 if desktop.runner.sandboxed:
-                    # Xvfb opens its socket directory to everyone (01777 as for /tmp/.X11-unix);
-                    # here it is the session's alone: only its uid (and the server) connect.
-                    await anyio.Path(desktop.paths.x11_dir).chmod(0o700)
+                    # Xvfb opens its socket directory to every user (01777, as for /tmp/.X11-unix).
+                    # Here others may connect (a linked browser) but never add or remove files.
+                    await anyio.Path(desktop.paths.x11_dir).chmod(0o711)
                 log.info(
                     "vm %s: Xvfb %s %dx%d pid %d",
                     desktop.spec.label,
@@ -445,10 +445,13 @@ def _prepare_files(desktop: XvfbDesktop, uid: int | None) -> None:
         for sub in (".config", ".cache", ".local/share", ".local/state"):
             (paths.home / sub).mkdir(parents=True, exist_ok=True)
     # Xvfb inside a sandbox runs as the session's uid: it creates its socket here and reads
-    # the cookie. The cookie admits only this desktop's clients: the session's and ours.
-    for directory in (paths.x11_dir, paths.xauth_dir):
-        give_to(directory, uid, 0o700)
-    write_authority(paths.authority, desktop_entries(desktop.cookie, desktop.runner.hostname), mode=0o600)
+    # the cookie. Both directories sit in the session's scratch, which only the server may
+    # walk (0700), so the open modes below reach exactly the sandboxes these directories
+    # are bound into: this session's, and a linked browser session's (`export`), whose uid
+    # is another one.
+    give_to(paths.x11_dir, uid, 0o700)
+    give_to(paths.xauth_dir, uid, 0o711)
+    write_authority(paths.authority, desktop_entries(desktop.cookie, desktop.runner.hostname), mode=0o644)
     if uid is not None:
         os.chown(paths.authority, uid, uid)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,9 +21,20 @@ from Xlib import error as xerror
 
 from backends.base import SessionSetup
 from backends.policy import Policy
+from backends.sandbox import Bind, SandboxSpec, SessionSandbox
 from backends.vm.xconnect import XEndpoint, open_display
 from session.errors import BackendError, ConfigurationError
-from tests.backends.vm_harness import Desktops, Session, alive, desktops, file_text, names, needs_desktop, until
+from tests.backends.vm_harness import (
+    RUN_SERVER_ID,
+    Desktops,
+    Session,
+    alive,
+    desktops,
+    file_text,
+    names,
+    needs_desktop,
+    until,
+)
 
 pytestmark = [pytest.mark.slow, needs_desktop]
 
@@ -76,6 +88,39 @@ async def test_an_app_cannot_reach_another_sessions_display(vm: Desktops) -> Non
     assert "OWN-OK" in own, own
 
 
+async def test_a_linked_sandbox_reaches_the_desktop_only_through_what_export_names(vm: Desktops) -> None:
+    """What a browser session linked to this desktop gets: its socket directory and cookie, bound read-only."""
+    desktop = (await vm.start({"window_manager": "none"})).desktop
+    exported = desktop.export()
+    home = vm.root / "linked-home"
+    home.mkdir()
+
+    async def probe(*binds: Bind, authority: str) -> tuple[int, str]:
+        spec = SandboxSpec(label="linked", policy=Policy(), server_id=RUN_SERVER_ID, home=home, binds=binds)
+        box = await SessionSandbox.create(spec)
+        try:
+            assert box.uid != desktop.runner.sandbox.uid
+            env = {"PATH": "/usr/bin:/bin", "HOME": box.home_path, "DISPLAY": exported["display"]}
+            process = await box.spawn(
+                ["xdpyinfo"], env={**env, "XAUTHORITY": authority}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            with anyio.fail_after(30):
+                assert process.stdout is not None
+                output = b"".join([chunk async for chunk in process.stdout])
+                return await process.wait(), output.decode(errors="replace")
+        finally:
+            await box.aclose()
+
+    socket_dir = Bind(Path(exported["x11_socket_dir"]), "/tmp/.X11-unix")
+    cookie_dir = Bind(Path(exported["xauthority"]).parent, "/tmp/.X11-auth")
+    status, output = await probe(socket_dir, cookie_dir, authority="/tmp/.X11-auth/Xauthority")
+    assert status == 0, output
+    assert f"name of display:    {exported['display']}" in output
+    status, output = await probe(socket_dir, authority="/dev/null")
+    assert status != 0
+    assert "Authorization required" in output or "unable to open display" in output
+
+
 async def test_a_desktop_refuses_the_wrong_cookie_even_at_its_socket(vm: Desktops) -> None:
     """Were a socket ever reachable, the cookie still decides: another desktop's is refused."""
     victim = await vm.start({"window_manager": "none"})
@@ -124,10 +169,13 @@ async def test_desktop_processes_run_as_the_sessions_own_unprivileged_uid(vm: De
     for pid in one.desktop.pids():
         if names([pid]) & expected:
             assert _uid(pid) == uid_one, (pid, names([pid]))
-    # The socket and cookie directories are the session's alone on the host.
+    # The socket and cookie directories are the session's (no one else may add or swap files),
+    # inside a scratch directory only the server may walk: only sandboxes they are bound into reach them.
     for directory in (one.desktop.paths.x11_dir, one.desktop.paths.xauth_dir):
         info = await anyio.Path(directory).stat()
-        assert (info.st_uid, info.st_mode & 0o777) == (uid_one, 0o700)
+        assert (info.st_uid, info.st_mode & 0o777) == (uid_one, 0o711)
+    scratch = await anyio.Path(one.setup.scratch).stat()
+    assert (scratch.st_uid, scratch.st_mode & 0o077) == (0, 0)
 
 
 async def test_nothing_outlives_the_session(vm: Desktops) -> None:
