@@ -12,6 +12,7 @@ import pytest
 from PIL import Image as PILImage
 
 from sandbox import Sandbox
+from session.errors import ConfigurationError, PermissionDenied
 from tests.backends.vm_harness import alive
 from tests.support.manifests import write_manifest
 
@@ -102,3 +103,14 @@ async def test_a_desktop_is_not_reachable_by_its_display_name_from_the_host(vm_m
         stranger = {"PATH": "/usr/bin:/bin", "XAUTHORITY": "/dev/null", "DISPLAY": details["display"]}
         refused = await anyio.run_process(["xdpyinfo"], env=stranger, check=False)
         assert refused.returncode != 0
+
+
+async def test_policy_requests_a_desktop_cannot_honour_or_may_not_get_are_refused(vm_manifest: Path) -> None:
+    async with Sandbox(manifest=vm_manifest) as sandbox:
+        with pytest.raises(ConfigurationError, match="gvisor") as gvisor:
+            await sandbox.create_session("vm", {"isolation": "gvisor"})  # tighter, but no X socket under runsc
+        assert gvisor.value.code == 5001
+        with pytest.raises(PermissionDenied, match="isolation") as looser:
+            await sandbox.create_session("vm", {"isolation": "none"})  # looser than the operator's policy
+        assert looser.value.code == 1006
+        assert (await sandbox.list_sessions())["sessions"] == []
