@@ -198,6 +198,15 @@ async def test_generated_token_file_is_private_and_sandbox_finds_it(
         assert str(token_file) in log
         assert token not in log
 
+        # A second server on the same port is refused before it could overwrite the token file.
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        env["XDG_STATE_HOME"] = str(server.state_home)
+        second = serve_and_wait(["--host", "127.0.0.1", "--port", str(server.port)], env, tmp_path)
+        assert second.returncode == 2
+        assert "cannot listen" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert token_file.read_text().strip() == token
+
         monkeypatch.delenv(TOKEN_ENV, raising=False)
         monkeypatch.setenv("XDG_STATE_HOME", str(server.state_home))
         for url in (server.mcp_url, server.sse_url):
