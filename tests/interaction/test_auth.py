@@ -341,6 +341,16 @@ async def test_connection_cap_refuses_excess_cleanly(tmp_path: Path) -> None:
             assert refused.status_code == 503
             # The workers already connected are unaffected.
             assert http_get_on(held[0], "/health").startswith(b"HTTP/1.1 200")
+            # A flood of connections that send nothing: past twice the cap each is answered 503 and
+            # closed at once, before the server reads a byte.
+            held += [open_idle_connection(server.port) for _ in range(cap)]
+            flooding = open_idle_connection(server.port)
+            held.append(flooding)
+            answer = b""
+            while chunk := flooding.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+            assert b"too many open connections" in answer
         finally:
             for sock in held:
                 sock.close()
@@ -358,11 +368,16 @@ async def test_connection_cap_refuses_excess_cleanly(tmp_path: Path) -> None:
 
 async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_path: Path) -> None:
     """Header deadline 1 s, idle timeout 1 s: a client trickling its headers is disconnected, while a
-    4 s tool call on another connection completes and an SSE stream opened before stays usable."""
+    4 s tool call on another connection completes and an SSE stream and a handshake HTTP client's
+    listen stream, opened before, stay usable with their sessions."""
     settings = {"header_timeout": 1.0, "keep_alive_timeout": 1.0}
     with anyio.fail_after(90), running_http_server(tmp_path, server_settings=settings) as server:
-        async with Sandbox(url=server.sse_url, token=server.token) as sse_worker:
+        async with (
+            Sandbox(url=server.sse_url, token=server.token) as sse_worker,
+            Sandbox(url=server.mcp_url, token=server.token, mode="legacy") as listening_worker,
+        ):
             await sse_worker.create_session("bash")
+            await listening_worker.create_session("bash")
             call_done = anyio.Event()
             result: dict[str, Any] = {}
 
@@ -395,9 +410,12 @@ async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_p
                 await call_done.wait()
             assert result["code"] == 0, result
             assert result["data"]["stdout"] == "finished\n"
-            # The SSE stream outlived both timeouts and still carries calls.
-            again = await sse_worker.execute("bash:run", {"command": "echo still-here"})
-            assert again["data"]["stdout"] == "still-here\n"
+            # The SSE stream and the handshake client's listen stream outlived both timeouts.
+            for worker in (sse_worker, listening_worker):
+                again = await worker.execute("bash:run", {"command": "echo still-here"})
+                assert again["code"] == 0, again
+                assert again["meta"]["temporary_session"] is False
+                assert again["data"]["stdout"] == "still-here\n"
         await wait_for(lambda: not session_pids(server.run_id), 15, "the sessions to end")
         assert "Traceback" not in server.log()
 
