@@ -449,3 +449,25 @@ async def test_transport_sessions_belong_to_their_principal(tmp_path: Path) -> N
                 for who, expected in ((as_bob, 404), (as_alice, 202)):
                     posted = await http.post(endpoint, headers=who, content=ping)
                     assert posted.status_code == expected, (who == as_bob, posted.status_code, posted.text)
+
+
+async def test_garbage_requests_do_not_flood_the_log(tmp_path: Path) -> None:
+    """Bytes that are not HTTP get a 400 each; uvicorn's warning about them is rate limited in the log."""
+    with anyio.fail_after(60), running_http_server(tmp_path) as server:
+        started = anyio.current_time()
+
+        def send_garbage() -> list[bytes]:
+            answers = []
+            for _ in range(60):
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                    sock.sendall(b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+                    answers.append(sock.recv(64))
+            return answers
+
+        answers = await anyio.to_thread.run_sync(send_garbage)
+        elapsed = anyio.current_time() - started
+        assert all(answer.startswith(b"HTTP/1.1 400") for answer in answers), set(answers)
+        lines = [line for line in server.log_path.read_text().splitlines() if "Invalid HTTP request" in line]
+        assert 1 <= len(lines) <= 6 + elapsed, lines
+        assert "Traceback" not in server.log()
+        assert server.health() == {"status": "running"}
