@@ -1,31 +1,56 @@
-"""The backend contract: lifecycle hooks, typed tools, and what a tool returns.
+"""The backend contract (v2): lifecycle hooks, typed tools, and what a tool returns.
 
-A backend subclasses `Backend`, declares a pydantic `Config` for its session config,
-and marks async methods with `@tool`. Which hooks it overrides decides its kind:
+A backend subclasses `Backend[ConfigT, StateT]` and declares:
+
+- `Config`: the pydantic model of one session's config (the manifest's
+  `resources.NAME.config` gives defaults; a client's `create_session` config is merged over);
+- `Settings`: the pydantic model of backend-wide settings (manifest `resources.NAME.settings`;
+  one value for the whole server, never chosen by a client);
+- async methods marked `@tool`, each `async def action(self, ctx: ToolContext[ConfigT, StateT],
+  args: ArgsModel) -> ResultModel` (or `ToolResult[ResultModel]` when it returns images).
+
+Which hooks it overrides decides its kind:
 
 - `warmup`/`shutdown` only: *shared* (process-wide state, no sessions; e.g. search);
 - `initialize`/`cleanup` only: *session* (one resource per session; e.g. a shell);
 - all four: *hybrid* (one shared process, a per-session slice of it; e.g. a browser).
+
+The engine owns everything around the hooks: config validation, the operator's policy
+(`backends.policy`), each session's scratch directory (made before `initialize`, removed
+after `cleanup`), timing and the result envelope. Backends never override that plumbing.
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
+import logging
+import os
+import secrets
+import tempfile
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from backends.policy import Policy
+from session.errors import ParameterError
+from session.validation import describe_validation_error
+
+log = logging.getLogger(__name__)
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 StateT = TypeVar("StateT")
+ResultT = TypeVar("ResultT", bound=BaseModel)
 
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
-async def _no_progress(progress: float, total: float | None = None, message: str | None = None) -> None:
+async def no_progress(progress: float, total: float | None = None, message: str | None = None) -> None:
+    """The progress reporter of a caller that did not ask for progress."""
     return None
 
 
@@ -39,6 +64,12 @@ class OpenConfig(BaseModel):
     """Session config of a backend that declares none: any keys, kept as given."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class NoSettings(BaseModel):
+    """Backend-wide settings of a backend that has none."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class NoArgs(BaseModel):
@@ -56,68 +87,156 @@ class Image:
 
 
 @dataclass(slots=True)
-class ToolResult:
-    """What a tool may return when it has images besides its JSON data.
+class ToolResult(Generic[ResultT]):
+    """A tool's result model plus images (screenshots) to send beside it."""
 
-    A tool may also return a plain dict or a pydantic model: that becomes `data`.
-    """
-
-    data: dict[str, Any] | BaseModel = field(default_factory=dict)
+    data: ResultT
     images: list[Image] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
-class ToolContext(Generic[StateT]):
-    """What a tool call sees of its session.
+class Runtime:
+    """What the engine lends every backend: where scratch files go, and who the server is.
 
-    `state` is whatever `initialize` returned (None for shared backends); `config`
-    is the validated session config; `progress` reports progress to a caller that
-    asked for it (a no-op otherwise).
+    `scratch_root` is private to this server process; every session's scratch directory
+    is made under it by the engine, and backend-wide files (a browser profile) go there too.
+    """
+
+    scratch_root: Path
+    server_id: str
+
+    @classmethod
+    def for_process(cls) -> Runtime:
+        """This process's runtime: `<tmp>/agentflow-<server_id>`, server id `<run>-<pid>-<random>`.
+
+        The run prefix comes from `AGENTFLOW_RUN_ID` (tests set it, so what a run leaves
+        behind is recognisable); the pid lets a later server tell a dead owner's leftovers.
+        """
+        global _PROCESS_RUNTIME
+        if _PROCESS_RUNTIME is None or _PROCESS_RUNTIME.pid != os.getpid():
+            run = os.environ.get("AGENTFLOW_RUN_ID") or "srv"
+            server_id = f"{run}-{os.getpid()}-{secrets.token_hex(3)}"
+            _PROCESS_RUNTIME = cls(Path(tempfile.gettempdir()) / f"agentflow-{server_id}", server_id)
+        return _PROCESS_RUNTIME
+
+    @property
+    def pid(self) -> int:
+        """The pid of the server that owns this runtime (the middle field of `server_id`)."""
+        return int(self.server_id.rsplit("-", 2)[-2])
+
+
+_PROCESS_RUNTIME: Runtime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSetup(Generic[ConfigT]):
+    """What `initialize` and `cleanup` are told about one session.
+
+    `session_id` is a capability: never log it, put it in a path, or hand it to a
+    process. `label` is the short, loggable, path-safe name of the session.
     """
 
     worker_id: str
-    session_id: str | None
-    state: StateT
-    config: BaseModel | None = None
-    progress: ProgressFn = _no_progress
-
-
-class SessionInfo(Protocol):
-    """What `cleanup` is told about the session it frees."""
-
     session_id: str
-    worker_id: str
-    resource_type: str
-    state: Any
-    config: BaseModel
+    label: str
+    resource: str
+    config: ConfigT
+    policy: Policy
+    scratch: Path
+    links: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Config fields naming another session of the same principal (see `Backend.links`),
+    resolved to what that session's backend `export`s."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext(Generic[ConfigT, StateT]):
+    """What a tool call sees: its session's validated config, state and policy.
+
+    For a shared backend `session` is None and `state` is None.
+    """
+
+    config: ConfigT
+    state: StateT
+    session: SessionSetup[ConfigT] | None = None
+    progress: ProgressFn = no_progress
+
+    @property
+    def worker_id(self) -> str | None:
+        return self.session.worker_id if self.session else None
+
+
+ToolOwner = Literal["backend", "engine"]
 
 
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
-    """One tool: the single declaration its name, schema, docs and handler come from."""
+    """One tool: the single declaration its name, schemas, docs and handler come from.
+
+    Backend tools are declared with `@tool` and bound to their resource name by the
+    engine's registry (`bound`); the session-management meta-tools are `ToolSpec`s with
+    `owner="engine"` and no resource. Both travel the same listing, validation and
+    timing path.
+    """
 
     name: str
     description: str
     args_model: type[BaseModel]
     handler: Callable[..., Awaitable[Any]]
+    result_model: type[BaseModel] | None = None
     read_only: bool = False
     destructive: bool = False
+    idempotent: bool = False
     open_world: bool = False
     takes_args: bool = True
+    owner: ToolOwner = "backend"
+    resource: str | None = None
+    takes_session: bool = False
+    """True when the tool accepts a `session_id` naming the session to use."""
+    schema: dict[str, Any] | None = None
+    """A JSON Schema to list instead of the args model's (e.g. typed per-resource configs)."""
 
-    async def invoke(self, backend: Backend[Any, Any], ctx: ToolContext[Any], args: BaseModel) -> Any:
-        if self.takes_args:
-            return await self.handler(backend, ctx, args)
-        return await self.handler(backend, ctx)
+    @property
+    def qualified_name(self) -> str:
+        """The MCP tool name: `resource_action` for backend tools, the bare name for meta-tools."""
+        return f"{self.resource}_{self.name}" if self.resource else self.name
+
+    def bound(self, resource: str, *, takes_session: bool) -> ToolSpec:
+        return ToolSpec(
+            name=self.name,
+            description=self.description,
+            args_model=self.args_model,
+            handler=self.handler,
+            result_model=self.result_model,
+            read_only=self.read_only,
+            destructive=self.destructive,
+            idempotent=self.idempotent,
+            open_world=self.open_world,
+            takes_args=self.takes_args,
+            owner=self.owner,
+            resource=resource,
+            takes_session=takes_session,
+            schema=self.schema,
+        )
 
     def input_schema(self) -> dict[str, Any]:
-        schema = self.args_model.model_json_schema()
+        """The arguments' JSON Schema, with `session_id` declared where the tool takes one."""
+        schema = dict(self.schema) if self.schema is not None else self.args_model.model_json_schema()
         schema.setdefault("type", "object")
-        schema.setdefault("properties", {})
+        properties = schema.setdefault("properties", {})
+        if self.takes_session and "session_id" not in properties:
+            properties["session_id"] = {
+                "type": "string",
+                "description": (
+                    "The session_id that create_session returned: run in that session (state kept). "
+                    "Omit to use your own session of this resource, or a temporary one."
+                ),
+            }
         return schema
 
 
 _TOOL_ATTR = "__agentflow_tool__"
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
 
 
 def tool(
@@ -126,16 +245,18 @@ def tool(
     description: str | None = None,
     read_only: bool = False,
     destructive: bool = False,
+    idempotent: bool = False,
     open_world: bool = False,
-) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+) -> Callable[[HandlerT], HandlerT]:
     """Declare a backend method as a tool.
 
-    The method is `async def name(self, ctx: ToolContext[State], args: ArgsModel)`;
-    the `args` annotation (a pydantic model, or omitted for no arguments) gives the
-    JSON Schema, and the description (or the docstring) is what an LLM reads.
+    The method is `async def name(self, ctx: ToolContext[Config, State], args: ArgsModel)
+    -> ResultModel`; the `args` annotation (a pydantic model, or omitted for no
+    arguments) gives the JSON Schema, the return annotation the result model, and the
+    description (or the docstring) is what an LLM reads.
     """
 
-    def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def decorate(fn: HandlerT) -> HandlerT:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@tool {fn.__qualname__} must be an async def")
         hints = typing.get_type_hints(fn)
@@ -150,31 +271,76 @@ def tool(
             description=doc,
             args_model=args_model,
             handler=fn,
+            result_model=_result_model(hints.get("return")),
             read_only=read_only,
             destructive=destructive,
+            idempotent=idempotent or read_only,
             open_world=open_world,
             takes_args="args" in inspect.signature(fn).parameters,
         )
         setattr(fn, _TOOL_ATTR, spec)
-        return fn
+        return typing.cast(HandlerT, fn)
 
     return decorate
 
 
-class Backend(Generic[ConfigT, StateT]):
-    """Base of every backend. Override only the hooks the resource needs.
+def _result_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is ToolResult:
+        (inner,) = typing.get_args(annotation) or (None,)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return None
 
-    `defaults` is the manifest's `resources.<name>.config`: backend-wide settings and
-    the defaults every session config is merged over.
+
+class Backend(Generic[ConfigT, StateT]):
+    """Base of every backend. Override only the lifecycle hooks the resource needs.
+
+    The constructor is the engine's: `settings` are the manifest's backend-wide settings,
+    `defaults` its per-session config defaults, `policy` the operator's policy for this
+    resource, `runtime` the scratch root and server identity.
     """
 
     description: ClassVar[str] = ""
     Config: ClassVar[type[BaseModel]] = OpenConfig
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    #: The policy a resource gets when the manifest says nothing (the browser reaches the internet).
+    default_policy: ClassVar[Policy] = Policy()
+    #: Isolation tiers this backend can provide (asking for another is a configuration error).
+    isolation_tiers: ClassVar[frozenset[str]] = frozenset({"none", "sandbox", "gvisor"})
+    #: Config fields whose value is the handle of another session of the same principal,
+    #: by resource type (the browser's `display` names a vm session): the engine checks
+    #: the handle and passes that session's `export` in `SessionSetup.links`.
+    links: ClassVar[dict[str, str]] = {}
     _tools: ClassVar[dict[str, ToolSpec]] = {}
 
-    def __init__(self, name: str, defaults: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        policy: Policy | None = None,
+        runtime: Runtime | None = None,
+    ) -> None:
         self.name = name
-        self.defaults: dict[str, Any] = dict(defaults or {})
+        self.runtime = runtime if runtime is not None else Runtime.for_process()
+        self.policy = policy if policy is not None else self.default_policy
+        defaults = dict(defaults or {})
+        settings = dict(settings or {})
+        # Backend-wide keys once lived in `config`: keep such manifests working.
+        for key in list(defaults):
+            if key in self.Settings.model_fields and key not in self.Config.model_fields:
+                log.warning(
+                    "resources.%s.config.%s is a backend-wide setting: move it to resources.%s.settings",
+                    name,
+                    key,
+                    name,
+                )
+                settings.setdefault(key, defaults.pop(key))
+        self.defaults: dict[str, Any] = defaults
+        self.settings: BaseModel = self.Settings.model_validate(settings)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -200,13 +366,27 @@ class Backend(Generic[ConfigT, StateT]):
     def tools(cls) -> dict[str, ToolSpec]:
         return cls._tools
 
-    def session_config(self, overrides: dict[str, Any] | None = None) -> BaseModel:
-        """Validate the manifest defaults merged with a session's own config.
+    def session_config(self, overrides: Mapping[str, Any] | None = None) -> BaseModel:
+        """Validate the manifest defaults merged with a session's own config (policy keys removed).
 
         Raises:
-            pydantic.ValidationError: a key is unknown or a value is wrong.
+            ParameterError: a key is unknown or a value is wrong (1002, naming the field).
         """
-        return self.Config.model_validate({**self.defaults, **(overrides or {})})
+        overrides = dict(overrides or {})
+        settings_only = self.Settings.model_fields.keys() - self.Config.model_fields.keys()
+        misplaced = sorted(k for k in overrides if k in settings_only)
+        if misplaced:
+            raise ParameterError(
+                f"{', '.join(misplaced)}: backend-wide setting(s) of {self.name!r}, fixed by the operator in the "
+                f"manifest (resources.{self.name}.settings); a session cannot change them"
+            )
+        try:
+            return self.Config.model_validate({**self.defaults, **overrides})
+        except ValidationError as exc:
+            raise ParameterError(
+                describe_validation_error(exc, f"config of {self.name!r}"),
+                data={"config_schema": self.Config.model_json_schema()},
+            ) from None
 
     # -- lifecycle hooks (all optional) ----------------------------------------------
 
@@ -216,15 +396,23 @@ class Backend(Generic[ConfigT, StateT]):
     async def shutdown(self) -> None:
         """Stop process-wide state. Runs at server shutdown, after every session is gone."""
 
-    async def initialize(self, worker_id: str, config: ConfigT) -> StateT:
-        """Create one session's resource and return its state (handed to tools as `ctx.state`)."""
+    async def initialize(self, setup: SessionSetup[ConfigT]) -> StateT:
+        """Create one session's resource and return its state (handed to tools as `ctx.state`).
+
+        `setup.scratch` is the session's private directory (the engine removes it after
+        `cleanup`); `setup.policy` is the policy in force (isolation, network, limits).
+        """
         raise NotImplementedError
 
-    async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
-        """Free one session's resource. `session_info.state` is what `initialize` returned."""
+    async def cleanup(self, setup: SessionSetup[ConfigT], state: StateT) -> None:
+        """Free one session's resource: every process it started must be gone on return."""
+
+    def export(self, state: StateT) -> dict[str, Any]:
+        """What another session of the same principal may use of this one (see `links`)."""
+        return {}
 
     def describe(self, state: StateT) -> dict[str, Any]:
-        """What a session holds, for `list_sessions` (its processes, display, temp dir...).
+        """What a session holds, for `list_sessions` (its processes, display...).
 
         Called on listing only; keep it cheap and never raise.
         """
@@ -237,3 +425,7 @@ class Backend(Generic[ConfigT, StateT]):
         error (1003) instead of letting it hang on a dead process.
         """
         return None
+
+    def status(self) -> dict[str, Any]:
+        """Backend-wide facts for `get_status` (e.g. which isolation mechanisms are active)."""
+        return {}

@@ -125,7 +125,7 @@ def _client_address(scope: Scope) -> str:
 
 def _bearer(scope: Scope) -> bytes | None:
     """The token of the request's single `Authorization: Bearer` header, else None."""
-    values = [value for name, value in scope.get("headers", ()) if name.lower() == b"authorization"]
+    values: list[bytes] = [bytes(v) for name, v in scope.get("headers", ()) if name.lower() == b"authorization"]
     if len(values) != 1:
         return None
     scheme, _, token = values[0].strip().partition(b" ")

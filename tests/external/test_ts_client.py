@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +22,10 @@ from typing import Any
 import anyio
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interaction"))
-from transport_helpers import (
-    TOKEN_ENV,
-    ServerProcess,
-    kill_leftovers,
-    running_http_server,
-    server_command,
-    session_pids,
-    wait_for,
-    wait_gone,
-    write_manifest,
-)
+from tests.support.leaks import kill_leftovers, new_test_marker, session_pids, wait_gone
+from tests.support.manifests import write_manifest
+from tests.support.polling import eventually
+from tests.support.servers import TOKEN_ENV, ServerProcess, running_http_server, server_command
 
 pytestmark = pytest.mark.slow
 
@@ -67,10 +57,10 @@ def external_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 @pytest.fixture
 def stdio_run(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """(run id, manifest) for a stdio server spawned by the external client."""
-    run_id = uuid.uuid4().hex
-    manifest = write_manifest(tmp_path, run_id)
+    run_id = new_test_marker()
+    manifest = write_manifest(tmp_path, session_ttl=30.0, test_marker=run_id)
     yield run_id, manifest
-    kill_leftovers(run_id)
+    kill_leftovers(test_marker=run_id)
 
 
 def stdio_target(manifest: Path) -> list[str]:
@@ -152,7 +142,7 @@ async def drive(
             except anyio.EndOfStream:
                 pytest.fail(f"client.mjs printed nothing:\n{stderr_path.read_text(errors='replace')[-3000:]}")
             tag, shell_pid = check_results(out)
-            live = session_pids(run_id, tag)
+            live = session_pids(tag, test_marker=run_id)
             assert shell_pid in live
             assert len(live) >= 2, f"the shell and its background sleep, got {live}"
 
@@ -160,7 +150,7 @@ async def drive(
             closed = await _read_json_line(process.stdout, buffer)
             assert closed["closed"] is True
             assert await process.wait() == 0, stderr_path.read_text(errors="replace")[-3000:]
-            await wait_gone(run_id, tag, within=gone_within)
+            await wait_gone(tag, test_marker=run_id, within=gone_within)
             return {**out, **closed}
         finally:
             if process.returncode is None:
@@ -190,7 +180,7 @@ async def test_ts_sdk_client_closing_without_delete_is_reaped(node: str, tmp_pat
         target = ["--no-terminate", "--http", server.mcp_url]
         out = await drive(node, target, server.run_id, tmp_path, gone_within=15.0, token=server.token)
         assert out["terminated"] is False
-        await wait_for(lambda: not session_pids(server.run_id), 10, "no bash process of the server left")
+        await eventually(lambda: not session_pids(test_marker=server.run_id), 15, what="no bash process left")
 
 
 async def test_ts_sdk_client_over_sse(node: str, external_server: ServerProcess, tmp_path: Path) -> None:
@@ -211,7 +201,7 @@ async def test_ts_sdk_client_without_token_is_refused(
     assert completed.returncode != 0
     error = json.loads(completed.stdout.decode().splitlines()[-1])["error"]
     assert "401" in error or "unauthorized" in error.lower(), error
-    assert session_pids(external_server.run_id) == []
+    assert session_pids(test_marker=external_server.run_id) == []
 
 
 # -- MCP Inspector CLI (@modelcontextprotocol/inspector-cli 1.0.x, Node 20) ---------------------

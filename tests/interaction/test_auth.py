@@ -26,21 +26,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from transport_helpers import (
-    TOKEN_ENV,
-    ServerProcess,
-    free_port,
-    new_token,
-    running_http_server,
-    server_command,
-    session_pids,
-    wait_for,
-    write_manifest,
-)
 
 from mcp_server.auth import BearerAuth
 from sandbox import Sandbox
 from session.errors import PermissionDenied
+from tests.support.leaks import session_pids
+from tests.support.manifests import write_manifest
+from tests.support.polling import eventually
+from tests.support.ports import free_port
+from tests.support.servers import TOKEN_ENV, ServerProcess, new_token, running_http_server, server_command
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +103,7 @@ async def test_no_token_is_401_with_bearer_challenge(auth_server: ServerProcess,
     ],
 )
 async def test_wrong_token_is_401(auth_server: ServerProcess, authorization: str) -> None:
+    assert auth_server.token is not None
     header = authorization.format(token=auth_server.token)
     for path, method in (("/mcp", "POST"), ("/sse", "GET")):
         response = await raw_request(auth_server, method, path, {"Authorization": header})
@@ -139,6 +134,7 @@ async def test_two_principals_each_work(tmp_path: Path) -> None:
     alice, bob = new_token(), new_token()
     settings = {"tokens": {"alice": alice, "bob": bob}}
     with anyio.fail_after(60), running_http_server(tmp_path, token=None, server_settings=settings) as server:
+        assert server.state_home is not None
         assert not (server.state_home / "agentflow-sandbox").exists(), "no token file when tokens are configured"
         for token in (alice, bob):
             for url in (server.mcp_url, server.sse_url):
@@ -187,6 +183,7 @@ async def test_generated_token_file_is_private_and_sandbox_finds_it(
 ) -> None:
     """No variable, no manifest tokens: a token is generated into a 0600 file named by port; Sandbox(url) reads it."""
     with anyio.fail_after(60), running_http_server(tmp_path, token=None) as server:
+        assert server.state_home is not None
         token_dir = server.state_home / "agentflow-sandbox"
         token_file = token_dir / f"token-{server.port}"
         assert token_file.exists()
@@ -226,7 +223,7 @@ async def test_generated_token_file_is_private_and_sandbox_finds_it(
 
 
 def serve_and_wait(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    manifest = write_manifest(tmp_path, "refused")
+    manifest = write_manifest(tmp_path, test_marker="refused")
     return subprocess.run(
         [*server_command(), "serve", "--transport", "http", "--manifest", str(manifest), *args],
         env=env,
@@ -416,7 +413,7 @@ async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_p
                 assert again["code"] == 0, again
                 assert again["meta"]["temporary_session"] is False
                 assert again["data"]["stdout"] == "still-here\n"
-        await wait_for(lambda: not session_pids(server.run_id), 15, "the sessions to end")
+        await eventually(lambda: not session_pids(test_marker=server.run_id), 15, what="the sessions to end")
         assert "Traceback" not in server.log()
 
 
