@@ -151,6 +151,17 @@ async def test_two_principals_each_work(tmp_path: Path) -> None:
         assert bob not in log
 
 
+async def test_environment_token_overrides_manifest_tokens(tmp_path: Path) -> None:
+    """AGENTFLOW_SANDBOX_TOKEN wins over `server.tokens`: it alone is accepted (principal "default")."""
+    manifest_token, env_token = new_token(), new_token()
+    settings = {"tokens": {"alice": manifest_token}}
+    with anyio.fail_after(60), running_http_server(tmp_path, token=env_token, server_settings=settings) as server:
+        accepted = await raw_request(server, "POST", "/mcp", {"Authorization": f"Bearer {env_token}"})
+        assert accepted.status_code == 200
+        refused = await raw_request(server, "POST", "/mcp", {"Authorization": f"Bearer {manifest_token}"})
+        assert refused.status_code == 401
+
+
 async def test_principal_name_reaches_request_state() -> None:
     """The middleware stores the principal's name (never the token) at `request.state.principal`."""
     alice, bob = new_token(), new_token()
