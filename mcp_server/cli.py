@@ -113,7 +113,7 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
             if listener is None:
                 await serve_stdio(engine, server)
             else:
-                url = f"http://{host}:{listener.port}"
+                url = f"http://{f'[{host}]' if ':' in host else host}:{listener.port}"
                 log.info("serving MCP on %s%s (streamable HTTP) and %s%s (SSE)", url, MCP_PATH, url, SSE_PATH)
                 await serve_http(engine, server, listener=listener, log_level=level)
 
