@@ -81,8 +81,29 @@ async def bench_tier(tier: str, root: Path, n_start: int, n_cmd: int) -> None:
         await shell.roundtrip()
         await box.aclose()
 
+    async def phases() -> None:
+        t0 = time.perf_counter()
+        box = await boxes.create()
+        t1 = time.perf_counter()
+        shell = await boxes.shell(box)
+        await shell.roundtrip()
+        t2 = time.perf_counter()
+        await box.aclose()
+        t3 = time.perf_counter()
+        split["create"].append((t1 - t0) * 1000)
+        split["spawn bash + first echo"].append((t2 - t1) * 1000)
+        split["destroy (kill all, rmdir cgroups, unmount)"].append((t3 - t2) * 1000)
+
+    split: dict[str, list[float]] = {
+        "create": [],
+        "spawn bash + first echo": [],
+        "destroy (kill all, rmdir cgroups, unmount)": [],
+    }
     summarize(f"{tier}: create + destroy (uid, cgroups, tmpfs home)", await measure(create_destroy, n_start, 2))
     summarize(f"{tier}: create + bash + first echo + destroy", await measure(first_command, n_start, 2))
+    await measure(phases, n_start, 0)
+    for phase, samples in split.items():
+        summarize(f"{tier}:   of which {phase}", samples)
     box = await boxes.create()
     try:
         shell = await boxes.shell(box)

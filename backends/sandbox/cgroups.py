@@ -47,6 +47,8 @@ class CgroupHost:
     #: v1: controller -> base dir; v2: every controller -> the same base dir.
     bases: dict[str, Path] = field(default_factory=dict)
     reason: str = ""
+    #: controller -> the hierarchy's mount point (where other servers' cgroups may also live).
+    mounts: dict[str, Path] = field(default_factory=dict)
 
     @property
     def controllers(self) -> tuple[str, ...]:
@@ -111,7 +113,7 @@ def _probe_v2(mount: str, own: dict[str, str]) -> CgroupHost | None:
     except OSError as exc:
         log.info("cgroup v2 at %s cannot delegate controllers: %s", base, exc)
         return None
-    return CgroupHost(2, dict.fromkeys(wanted, base))
+    return CgroupHost(2, dict.fromkeys(wanted, base), mounts=dict.fromkeys(wanted, Path(mount)))
 
 
 @functools.cache
@@ -125,6 +127,7 @@ def probe() -> CgroupHost:
             if host:
                 return host
     bases: dict[str, Path] = {}
+    points: dict[str, Path] = {}
     for mount, fstype, options in mounts:
         if fstype != "cgroup":
             continue
@@ -133,8 +136,9 @@ def probe() -> CgroupHost:
                 base = Path(mount) / own.get(ctrl, "/").lstrip("/")
                 if _usable(base):
                     bases[ctrl] = base
+                    points[ctrl] = Path(mount)
     if "memory" in bases or "pids" in bases:
-        return CgroupHost(1, bases)
+        return CgroupHost(1, bases, mounts=points)
     reason = "no writable cgroup hierarchy with memory or pids (not root, or no cgroups mounted)"
     return CgroupHost(None, {}, reason)
 
@@ -270,6 +274,24 @@ class SessionCgroup:
             remove_tree(directory)
             with contextlib.suppress(OSError):
                 directory.parent.rmdir()  # the server's dir, if this was its last session
+
+
+def _tree_pids(directory: Path) -> list[int]:
+    return [pid for procs in directory.rglob("cgroup.procs") for pid in _read_pids(procs)]
+
+
+async def kill_tree(directory: Path, within: float = 10.0) -> list[int]:
+    """SIGKILL every member of a cgroup directory and its children until they are empty."""
+    killed: list[int] = []
+    with anyio.move_on_after(within):
+        while True:
+            members = _tree_pids(directory)
+            if not members:
+                break
+            _kill(members)
+            killed += members
+            await anyio.sleep(0.005)
+    return sorted(set(killed))
 
 
 def remove_tree(directory: Path) -> bool:

@@ -8,9 +8,14 @@ explicit choice; the session's other namespaces stay private).
 `internet` would be an own namespace with user-mode networking (`pasta` from passt) whose
 packets leave through the server's sockets. `pasta --no-map-gw` stops the gateway address from
 meaning the host, but pasta has no destination filter: a connect to 10.x, 172.16.x, 192.168.x,
-169.254.x or to the host's own non-loopback address goes out as the server. Filtering needs
-nftables/iptables rules inside the namespace installed before capabilities are dropped; this
-host has neither tool, so `internet` is refused with 5001 instead of being offered unfiltered.
+169.254.x, the host's own subnet or the host's resolver goes out as the server. Filtering needs
+nftables rules inside the namespace, installed by a process with CAP_NET_ADMIN over it that the
+session can never regain. Found here (Debian 12 passt 2023.06): pasta started as root drops to
+`nobody` before joining a namespace, so it can only serve a namespace owned by an unprivileged
+user namespace; the workable design is a per-session holder (uid U, `unshare -Urn`), pasta and
+nft run as U into it, and bwrap entered through it (`nsenter -U -n`) with a nested user
+namespace, plus a resolv.conf pointing at `--dns-forward`. That is not built yet, so `internet`
+is refused with 5001 instead of being offered unfiltered.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ def check_network(network: str, tier: str) -> None:
         reason = (
             "pasta (Debian 'passt') is not installed"
             if pasta is None
-            else "pasta cannot keep private and link-local ranges or the host's own addresses unreachable, and "
-            "filtering them inside the namespace is not implemented"
-            + ("" if filter_tool() else " (no nft/iptables on this host either)")
+            else "pasta cannot keep private and link-local ranges, the host's own addresses and its resolver "
+            "unreachable, and filtering them inside the namespace is not implemented yet"
         )
         raise ConfigurationError(
             f"policy network 'internet' is unavailable for isolation {tier!r}: {reason}. "

@@ -45,15 +45,30 @@ def _dead(server_id: str) -> bool:
     return pid is not None and pid != os.getpid() and not os.path.exists(f"/proc/{pid}")
 
 
+def _agentflow_dirs(base: Path, mount: Path) -> list[Path]:
+    """`agentflow` cgroup dirs of one hierarchy: the server's own, and those of servers that ran
+    in another cgroup (a service manager may start each server in a fresh one)."""
+    found = {base / "agentflow"}
+    for pattern in ("agentflow", "*/agentflow", "*/*/agentflow", "*/*/*/agentflow"):
+        found.update(p for p in mount.glob(pattern) if p.is_dir())
+    return sorted(found)
+
+
 async def _sweep_cgroups(report: SweepReport) -> None:
     host = cgroups.probe()
     servers: dict[str, set[str]] = {}
-    for base in host.bases.values():
-        with contextlib.suppress(OSError):
-            for server_dir in (base / "agentflow").iterdir():
-                if server_dir.is_dir() and _dead(server_dir.name):
-                    labels = servers.setdefault(server_dir.name, set())
-                    labels.update(p.name for p in server_dir.iterdir() if p.is_dir())
+    elsewhere: list[Path] = []
+    for ctrl, base in host.bases.items():
+        for agentflow in _agentflow_dirs(base, host.mounts.get(ctrl, base)):
+            with contextlib.suppress(OSError):
+                for server_dir in agentflow.iterdir():
+                    if not (server_dir.is_dir() and _dead(server_dir.name)):
+                        continue
+                    if agentflow == base / "agentflow":
+                        labels = servers.setdefault(server_dir.name, set())
+                        labels.update(p.name for p in server_dir.iterdir() if p.is_dir())
+                    else:
+                        elsewhere.append(server_dir)
     for server_id, labels in servers.items():
         for label in labels:
             group = cgroups.SessionCgroup(host, server_id, label)
@@ -63,6 +78,10 @@ async def _sweep_cgroups(report: SweepReport) -> None:
             report.cgroups.append(f"{server_id}/{label}")
         for base in host.bases.values():
             cgroups.remove_tree(base / "agentflow" / server_id)
+    for server_dir in elsewhere:
+        report.killed += await cgroups.kill_tree(server_dir)
+        if cgroups.remove_tree(server_dir):
+            report.cgroups.append(str(server_dir))
 
 
 def _sweep_uids(report: SweepReport) -> None:

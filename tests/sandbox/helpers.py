@@ -21,7 +21,10 @@ from backends.sandbox import SandboxSpec, SessionSandbox, mechanisms
 from session.errors import ConfigurationError
 
 RUN_SERVER_ID = f"sbxtest-{os.getpid()}-{secrets.token_hex(4)}"
-TIERS = ("none", "sandbox", "gvisor")
+#: gVisor sessions take ~0.5 s to start: slow, like the other real-component tests.
+GVISOR = pytest.param("gvisor", marks=pytest.mark.slow)
+TIERS = ("none", "sandbox", GVISOR)
+SANDBOXED = ("sandbox", GVISOR)
 BoxFactory = Callable[..., Awaitable[SessionSandbox]]
 
 
@@ -126,7 +129,8 @@ async def run(
         async for chunk in process.stdout:
             out += chunk
         status = await process.wait()
+    await process.aclose()
     return status, out.decode(errors="replace")
 
 
-__all__ = ["RUN_SERVER_ID", "TIERS", "BoxFactory", "ConfigurationError", "box_factory", "run"]
+__all__ = ["GVISOR", "RUN_SERVER_ID", "SANDBOXED", "TIERS", "BoxFactory", "ConfigurationError", "box_factory", "run"]

@@ -16,6 +16,7 @@ from backends.sandbox.spec import HOME_INSIDE
 from session.errors import ConfigurationError, ParameterError
 from tests.sandbox.helpers import (
     RUN_SERVER_ID,
+    SANDBOXED,
     TIERS,
     BoxFactory,
     has_cap_sys_resource,
@@ -42,7 +43,7 @@ async def test_environment_home_and_cwd_are_what_was_asked(make_box: BoxFactory,
     assert (Path(box.spec.home) / "f").read_text() == "hi\n"
 
 
-@pytest.mark.parametrize("tier", ["sandbox", "gvisor"])
+@pytest.mark.parametrize("tier", SANDBOXED)
 async def test_shell_basics_work(make_box: BoxFactory, tier: str) -> None:
     box = await make_box(tier)
     script = (
@@ -154,7 +155,7 @@ async def test_pass_fds_reach_the_program(make_box: BoxFactory) -> None:
             os.close(write_end)
 
 
-@pytest.mark.parametrize("tier", ["sandbox", "gvisor"])
+@pytest.mark.parametrize("tier", SANDBOXED)
 async def test_binds_are_read_only_unless_writable(make_box: BoxFactory, tmp_path: Path, tier: str) -> None:
     shared_ro = tmp_path / "ro"
     shared_rw = tmp_path / "rw"

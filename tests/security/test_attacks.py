@@ -15,10 +15,19 @@ import uuid
 import anyio
 import pytest
 
-from tests.sandbox.helpers import BoxFactory, host_exists, pid_alive, pids_of_uid, read_proc, run, run_cgroup_dirs
+from tests.sandbox.helpers import (
+    SANDBOXED,
+    TIERS,
+    BoxFactory,
+    host_exists,
+    pid_alive,
+    pids_of_uid,
+    read_proc,
+    run,
+    run_cgroup_dirs,
+)
 
-SANDBOXED = ("sandbox", "gvisor")
-ALL = ("none", "sandbox", "gvisor")
+ALL = TIERS
 #: Touches every page of N MB so the memory is really charged.
 HOG = 'x = bytearray(%d << 20); x[::4096] = b"y" * len(x[::4096])'
 
@@ -199,6 +208,7 @@ async def test_cannot_create_user_namespaces_or_use_denied_syscalls(make_box: Bo
         assert results[name] == ["-1", expected], (name, out)
 
 
+@pytest.mark.slow
 async def test_user_namespaces_in_gvisor_stay_inside_gvisor(make_box: BoxFactory) -> None:
     """gVisor implements namespaces in its own kernel: `unshare -U` may succeed but gains nothing on the host."""
     box = await make_box("gvisor")
@@ -235,6 +245,7 @@ async def test_memory_limit_kills_the_offender_not_the_shell(make_box: BoxFactor
     assert box.limit_hits()["memory_oom_kills"] >= 1
 
 
+@pytest.mark.slow
 async def test_memory_limit_in_gvisor(make_box: BoxFactory) -> None:
     """gVisor's Sentry holds the sandbox's memory, so hitting the limit ends the whole container."""
     box = await make_box("gvisor", memory_mb=128)
