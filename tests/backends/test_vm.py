@@ -37,6 +37,7 @@ from tests.backends.vm_harness import (
     needs_desktop,
     until,
 )
+from tests.support.leaks import session_pids
 
 pytestmark = [pytest.mark.slow, needs_desktop]
 
@@ -234,6 +235,16 @@ async def test_cleanup_leaves_no_process_display_or_directory(vm: Desktops, tier
     assert desktop.number is not None
     assert desktop.number not in vm.backend.displays.live
     await session.cleanup()  # twice is harmless
+
+
+async def test_a_failed_start_leaves_nothing_and_frees_its_display(vm: Desktops) -> None:
+    with pytest.raises(ParameterError, match="program not found"):
+        await vm.start({"startup": ["no-such-program-xyz"]})
+    assert vm.backend.displays.live == frozenset()
+    assert session_pids(tag_prefix="t") == []
+    # The number is handed out again.
+    again = await vm.start({"window_manager": "none"})
+    assert vm.backend.displays.live == frozenset({again.desktop.number})
 
 
 @pytest.mark.parametrize("tier", ["sandbox", "none"])

@@ -110,10 +110,12 @@ class Desktops:
     backend: VMBackend
     root: Path
     sessions: list[Session] = field(default_factory=list)
+    started: int = 0
 
     async def start(self, config: dict[str, Any] | None = None, *, tier: str = "sandbox", **limits: int) -> Session:
         require_tier(tier)
-        label = f"t{len(self.sessions) + 1}"
+        self.started += 1
+        label = f"t{self.started}"
         scratch = self.root / label
         scratch.mkdir(mode=0o700)
         # The engine would do the same; the probe finds python-xlib through it.
