@@ -228,9 +228,13 @@ async def test_cleanup_leaves_no_process_display_or_directory(vm: Desktops, tier
     expected = {"Xvfb", "openbox", "xterm", "sh", "python3", "sleep"}
     await until(lambda: expected <= names(desktop.pids()), what=f"session processes {expected}")
     pids = desktop.pids()
+    # The run's leak accounting (cgroup membership) sees the same processes.
+    assert set(session_pids(tag=session.setup.label)) <= set(pids)
+    assert session_pids(tag=session.setup.label)
     await session.cleanup()
     assert not [p for p in pids if alive(p)]
     assert desktop.pids() == []
+    assert session_pids(tag=session.setup.label) == []
     assert not socket.exists()
     assert desktop.number is not None
     assert desktop.number not in vm.backend.displays.live
