@@ -108,6 +108,8 @@ class RootGrabber:
                     self._shm_opcode = None
                     self._drop_shared()
             return self._grab_copy(width, height)
+        except GrabError:
+            raise
         except OSError as exc:
             raise GrabError(f"lost the screenshot connection: {exc}") from None
 
@@ -163,6 +165,7 @@ class RootGrabber:
             self._reply()
         except GrabError:
             buffer.close()
+            self._reply()  # the round trip's own reply still follows the error: keep in step
             raise
         return _SharedImage(segment, size, buffer)
 

@@ -23,6 +23,7 @@ from backends.base import SessionSetup
 from backends.policy import Policy
 from backends.sandbox import Bind, SandboxSpec, SessionSandbox
 from backends.vm.xconnect import XEndpoint, open_display
+from backends.vm.xgrab import GrabError, RootGrabber
 from session.errors import BackendError, ConfigurationError
 from tests.backends.vm_harness import (
     RUN_SERVER_ID,
@@ -128,6 +129,8 @@ async def test_a_desktop_refuses_the_wrong_cookie_even_at_its_socket(vm: Desktop
     wrong = XEndpoint(victim.desktop.display_name, victim.desktop.endpoint.socket_path, other.desktop.cookie)
     with pytest.raises(xerror.DisplayConnectionError):
         await anyio.to_thread.run_sync(open_display, wrong)
+    with pytest.raises(GrabError, match="refused the connection"):
+        await anyio.to_thread.run_sync(RootGrabber, wrong)
     right = await anyio.to_thread.run_sync(open_display, victim.desktop.endpoint)
     right.close()
 
