@@ -12,7 +12,6 @@ socket is the host's /tmp/.X11-unix/X<n>.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -24,8 +23,6 @@ from anyio.abc import Process
 
 from backends.policy import Policy
 from backends.sandbox import Bind, SandboxSpec, SessionSandbox
-
-log = logging.getLogger(__name__)
 
 #: Where the desktop's X socket directory appears inside a sandbox (the path every X client looks in).
 X11_DIR_INSIDE = "/tmp/.X11-unix"
