@@ -173,13 +173,26 @@ class SessionCgroup:
         raise LookupError("no cgroup")
 
     def create(self, limits: Limits) -> None:
-        """Make the directories and write the limits. Raises OSError (the caller cleans up)."""
-        for directory in dict.fromkeys(self.dirs.values()):
-            directory.mkdir(parents=True, exist_ok=False)
-        if self.host.version == 2:
-            self._limit_v2(limits)
-        else:
-            self._limit_v1(limits)
+        """Make the directories and write the limits.
+
+        Raises OSError with nothing left behind; an existing directory is never adopted (it
+        would be another session's, and closing this one would kill it).
+        """
+        created: list[Path] = []
+        try:
+            for directory in dict.fromkeys(self.dirs.values()):
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                directory.mkdir()
+                created.append(directory)
+            if self.host.version == 2:
+                self._limit_v2(limits)
+            else:
+                self._limit_v1(limits)
+        except OSError:
+            for directory in created:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise
 
     def _write(self, ctrl: str, name: str, value: str) -> None:
         (self.dirs[ctrl] / name).write_text(value)

@@ -105,8 +105,9 @@ class SessionStorage:
         server_id, label = self.stage_key
         for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
             _traversable_dir(directory)
-        self.stage = STAGE_ROOT / server_id / label
-        self.stage.mkdir(mode=0o711)
+        stage = STAGE_ROOT / server_id / label
+        stage.mkdir(mode=0o711)  # fails if it exists: never adopt (and later remove) another session's
+        self.stage = stage
         self.home_source = self._tmpfs("home", size_mb)
         below = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -149,11 +150,9 @@ class SessionStorage:
 
     def release(self) -> None:
         """Unmount everything this session mounted and remove its stage. Never raises."""
-        staged = mounts_under(self.stage) if self.stage is not None else []
-        for target in [self.home, *staged]:
-            if target in self._mounted or target in staged:
-                unmount(target)
-        self._mounted.clear()
+        # Only what this session mounted, newest first (the home bind before the tmpfs under it).
+        while self._mounted:
+            unmount(self._mounted.pop())
         if self.stage is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
             with contextlib.suppress(OSError):

@@ -10,12 +10,15 @@ packets leave through the server's sockets. `pasta --no-map-gw` stops the gatewa
 meaning the host, but pasta has no destination filter: a connect to 10.x, 172.16.x, 192.168.x,
 169.254.x, the host's own subnet or the host's resolver goes out as the server. Filtering needs
 nftables rules inside the namespace, installed by a process with CAP_NET_ADMIN over it that the
-session can never regain. Found here (Debian 12 passt 2023.06): pasta started as root drops to
-`nobody` before joining a namespace, so it can only serve a namespace owned by an unprivileged
-user namespace; the workable design is a per-session holder (uid U, `unshare -Urn`), pasta and
-nft run as U into it, and bwrap entered through it (`nsenter -U -n`) with a nested user
-namespace, plus a resolv.conf pointing at `--dns-forward`. That is not built yet, so `internet`
-is refused with 5001 instead of being offered unfiltered.
+session can never regain. What was tried on Debian 12 (passt 2023.06):
+- pasta started as root drops to `nobody` before it joins a namespace, so it cannot serve a
+  namespace that root owns ("Couldn't open user namespace", "Couldn't switch to pasta
+  namespaces"), with or without `--runas 0`, by pid or by a bind-mounted netns file;
+- rootless pasta (uid U, joining a holder `unshare --user --map-root-user --net` that U owns,
+  nft loaded through `nsenter --preserve-credentials -U -n`, bwrap entered the same way with a
+  nested user namespace) is the workable design, but it needs /dev/net/tun open to U, and on this
+  host the node is 0600 root ("Failed to open tun socket in namespace").
+So `internet` is refused with 5001 instead of being offered unfiltered.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
 from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec
-from session.errors import ConfigurationError
+from session.errors import ConfigurationError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,6 @@ class SessionSandbox:
         host = cgroups.probe()
         if host.version is not None:
             cgroup = cgroups.SessionCgroup(host, self.spec.server_id, self.spec.label)
-            self._cgroup = cgroup
             host_limits = limits
             if self.tier == "gvisor":
                 host_limits = limits.model_copy(update={"pids": limits.pids + gvisor.PIDS_OVERHEAD})
@@ -141,6 +140,7 @@ class SessionSandbox:
                 cgroup.create(host_limits)
             except OSError as exc:
                 raise ConfigurationError(f"cannot create the session's cgroups under {cgroup.primary}: {exc}") from None
+            self._cgroup = cgroup
         else:
             self._rlimit_prefix = [
                 "prlimit",
@@ -187,13 +187,13 @@ class SessionSandbox:
         """Start `argv` inside the session's sandbox; `env` is its complete environment.
 
         Raises:
-            ParameterError: an environment name or value is malformed (1002).
-            SessionError-like RuntimeError: the sandbox is closed.
+            ParameterError: argv is empty, or an environment name or value is malformed (1002).
+            RuntimeError: the sandbox is already closed (a backend bug, not a client error).
         """
         if self._closed:
             raise RuntimeError("the session sandbox is closed")
         if not argv:
-            raise ValueError("argv must not be empty")
+            raise ParameterError("argv must not be empty")
         env = bwrap.check_env(env)
         prefix = self._cgroup.enter_prefix() if self._cgroup else []
         extra_fds: list[int] = []
@@ -284,12 +284,15 @@ class SessionSandbox:
     # -- membership -----------------------------------------------------------------
 
     def pids(self) -> list[int]:
-        """Every live process of the session (cgroup members, else same uid, else same pid namespace)."""
+        """Every live process of the session (cgroup members, else same uid, else same pid namespace).
+
+        Processes just spawned count too: they join their cgroup a moment after `spawn` returns.
+        """
+        alive = [p.pid for p in self._processes if p.returncode is None and os.path.exists(f"/proc/{p.pid}")]
         if self._cgroup is not None:
-            return self._cgroup.pids()
+            return sorted(set(alive) | set(self._cgroup.pids()))
         if self._lease is not None:
-            return _pids_of_uid(self.uid)
-        alive = [p.pid for p in self._processes if p.returncode is None]
+            return sorted(set(alive) | set(_pids_of_uid(self.uid)))
         if self.tier == "sandbox":
             self._refresh_namespaces()
             return sorted(set(alive) | set(_pids_in_ns(self._namespaces)))

@@ -187,6 +187,19 @@ async def test_two_processes_of_one_session_share_home_and_tmp(make_box: BoxFact
     assert (status, out.split()) == (0, ["a", "b"])
 
 
+async def test_a_duplicate_label_is_refused_without_harming_the_first(make_box: BoxFactory, tmp_path: Path) -> None:
+    first = await make_box("sandbox")
+    process = await first.spawn(["/bin/sleep", "300"], env={})
+    home = tmp_path / "dup" / "home"
+    home.mkdir(parents=True)
+    spec = SandboxSpec(label=first.spec.label, policy=Policy(), server_id=RUN_SERVER_ID, home=home)
+    with pytest.raises(ConfigurationError):
+        await SessionSandbox.create(spec)
+    assert process.returncode is None
+    assert process.pid in first.pids()
+    assert (await run(first, "echo still-here"))[1].strip() == "still-here"
+
+
 async def test_create_failure_leaves_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
