@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 import Xlib.XK as XK
+from PIL import Image as PILImage
 
 from backends.base import Runtime, ToolResult
 from backends.vm import VMBackend
@@ -203,7 +204,7 @@ async def test_shared_memory_and_copied_grabs_agree(vm: Desktops) -> None:
         copied.close()
 
 
-async def _settled_screen(session: Session) -> object:
+async def _settled_screen(session: Session) -> PILImage.Image:
     """A screenshot once the screen stopped changing (apps paint a while after mapping)."""
     _, last = await session.screenshot()
     with anyio.fail_after(15):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from Xlib import xauth
 
@@ -13,7 +14,8 @@ def test_python_xlib_finds_the_cookie_for_any_display_of_the_named_host(tmp_path
     path = tmp_path / "Xauthority"
     write_authority(path, desktop_entries(b"c" * 16, "sandbox"))
     assert path.stat().st_mode & 0o777 == 0o600
-    authority = xauth.Xauthority(str(path))
+    # python-xlib's stubs type the family and display number as bytes; they are ints.
+    authority: Any = xauth.Xauthority(str(path))
     assert {entry[0] for entry in authority.entries} == {FAMILY_WILD, FAMILY_LOCAL}
     assert authority.get_best_auth(FAMILY_LOCAL, b"sandbox", 123) == (b"MIT-MAGIC-COOKIE-1", b"c" * 16)
 
