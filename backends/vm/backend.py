@@ -185,7 +185,10 @@ class VMBackend(Backend[VMConfig, VMState]):
                 png_level=config.png_compression,
             )
             for command in config.startup:
-                await self._launch(state, _argv(command), wait_for_window=True, window_wait=STARTUP_WINDOW_WAIT)
+                # A startup program gets as long as the desktop itself to show its window: on a
+                # loaded machine an xterm can take seconds, and keys typed before it maps are lost.
+                wait = max(STARTUP_WINDOW_WAIT, config.start_timeout)
+                await self._launch(state, _argv(command), wait_for_window=True, window_wait=wait)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await desktop.aclose()

@@ -165,7 +165,7 @@ def events(log: OutputLog, kind: str) -> list[dict[str, Any]]:
     return [r for r in records if r["event"] == kind]
 
 
-async def file_text(path: Path, expected_end: str = "", seconds: float = 15.0) -> str:
+async def file_text(path: Path, expected_end: str = "", seconds: float = 60.0) -> str:
     """A file's text once it exists, is non-empty and ends as expected."""
 
     def ready() -> str | None:
