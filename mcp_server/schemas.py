@@ -50,7 +50,9 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
     - `prefixItems` (a pydantic tuple) becomes `items` (the common item schema, or an
       `anyOf` of the distinct ones) with `minItems`/`maxItems` fixing the length, and an
       array without `items` gets `items: {}`;
-    - `const: v` becomes `enum: [v]`; `oneOf` becomes `anyOf`; a one-member `allOf`
+    - `const: v` becomes `enum: [v]`, and an `enum` without `type` gets the type of its
+      values (OpenAI's strict mode refuses any schema without `type`); `oneOf` becomes
+      `anyOf`; a one-member `allOf`
       (pydantic's way to describe a `$ref`) is merged into its parent;
     - `exclusiveMinimum`/`exclusiveMaximum` become `minimum`/`maximum`, and the
       description says the bound is exclusive;
@@ -206,6 +208,49 @@ def free_form_maps(schema: Any, path: str = "#") -> list[str]:
     return found
 
 
+def untyped_schemas(schema: Any, path: str = "#") -> list[str]:
+    """JSON pointers of subschemas with neither `type` nor `anyOf` (`{}`, a bare description).
+
+    OpenAI's strict mode answers such a schema with 400 "schema must have a 'type' key" and
+    refuses the whole request, every tool with it; `portable_schema` cannot invent a type,
+    so the model behind the schema must declare one.
+    """
+    found: list[str] = []
+    if isinstance(schema, dict):
+        if "type" not in schema and "anyOf" not in schema:
+            found.append(path)
+        for key, value in schema.items():
+            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                for name, sub in value.items():
+                    found += untyped_schemas(sub, f"{path}/{key}/{name}")
+            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+                for index, sub in enumerate(value):
+                    found += untyped_schemas(sub, f"{path}/{key}/{index}")
+            elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
+                found += untyped_schemas(value, f"{path}/{key}")
+    return found
+
+
+def _enum_type(values: Any) -> str | None:
+    if not isinstance(values, list) or not values:
+        return None
+    kinds = set()
+    for value in values:
+        if isinstance(value, bool):
+            kinds.add("boolean")
+        elif isinstance(value, int):
+            kinds.add("integer")
+        elif isinstance(value, float):
+            kinds.add("number")
+        elif isinstance(value, str):
+            kinds.add("string")
+        else:
+            return None  # null or structured values: leave it to the author
+    if kinds == {"integer", "number"}:
+        return "number"
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 class _Rewriter:
     def __init__(self, defs: Mapping[str, Any], *, keep_titles: bool) -> None:
         self._defs = defs
@@ -236,6 +281,10 @@ class _Rewriter:
         if "const" in out:
             out.setdefault("enum", [out["const"]])
             del out["const"]
+        if "enum" in out and "type" not in out:
+            inferred = _enum_type(out["enum"])
+            if inferred is not None:
+                out["type"] = inferred
         if "format" in out and out["format"] not in _KEPT_FORMATS:
             del out["format"]
         self._exclusive_bounds(out)

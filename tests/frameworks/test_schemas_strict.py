@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 from manifests import load_manifest
 from mcp_server.cli import cli_logic
 from mcp_server.factory import engine_from_manifest
-from mcp_server.schemas import arrays_without_items, free_form_maps, portable_schema
+from mcp_server.schemas import arrays_without_items, free_form_maps, portable_schema, untyped_schemas
 from tests.frameworks.helpers import run_probe
 
 pytestmark = pytest.mark.slow
@@ -90,6 +90,7 @@ def test_every_listed_schema_is_valid_with_items_on_every_array(catalog):
     for name, schema in catalog.items():
         Draft202012Validator.check_schema(schema)
         assert arrays_without_items(schema) == [], name
+        assert untyped_schemas(schema) == [], f"{name}: OpenAI strict refuses untyped {untyped_schemas(schema)}"
         assert schema["type"] == "object", name
 
 
