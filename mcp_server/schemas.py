@@ -45,8 +45,9 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
 
     What changes (the input is not modified):
 
-    - every `$ref` is inlined and `$defs` dropped (a recursive reference, which no target
-      can express, becomes an object described as recursive);
+    - every `$ref` is inlined (definitions are found at any depth) and `$defs` dropped; a
+      recursive reference, which no target can express, becomes an object described as
+      recursive, and an unresolvable one an untyped schema that `untyped_schemas` reports;
     - `prefixItems` (a pydantic tuple) becomes `items` (the common item schema, or an
       `anyOf` of the distinct ones) with `minItems`/`maxItems` fixing the length, and an
       array without `items` gets `items: {}`;
@@ -70,8 +71,7 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
     express, so such tools fall back to non-strict rather than being emptied).
     """
     root = copy.deepcopy(dict(schema))
-    defs: dict[str, Any] = {**root.get("definitions", {}), **root.get("$defs", {})}
-    out = _Rewriter(defs, keep_titles=keep_titles).rewrite(root)
+    out = _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite(root)
     if out.get("type") != "object":
         out["type"] = "object"
     out.setdefault("properties", {})
@@ -158,8 +158,7 @@ def config_map_schema(
 def portable_schema_fragment(schema: Mapping[str, Any], *, keep_titles: bool = False) -> Schema:
     """`portable_schema` for a property's schema (no root object forced on it)."""
     root = copy.deepcopy(dict(schema))
-    defs: dict[str, Any] = {**root.get("definitions", {}), **root.get("$defs", {})}
-    return _Rewriter(defs, keep_titles=keep_titles).rewrite(root)
+    return _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite(root)
 
 
 def arrays_without_items(schema: Any, path: str = "#") -> list[str]:
@@ -231,6 +230,26 @@ def untyped_schemas(schema: Any, path: str = "#") -> list[str]:
     return found
 
 
+def _collect_defs(schema: Any, found: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every `$defs`/`definitions` entry in the document, the outermost first.
+
+    Nested ones count too: a schema assembled from several pydantic models (a union of config
+    schemas) carries each model's definitions where that model's schema was pasted in.
+    """
+    found = {} if found is None else found
+    if isinstance(schema, dict):
+        for key in ("$defs", "definitions"):
+            if isinstance(schema.get(key), dict):
+                for name, definition in schema[key].items():
+                    found.setdefault(name, definition)
+        for value in schema.values():
+            _collect_defs(value, found)
+    elif isinstance(schema, list):
+        for value in schema:
+            _collect_defs(value, found)
+    return found
+
+
 def _enum_type(values: Any) -> str | None:
     if not isinstance(values, list) or not values:
         return None
@@ -298,10 +317,12 @@ class _Rewriter:
         name = ref.rsplit("/", 1)[-1]
         target = self._defs.get(name)
         siblings = {k: v for k, v in schema.items() if k != "$ref"}
-        if target is None or name in self._resolving:
+        if target is None:
+            # Left untyped on purpose, so `untyped_schemas` (and a strict client) reports it.
+            return {**siblings, "description": siblings.get("description", f"(unresolved reference {ref})")}
+        if name in self._resolving:
             # No target can express recursion: say what it is and accept any object.
-            reason = "recursive" if target is not None else "unresolved"
-            return {"type": "object", **siblings, "description": siblings.get("description", f"({reason} {name})")}
+            return {"type": "object", **siblings, "description": siblings.get("description", f"(recursive {name})")}
         self._resolving.append(name)
         try:
             inlined = self.rewrite(copy.deepcopy(target))

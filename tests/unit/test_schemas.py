@@ -206,6 +206,19 @@ def test_an_untyped_enum_gets_the_type_of_its_values_and_untyped_nodes_are_repor
     assert untyped_schemas(portable) == ["#/properties/mixed", "#/properties/anything"]
 
 
+def test_definitions_pasted_into_a_union_are_found_and_a_dangling_ref_is_reported():
+    pasted = _Args.model_json_schema()  # carries its own $defs, as a config schema in a union does
+    raw = {
+        "type": "object",
+        "properties": {"config": {"anyOf": [pasted, {"type": "null"}]}, "dangling": {"$ref": "#/$defs/Nope"}},
+    }
+    portable = portable_schema(raw)
+    config = portable["properties"]["config"]["anyOf"][0]
+    assert config["properties"]["start"]["properties"]["x"]["type"] == "integer"
+    assert "$ref" not in json.dumps(portable)
+    assert untyped_schemas(portable) == ["#/properties/dangling"]
+
+
 def test_one_of_and_single_all_of_are_rewritten():
     raw = {
         "type": "object",
