@@ -40,7 +40,7 @@ from transport_helpers import (  # re-exported for the tests
     wait_for,
 )
 
-__all__ = ["GONE_TIMEOUT", "session_pids", "wait_for"]
+__all__ = ["GONE_TIMEOUT", "kill_leftovers", "server_command", "session_pids", "wait_for"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = Path(__file__).resolve().parent / "clients"
@@ -70,18 +70,16 @@ class SandboxServer:
         return self.process.process.pid
 
 
-def write_manifest(directory: Path, run_id: str) -> Path:
+def write_manifest(directory: Path, run_id: str, resources: tuple[str, ...] = ("bash", "vm")) -> Path:
     """bash (tagged with the run id, for the process table) and vm (screenshots); short lifetimes."""
     server: dict[str, Any] = {"session_ttl": SESSION_TTL, "host": "127.0.0.1", "log_level": "WARNING"}
     if "disconnect_grace" in ServerSettings.model_fields:  # from the session-handle contract on
         server["disconnect_grace"] = DISCONNECT_GRACE
-    manifest = {
-        "server": server,
-        "resources": {
-            "bash": {"enabled": True, "config": {"timeout": 20, "env": {RUN_MARKER: run_id}}},
-            "vm": {"enabled": True},
-        },
+    available = {
+        "bash": {"enabled": True, "config": {"timeout": 20, "env": {RUN_MARKER: run_id}}},
+        "vm": {"enabled": True},
     }
+    manifest = {"server": server, "resources": {name: available[name] for name in resources}}
     path = directory / f"manifest-{run_id[:8]}.json"
     path.write_text(json.dumps(manifest))
     return path

@@ -3,7 +3,8 @@
 - fastmcp `Client(url)`, default mode: negotiates 2026-07-28 (no MCP session at all);
 - openai-agents `MCPServerStreamableHttp` (2026-07-28 with mcp 2), through the FunctionTools an
   Agent gets, strict schema conversion on;
-- langchain-mcp-adapters `MultiServerMCPClient.get_tools()` (mcp<2): a new MCP connection per call.
+- langchain-mcp-adapters `MultiServerMCPClient.get_tools()` (mcp<2): a new MCP connection per call
+  (over stdio a new server process per call: there a handle gets a 1003 that says why).
 
 For each, one probe run (tests/frameworks/clients) against a fresh server gives the results
 these tests check: the tools are listed; a call without a session runs in a temporary one and
@@ -15,7 +16,10 @@ process of the run is left.
 
 from __future__ import annotations
 
+import json
 import re
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,14 @@ from tests.frameworks.helpers import (
     GONE_TIMEOUT,
     SESSION_TTL,
     SandboxServer,
+    kill_leftovers,
     run_probe,
     sandbox_server,
+    server_command,
     server_descendants,
     session_pids,
     wait_for,
+    write_manifest,
 )
 
 pytestmark = pytest.mark.slow
@@ -42,6 +49,7 @@ FRAMEWORKS = {
     "openai-agents": ("openai-agents", "openai_agents_probe.py"),
     "langchain-mcp-adapters": ("langchain", "langchain_probe.py"),
 }
+README = Path(__file__).resolve().parents[2] / "README.md"
 # 128 bits in base64url is 22 characters; hex would be 32.
 MIN_HANDLE_LENGTH = 22
 
@@ -136,6 +144,34 @@ async def test_nothing_is_left_after_close_grace_and_ttl(run: Run) -> None:
         within,
         f"{run.framework}: the server's children to exit: {server_descendants(run.server.pid)}",
     )
+
+
+def test_langchain_stdio_handles_of_an_earlier_process_get_a_1003_that_says_why(
+    framework_venvs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`get_tools()` over stdio starts a server per call: the handle's session died with its process."""
+    run_id = uuid.uuid4().hex
+    manifest = write_manifest(tmp_path, run_id, resources=("bash",))
+    argv = [*server_command(), "serve", "--transport", "stdio", "--manifest", str(manifest)]
+    try:
+        result = run_probe(framework_venvs["langchain"], "langchain_stdio_probe.py", json.dumps(argv), "")
+        assert _succeeded(result["create"]), result["create"]["text"]
+        assert result["session_id"], result["create"]["text"]
+        refused = result["by_handle"]
+        assert refused["is_error"] is True, refused["text"]
+        assert "error 1003" in refused["text"]
+        assert "earlier server process" in refused["text"]
+        assert "Use it from your agent framework" in refused["text"]
+        readme = README.read_text()
+        assert "## Use it from your agent framework" in readme
+        assert "client.session(" in readme
+        # Each call's server has exited with its stdin; none may leave a shell behind.
+        deadline = time.monotonic() + GONE_TIMEOUT
+        while session_pids(run_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session_pids(run_id) == []
+    finally:
+        kill_leftovers(run_id)
 
 
 def _succeeded(outcome: dict[str, Any]) -> bool:
