@@ -12,9 +12,11 @@ pydantic's JSON Schema is valid Draft 2020-12, but clients apply narrower rules:
   fill, or makes the whole tool fall back to a non-strict schema.
 
 `portable_schema` rewrites one schema into that common subset without losing what a model
-needs (descriptions, defaults, enums, bounds). `config_union_schema` and
-`config_map_schema` replace the open `config` objects of `create_session` and
+needs (descriptions, defaults, enums, bounds). `config_union_schema`, `config_map_schema`
+and `with_session_configs` replace the open `config` objects of `create_session` and
 `reinitialize` by the resources' own config schemas, so a model sees the fields.
+`arrays_without_items`, `untyped_schemas` and `free_form_maps` find what a client would
+refuse or a strict conversion cannot express (the tests use them over the whole catalog).
 The server still validates every call with the original pydantic model, so a schema that
 advertises a little less than pydantic checks (an exclusive bound shown as inclusive) only
 moves an error from the client to the server's 1002 answer.
@@ -53,8 +55,8 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
       array without `items` gets `items: {}`;
     - `const: v` becomes `enum: [v]`, and an `enum` without `type` gets the type of its
       values (OpenAI's strict mode refuses any schema without `type`); `oneOf` becomes
-      `anyOf`; a one-member `allOf`
-      (pydantic's way to describe a `$ref`) is merged into its parent;
+      `anyOf`; a one-member `allOf` (pydantic's way to describe a `$ref`) is merged into
+      its parent;
     - `exclusiveMinimum`/`exclusiveMaximum` become `minimum`/`maximum`, and the
       description says the bound is exclusive;
     - nested `anyOf`s are flattened; `anyOf: [X, {"type": "null"}]` is kept as such,
