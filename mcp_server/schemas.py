@@ -73,7 +73,7 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
     express, so such tools fall back to non-strict rather than being emptied).
     """
     root = copy.deepcopy(dict(schema))
-    out = _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite(root)
+    out = _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite_schema(root)
     if out.get("type") != "object":
         out["type"] = "object"
     out.setdefault("properties", {})
@@ -160,7 +160,7 @@ def config_map_schema(
 def portable_schema_fragment(schema: Mapping[str, Any], *, keep_titles: bool = False) -> Schema:
     """`portable_schema` for a property's schema (no root object forced on it)."""
     root = copy.deepcopy(dict(schema))
-    return _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite(root)
+    return _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite_schema(root)
 
 
 def arrays_without_items(schema: Any, path: str = "#") -> list[str]:
@@ -279,8 +279,10 @@ class _Rewriter:
         self._resolving: list[str] = []
 
     def rewrite(self, schema: Any) -> Any:
-        if not isinstance(schema, dict):
-            return schema  # booleans (`true` = anything) are valid schemas; keep them
+        # Booleans (`true` = anything) are valid schemas too; they stay as they are.
+        return self.rewrite_schema(schema) if isinstance(schema, dict) else schema
+
+    def rewrite_schema(self, schema: Schema) -> Schema:
         schema = self._inline(schema)
         out: Schema = {}
         for key, value in schema.items():
@@ -327,7 +329,8 @@ class _Rewriter:
             return {"type": "object", **siblings, "description": siblings.get("description", f"(recursive {name})")}
         self._resolving.append(name)
         try:
-            inlined = self.rewrite(copy.deepcopy(target))
+            # A boolean definition (`true`) constrains nothing: only the siblings remain.
+            inlined = self.rewrite_schema(copy.deepcopy(target)) if isinstance(target, dict) else {}
         finally:
             self._resolving.pop()
         # Keywords beside the $ref (a field's description, default) win over the definition's.

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,15 +29,13 @@ from tests.frameworks.helpers import (
     GONE_TIMEOUT,
     SESSION_TTL,
     SandboxServer,
-    kill_leftovers,
+    framework_manifest,
     run_probe,
     sandbox_server,
-    server_command,
-    server_descendants,
-    session_pids,
-    wait_for,
-    write_manifest,
 )
+from tests.support import leaks
+from tests.support.polling import eventually, eventually_sync
+from tests.support.servers import server_command
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +58,7 @@ class Run:
         # Taken right after the probe exits: the session outlives it by the grace or the TTL,
         # so the leak check below is about processes that really existed.
         self.session_tag = _session_tag(result)
-        self.alive_after_close = session_pids(server.run_id, self.session_tag) if self.session_tag else []
+        self.alive_after_close = server.session_pids(self.session_tag) if self.session_tag else []
 
     def outcome(self, step: str) -> dict[str, Any]:
         value = self.result.get(step)
@@ -134,15 +130,15 @@ async def test_nothing_is_left_after_close_grace_and_ttl(run: Run) -> None:
     within = SESSION_TTL + DISCONNECT_GRACE + GONE_TIMEOUT
     assert run.session_tag is not None, "no session was created, so there is nothing to see go"
     assert run.alive_after_close, f"{run.framework}: the session's shell was already gone when the probe exited"
-    await wait_for(
-        lambda: not session_pids(run.server.run_id),
+    await eventually(
+        lambda: not run.server.session_pids(),
         within,
-        f"{run.framework}: the run's bash processes to exit: {session_pids(run.server.run_id)}",
+        what=lambda: f"{run.framework}: the server's bash processes to exit: {run.server.session_pids()}",
     )
-    await wait_for(
-        lambda: not server_descendants(run.server.pid),
+    await eventually(
+        lambda: not run.server.descendants(),
         within,
-        f"{run.framework}: the server's children to exit: {server_descendants(run.server.pid)}",
+        what=lambda: f"{run.framework}: the server's children to exit: {run.server.descendants()}",
     )
 
 
@@ -150,8 +146,8 @@ def test_langchain_stdio_handles_of_an_earlier_process_get_a_1003_that_says_why(
     framework_venvs: dict[str, Path], tmp_path: Path
 ) -> None:
     """`get_tools()` over stdio starts a server per call: the handle's session died with its process."""
-    run_id = uuid.uuid4().hex
-    manifest = write_manifest(tmp_path, run_id, resources=("bash",))
+    marker = leaks.new_test_marker()
+    manifest = framework_manifest(tmp_path, marker, resources=("bash",))
     argv = [*server_command(), "serve", "--transport", "stdio", "--manifest", str(manifest)]
     try:
         result = run_probe(framework_venvs["langchain"], "langchain_stdio_probe.py", json.dumps(argv), "")
@@ -166,12 +162,13 @@ def test_langchain_stdio_handles_of_an_earlier_process_get_a_1003_that_says_why(
         assert "## Use it from your agent framework" in readme
         assert "client.session(" in readme
         # Each call's server has exited with its stdin; none may leave a shell behind.
-        deadline = time.monotonic() + GONE_TIMEOUT
-        while session_pids(run_id) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert session_pids(run_id) == []
+        eventually_sync(
+            lambda: not leaks.session_pids(test_marker=marker),
+            GONE_TIMEOUT,
+            what=lambda: f"the stdio servers' shells to exit: {leaks.session_pids(test_marker=marker)}",
+        )
     finally:
-        kill_leftovers(run_id)
+        leaks.kill_leftovers(test_marker=marker)
 
 
 def _succeeded(outcome: dict[str, Any]) -> bool:
