@@ -86,6 +86,16 @@ def test_the_listing_serves_the_portable_schemas(catalog, raw_catalog):
         assert schema == portable_schema(schema), f"{name} is listed without portable_schema"
 
 
+def test_every_tool_that_takes_a_handle_declares_it(catalog):
+    without_handle = {"create_session", "list_sessions", "warmup", "get_status"}
+    for name, schema in catalog.items():
+        if name not in without_handle:
+            handle = schema["properties"].get("session_id")
+            assert handle is not None, f"{name} does not declare session_id"
+            assert handle.get("type") == "string" or {"type": "string"} in handle.get("anyOf", []), (name, handle)
+            assert "session_id" not in schema.get("required", []), name
+
+
 def test_every_listed_schema_is_valid_with_items_on_every_array(catalog):
     for name, schema in catalog.items():
         Draft202012Validator.check_schema(schema)
