@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator, Draft202012Validator
 
 from manifests import load_manifest
 from mcp_server.cli import cli_logic
@@ -99,6 +99,7 @@ def test_every_tool_that_takes_a_handle_declares_it(catalog):
 def test_every_listed_schema_is_valid_with_items_on_every_array(catalog):
     for name, schema in catalog.items():
         Draft202012Validator.check_schema(schema)
+        Draft7Validator.check_schema(schema)  # what VS Code's JSON language service speaks
         assert arrays_without_items(schema) == [], name
         assert untyped_schemas(schema) == [], f"{name}: OpenAI strict refuses untyped {untyped_schemas(schema)}"
         assert schema["type"] == "object", name
