@@ -18,7 +18,8 @@ from manifests import build_backends, load_manifest
 from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
 from mcp_server.factory import engine_from_manifest
-from mcp_server.transports import MCP_PATH, SSE_PATH, serve_http, serve_stdio
+from mcp_server.tokens import resolve_credentials
+from mcp_server.transports import MCP_PATH, SSE_PATH, HttpListener, HttpOptions, serve_http, serve_stdio
 from session.errors import ConfigurationError
 
 log = logging.getLogger("agentflow_sandbox")
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 18890)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="HTTP/SSE without bearer tokens (only on a loopback address; every caller is one principal)",
+    )
     validate = sub.add_parser("validate", help="check a manifest and the backends it names")
     validate.add_argument("--manifest")
     tools = sub.add_parser("tools", help="list the MCP tools a manifest gives, with their schemas")
@@ -80,6 +86,17 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    listener: HttpListener | None = None
+    options: HttpOptions | None = None
+    if transport != "stdio":
+        credentials = None if args.no_auth else resolve_credentials(settings.token_map())
+        options = HttpOptions(
+            tokens=None if credentials is None else credentials.tokens,
+            token_source=None if credentials is None else credentials.source,
+            max_connections=settings.max_connections,
+            header_timeout=settings.header_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+        )
     engine = engine_from_manifest(manifest)
     # Sandboxes first: a dead server's session homes are mounts inside its scratch directory,
     # and its sessions' processes are found by cgroup and uid (they may have dropped every tag).
@@ -91,17 +108,24 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
             len(orphans),
             len(dirs),
         )
+    if options is not None:
+        listener = HttpListener.open(host, port, options)
 
     async def run() -> None:
         async with engine:
             server = build_server(engine)
-            if transport == "stdio":
+            if listener is None:
                 await serve_stdio(engine, server)
             else:
-                log.info("serving MCP on http://%s:%d%s (streamable HTTP) and %s (SSE)", host, port, MCP_PATH, SSE_PATH)
-                await serve_http(engine, server, host=host, port=port, log_level=level)
+                url = f"http://{f'[{host}]' if ':' in host else host}:{listener.port}"
+                log.info("serving MCP on %s%s (streamable HTTP) and %s%s (SSE)", url, MCP_PATH, url, SSE_PATH)
+                await serve_http(engine, server, listener=listener, log_level=level)
 
-    anyio.run(run)
+    try:
+        anyio.run(run)
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 

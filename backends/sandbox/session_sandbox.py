@@ -44,8 +44,25 @@ def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as fh:
             return [int(x) for x in fh.read().split()]
+    except FileNotFoundError:
+        if os.path.exists(f"/proc/{pid}"):
+            return _children_by_scan(pid)  # kernel without CONFIG_PROC_CHILDREN
+        return []
     except (OSError, ValueError):
         return []
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return sorted(found)
 
 
 def _pids_of_uid(uid: int) -> list[int]:

@@ -14,8 +14,8 @@ from backends.bash import BashBackend, BashConfig, BashState, RunArgs
 from backends.policy import Policy
 from session.errors import BackendError, ExecutionTimeout, ParameterError
 from tests.backend_sessions import backend_session
-from tests.conftest import eventually
 from tests.security.bash_sandbox import Client, bash_engine, pid_alive, require_tier
+from tests.support.polling import eventually
 
 
 @asynccontextmanager

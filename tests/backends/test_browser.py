@@ -36,6 +36,7 @@ from session.errors import (
     PermissionDenied,
     SessionError,
 )
+from tests.support.polling import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -219,6 +220,7 @@ async def test_screenshot_size_follows_viewport(backend: BrowserBackend, site: s
         await s("navigate", url=f"{site}/long")
         shot = await s("screenshot")
         assert isinstance(shot, ToolResult)
+        assert isinstance(shot.data, dict)
         assert (shot.data["width"], shot.data["height"]) == (800, 600)
         assert (shot.data["url"], shot.data["title"]) == (f"{site}/long", "Long")
         assert shot.images[0].mime_type == "image/png"
@@ -329,7 +331,7 @@ async def test_console_keeps_messages_and_page_errors(backend: BrowserBackend, s
 async def test_context_options_and_storage_state(backend: BrowserBackend, site: str) -> None:
     host = site.split("//")[1].split(":")[0]
     cookie = {"name": "sid", "value": "logged-in", "domain": host, "path": "/"}
-    config = {
+    config: dict[str, Any] = {
         "user_agent": "AgentFlowTest/1.0",
         "locale": "de-DE",
         "timezone": "Asia/Tokyo",
@@ -350,10 +352,11 @@ async def test_downloads_land_in_a_private_dir_removed_on_cleanup(backend: Brows
     async with session(backend) as s:
         await s("navigate", url=f"{site}/download")
         await s("click", ref=ref_of((await s("snapshot"))["snapshot"], "Get the file"))
-        for _ in range(100):
-            if (await s("downloads"))["downloads"]:
-                break
-            await asyncio.sleep(0.02)
+
+        async def downloaded() -> bool:
+            return bool((await s("downloads"))["downloads"])
+
+        await eventually(downloaded, what="the download to finish")
         listed = await s("downloads")
         saved = anyio.Path(listed["downloads"][0]["path"])
         assert await saved.read_text() == "file contents\n"
@@ -475,10 +478,11 @@ async def test_killed_browser_is_relaunched_and_old_sessions_fail_cleanly(site: 
     first = b.launcher.pids()
     assert len(first) > 1, "the browser and its zygotes/renderers are all found"
     kill_pids(first)
-    for _ in range(200):
-        if await b.health(old.state):
-            break
-        await asyncio.sleep(0.02)
+
+    async def unhealthy() -> bool:
+        return bool(await b.health(old.state))
+
+    await eventually(unhealthy, what="the killed browser to be noticed")
     assert "crashed" in (await b.health(old.state) or "")
     with pytest.raises(SessionError, match="crashed") as caught:
         await old("snapshot")

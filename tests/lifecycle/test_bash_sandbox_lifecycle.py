@@ -29,9 +29,10 @@ from mcp.client.sse import sse_client
 
 from backends.policy import Policy
 from backends.sandbox import cgroups
-from tests.conftest import eventually, free_port
 from tests.security.bash_sandbox import Client as EngineClient
 from tests.security.bash_sandbox import bash_engine, pid_alive, require_tier, run_cgroup_dirs, run_pids
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 #: Detached, tag-dropping, double-forked processes: what a hostile session leaves to outlive it.
 ESCAPEES = (
@@ -141,8 +142,8 @@ async def start_server(directory: Path, tier: str) -> Server:
         )
     server = Server(process, run_id, port, log)
     try:
-        await eventually(lambda: process.returncode is not None or _healthy(server), 60)
-    except TimeoutError:
+        await eventually(lambda: process.returncode is not None or _healthy(server), 60, what="a healthy server")
+    except BaseException:  # pytest.fail is a BaseException
         process.kill()
         raise
     assert process.returncode is None, log.read_text()[-2000:]

@@ -105,6 +105,10 @@ async def box_factory(tmp_path: Path) -> AsyncIterator[BoxFactory]:
     uids = {box.uid for box in boxes if box.tier != "none"}
     for box in boxes:
         await box.aclose()
+    # A killed process leaves the cgroup a moment before it leaves /proc: poll, with a deadline.
+    with anyio.move_on_after(10):
+        while any(pids_of_uid(uid) for uid in uids) or any(b.pids() for b in boxes):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
     for uid in uids:
         assert not pids_of_uid(uid), f"processes of session uid {uid} survived aclose"
     assert not [str(b) for b in boxes if b.pids()]

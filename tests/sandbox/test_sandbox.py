@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from backends.policy import Policy
+from backends.policy import Mount, Policy
 from backends.sandbox import Bind, SandboxSpec, SessionSandbox, mechanisms
 from backends.sandbox.spec import HOME_INSIDE
 from session.errors import ConfigurationError, ParameterError
@@ -20,6 +20,7 @@ from tests.sandbox.helpers import (
     TIERS,
     BoxFactory,
     has_cap_sys_resource,
+    host_exists,
     pid_alive,
     read_proc,
     run,
@@ -171,6 +172,23 @@ async def test_binds_are_read_only_unless_writable(make_box: BoxFactory, tmp_pat
     assert not (shared_ro / "new").exists()
     assert (shared_rw / "new").read_text() == "y\n"
     assert status == 0, out
+
+
+async def test_operator_mounts_from_the_policy_are_bound(tmp_path: Path) -> None:
+    granted = tmp_path / "granted"
+    granted.mkdir()
+    (granted / "data").write_text("operator\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    policy = Policy(mounts=[Mount(host=str(granted), path="/srv/data", mode="ro")])
+    box = await SessionSandbox.create(SandboxSpec(label="mounts", policy=policy, server_id=RUN_SERVER_ID, home=home))
+    try:
+        _status, out = await run(box, "cat /srv/data/data; echo x > /srv/data/new; echo end")
+    finally:
+        await box.aclose()
+    assert "operator" in out
+    assert out.rstrip().endswith("end")
+    assert not host_exists(granted / "new")
 
 
 async def test_home_inside_is_fixed_and_private(make_box: BoxFactory) -> None:

@@ -17,7 +17,6 @@ import anyio
 import pytest
 
 from backends.policy import Limits, Policy
-from tests.conftest import eventually
 from tests.security.bash_sandbox import (
     ISOLATED_TIERS,
     Client,
@@ -29,6 +28,7 @@ from tests.security.bash_sandbox import (
     run_cgroup_dirs,
     run_pids,
 )
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.parametrize("tier", ISOLATED_TIERS)
 
