@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -178,7 +179,7 @@ async def test_policy_cannot_be_loosened_through_config(tier: str) -> None:
     require_tier(tier)
     async with bash_engine(policy(tier, memory_mb=256)) as engine:
         attacker = Client(engine, "attacker")
-        loosen = [
+        loosen: list[dict[str, Any]] = [
             {"isolation": "none"},
             {"network": "host"},
             {"limits": {"memory_mb": 4096}},
