@@ -3,15 +3,21 @@
 Each command is sent as a quoted here-document that the shell `source`s: bash reads it
 whole (through a pipe, no temp file) before running it, so quotes can't desync the
 protocol, a command reading stdin gets EOF instead of eating the protocol, and `cd`,
-variables (even `declare`d ones) and functions persist. After it, the shell prints a
-per-shell sentinel with the exit code on stdout and on stderr; the reader stops at the
-sentinel, so a round trip costs well under a millisecond.
+variables (even `declare`d ones) and functions persist. After it, a read-only function
+defined when the shell starts re-arms the interrupt trap, exports the next command's
+number and prints a per-shell sentinel with the exit code on stdout and on stderr; the
+reader stops at the sentinel.
 
-Interrupting: the shell runs with `trap 'return 130' INT`, re-armed before every
-command. On timeout or cancellation the command's processes get SIGKILL and the shell
-SIGINT (`backends.bash.interrupt`); `return` inside a sourced file abandons the rest of
-the command (even a busy builtin loop), and the sentinel follows. Only if the shell fails
-to answer is it killed and restarted.
+Why so terse: bash reads a pipe one byte per `read` call (it must not consume input meant
+for the commands it runs), so every byte sent costs a system call, and under gVisor's
+ptrace platform a system call costs tens of microseconds. The line per command is about
+80 bytes beyond the command itself.
+
+Interrupting: the shell runs with `trap 'return 130' INT`, re-armed after every command.
+On timeout or cancellation the command's processes get SIGKILL and the shell SIGINT
+(`backends.bash.interrupt`); `return` inside a sourced file abandons the rest of the
+command (even a busy builtin loop), and the sentinel follows. Only if the shell fails to
+answer is it killed and restarted.
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ class PersistentShell:
     ) -> None:
         self.sandbox = sandbox
         self.progress_interval = progress_interval
-        self.heredoc_end = f"__AF_END_{uuid.uuid4().hex}"
+        self.heredoc_end = f"__AF_END_{uuid.uuid4().hex[:16]}"
+        self._done = f"__af_done_{uuid.uuid4().hex[:8]}"
         self.argv = argv
         self.env = dict(env)
         self.cwd = cwd
@@ -104,6 +111,10 @@ class PersistentShell:
         )
         self._scanners = (SentinelScanner(self.marker), SentinelScanner(self.marker))
         self._interrupter = Interrupter(self.sandbox, self.process)
+        assert self.process.stdin is not None
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # A shell that died at once shows it on the first round trip below.
+            await self.process.stdin.send(self._prologue().encode())
         # Best effort: keeps the OOM killer on the wrappers' side of the session (see protect).
         await self.sandbox.protect(self.process)
         # One round trip before the session is handed out: the shell really runs (inside its
@@ -122,6 +133,16 @@ class PersistentShell:
                 f"({(entered.stderr.strip() or 'cd failed')[:200]}); the session sees its home and the host's "
                 "read-only system directories, not the server's files"
             )
+
+    def _prologue(self) -> str:
+        """Defines the after-command function (read-only: a command cannot replace it) and arms
+        the first command: `<done> <exit code> <next command number>`."""
+        sentinel = f"builtin printf '\\n{self.marker}%d__\\n' \"$1\""
+        rearm = f"builtin trap 'return 130' INT; builtin export {COMMAND_ENV}"
+        return (
+            f"{self._done}() {{ {rearm}=$2; {sentinel}; {sentinel} >&2; }}; builtin readonly -f {self._done}; "
+            f"{rearm}={self.commands_run + 1}\n"
+        )
 
     @property
     def alive(self) -> bool:
@@ -173,11 +194,9 @@ class PersistentShell:
         started = time.monotonic()
         self.commands_run += 1
         command_tag = f"{self.commands_run}"
-        sentinel = f"printf '\\n{self.marker}%d__\\n' \"$__af_rc\""
         line = (
-            f"trap 'return 130' INT; export {COMMAND_ENV}={command_tag}; "
-            f"source /dev/stdin <<'{self.heredoc_end}'\n{command}\n{self.heredoc_end}\n"
-            f"__af_rc=$?; {sentinel}; {sentinel} >&2\n"
+            f"builtin source /dev/stdin <<'{self.heredoc_end}'\n{command}\n{self.heredoc_end}\n"
+            f"{self._done} $? {self.commands_run + 1}\n"
         )
         timed_out = False
         try:

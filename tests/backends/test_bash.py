@@ -292,3 +292,14 @@ async def test_get_status_and_list_sessions_show_the_sandbox():
         [view] = engine.list_sessions(client.caller)
         assert view.policy["isolation"] == "sandbox"
         assert view.policy["limits"]["memory_mb"] == 300
+
+
+async def test_shell_options_and_function_purges_do_not_break_the_protocol():
+    async with shell() as (b, ctx):
+        await run(b, ctx, "set -u -o pipefail; unset -f $(declare -F | awk '{print $3}') 2>/dev/null; trap - INT")
+        assert (await run(b, ctx, "echo still; false")).stdout == "still\n"
+        with pytest.raises(ExecutionTimeout):
+            await run(b, ctx, "sleep 30", limit=0.3)
+        after = await run(b, ctx, "echo $-")
+        assert "u" in after.stdout
+        assert not after.shell_restarted
