@@ -160,12 +160,12 @@ class PersistentShell:
         self._interrupter = None
         if process is None:
             return
-        # The group: in tier `none` the shell's own jobs; otherwise the wrappers, whose end
-        # tears the shell's namespace (and everything in it) down.
+        # The group (the spawned process leads it): in tier `none` the shell's own jobs; otherwise
+        # the wrappers, whose end tears the shell's namespace (and everything in it) down. Not
+        # `process.kill()` as well: Popen polls before signalling and would reap the child under
+        # asyncio's watcher, which then reports it as unknown.
         with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
             os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            process.kill()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await process.wait()
         for stream in (process.stdin, process.stdout, process.stderr):
