@@ -116,17 +116,24 @@ async def test_exit_restarts_a_fresh_shell_on_the_next_command():
         assert after.stdout == "unset\n"
 
 
-async def test_config_cwd_env_and_a_private_home():
-    async with shell(cwd="/", env={"FOO": "bar"}) as (b, ctx):
-        result = await run(b, ctx, "pwd; echo $FOO; echo $HOME")
+@pytest.mark.parametrize("tier", ["none", "sandbox", "gvisor"])
+async def test_config_cwd_env_and_a_private_home(tier):
+    require_tier(tier)
+    async with shell(Policy(isolation=tier), cwd="/", env={"FOO": "bar baz", "LANG": "C.UTF-8"}) as (b, ctx):
+        result = await run(b, ctx, 'pwd; echo "$FOO"; echo "$HOME"; echo ok > ~/f && cat ~/f')
         lines = result.stdout.splitlines()
-        assert lines[:2] == ["/", "bar"]
-        assert lines[2] == str(ctx.session.scratch / "home")
+        assert lines[:2] == ["/", "bar baz"]
+        assert lines[2] == (str(ctx.session.scratch / "home") if tier == "none" else "/home/user")
+        assert lines[3] == "ok"
+        # The home the shell writes is the host directory the session's details name.
+        assert (ctx.state.home / "f").read_text() == "ok\n"
 
 
-async def test_the_servers_environment_does_not_leak_into_the_shell(monkeypatch):
+@pytest.mark.parametrize("tier", ["none", "sandbox", "gvisor"])
+async def test_the_servers_environment_does_not_leak_into_the_shell(monkeypatch, tier):
+    require_tier(tier)
     monkeypatch.setenv("SECRET_API_KEY", "hunter2")
-    async with shell() as (b, ctx):
+    async with shell(Policy(isolation=tier)) as (b, ctx):
         assert (await run(b, ctx, "echo ${SECRET_API_KEY:-none}")).stdout == "none\n"
 
 
