@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 RECOVERY_GRACE = 3.0
 #: How often a silent command is checked for shell exit (and progress is due).
 IDLE_CHECK = 0.5
+#: How bash names the sourced command in its error messages (noise in ours).
+_SOURCE_PREFIX = re.compile(r"^/dev/stdin: line \d+: ", re.MULTILINE)
 #: How long the shell may take to start and enter its configured directory.
 STARTUP_TIMEOUT = 30.0
 
@@ -130,7 +133,8 @@ class PersistentShell:
             assert self.cwd is not None
             raise ParameterError(
                 f"cwd {self.cwd[:200]!r} is not a directory inside the session's sandbox "
-                f"({(entered.stderr.strip() or 'cd failed')[:200]}); the session sees its home and the host's "
+                f"({_SOURCE_PREFIX.sub('', entered.stderr.strip()) or 'cd failed'}"[:260]
+                + "); the session sees its home and the host's "
                 "read-only system directories, not the server's files"
             )
 
