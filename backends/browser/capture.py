@@ -29,9 +29,9 @@ def _shot(data: bytes, fmt: str, note: str | None = None) -> Shot:
     return Shot(data, f"image/{fmt}", width, height, note)
 
 
-async def capture(target: Page | Locator, *, full_page: bool, limit: int, timeout_ms: float) -> Shot:
+async def capture(target: Page | Locator, *, full_page: bool, limit: int, wait: float) -> Shot:
     """A screenshot of a page (viewport or full) or of one element, at most `limit` bytes."""
-    options: dict[str, Any] = {"timeout": timeout_ms}
+    options: dict[str, Any] = {"timeout": wait * 1000}
     if isinstance(target, Page):
         options["full_page"] = full_page
     png = await target.screenshot(type="png", **options)
@@ -51,5 +51,5 @@ async def capture(target: Page | Locator, *, full_page: bool, limit: int, timeou
     else:  # an element larger than the limit allows: capture its top through the page
         box = await target.bounding_box() or {"x": 0, "y": 0}
         clip.update(x=box["x"], y=box["y"])
-        clipped = await target.page.screenshot(type="jpeg", quality=40, clip=clip, timeout=timeout_ms)
+        clipped = await target.page.screenshot(type="jpeg", quality=40, clip=clip, timeout=wait * 1000)
     return _shot(clipped, "jpeg", f"image was {height} px high; only the top {keep} px fit in {limit} bytes")
