@@ -25,6 +25,9 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+import os
+import secrets
+import tempfile
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +105,28 @@ class Runtime:
     scratch_root: Path
     server_id: str
 
+    @classmethod
+    def for_process(cls) -> Runtime:
+        """This process's runtime: `<tmp>/agentflow-<server_id>`, server id `<run>-<pid>-<random>`.
+
+        The run prefix comes from `AGENTFLOW_RUN_ID` (tests set it, so what a run leaves
+        behind is recognisable); the pid lets a later server tell a dead owner's leftovers.
+        """
+        global _PROCESS_RUNTIME
+        if _PROCESS_RUNTIME is None or _PROCESS_RUNTIME.pid != os.getpid():
+            run = os.environ.get("AGENTFLOW_RUN_ID") or "srv"
+            server_id = f"{run}-{os.getpid()}-{secrets.token_hex(3)}"
+            _PROCESS_RUNTIME = cls(Path(tempfile.gettempdir()) / f"agentflow-{server_id}", server_id)
+        return _PROCESS_RUNTIME
+
+    @property
+    def pid(self) -> int:
+        """The pid of the server that owns this runtime (the middle field of `server_id`)."""
+        return int(self.server_id.rsplit("-", 2)[-2])
+
+
+_PROCESS_RUNTIME: Runtime | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class SessionSetup(Generic[ConfigT]):
@@ -118,6 +143,9 @@ class SessionSetup(Generic[ConfigT]):
     config: ConfigT
     policy: Policy
     scratch: Path
+    links: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Config fields naming another session of the same principal (see `Backend.links`),
+    resolved to what that session's backend `export`s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +192,8 @@ class ToolSpec:
     resource: str | None = None
     takes_session: bool = False
     """True when the tool accepts a `session_id` naming the session to use."""
+    schema: dict[str, Any] | None = None
+    """A JSON Schema to list instead of the args model's (e.g. typed per-resource configs)."""
 
     @property
     def qualified_name(self) -> str:
@@ -185,11 +215,12 @@ class ToolSpec:
             owner=self.owner,
             resource=resource,
             takes_session=takes_session,
+            schema=self.schema,
         )
 
     def input_schema(self) -> dict[str, Any]:
         """The arguments' JSON Schema, with `session_id` declared where the tool takes one."""
-        schema = self.args_model.model_json_schema()
+        schema = dict(self.schema) if self.schema is not None else self.args_model.model_json_schema()
         schema.setdefault("type", "object")
         properties = schema.setdefault("properties", {})
         if self.takes_session and "session_id" not in properties:
@@ -248,7 +279,7 @@ def tool(
             takes_args="args" in inspect.signature(fn).parameters,
         )
         setattr(fn, _TOOL_ATTR, spec)
-        return fn
+        return typing.cast(HandlerT, fn)
 
     return decorate
 
@@ -278,6 +309,10 @@ class Backend(Generic[ConfigT, StateT]):
     default_policy: ClassVar[Policy] = Policy()
     #: Isolation tiers this backend can provide (asking for another is a configuration error).
     isolation_tiers: ClassVar[frozenset[str]] = frozenset({"none", "sandbox", "gvisor"})
+    #: Config fields whose value is the handle of another session of the same principal,
+    #: by resource type (the browser's `display` names a vm session): the engine checks
+    #: the handle and passes that session's `export` in `SessionSetup.links`.
+    links: ClassVar[dict[str, str]] = {}
     _tools: ClassVar[dict[str, ToolSpec]] = {}
 
     def __init__(
@@ -287,10 +322,10 @@ class Backend(Generic[ConfigT, StateT]):
         settings: Mapping[str, Any] | None = None,
         defaults: Mapping[str, Any] | None = None,
         policy: Policy | None = None,
-        runtime: Runtime,
+        runtime: Runtime | None = None,
     ) -> None:
         self.name = name
-        self.runtime = runtime
+        self.runtime = runtime if runtime is not None else Runtime.for_process()
         self.policy = policy if policy is not None else self.default_policy
         defaults = dict(defaults or {})
         settings = dict(settings or {})
@@ -338,7 +373,8 @@ class Backend(Generic[ConfigT, StateT]):
             ParameterError: a key is unknown or a value is wrong (1002, naming the field).
         """
         overrides = dict(overrides or {})
-        misplaced = sorted(k for k in overrides if k in self.Settings.model_fields and k not in self.Config.model_fields)
+        settings_only = self.Settings.model_fields.keys() - self.Config.model_fields.keys()
+        misplaced = sorted(k for k in overrides if k in settings_only)
         if misplaced:
             raise ParameterError(
                 f"{', '.join(misplaced)}: backend-wide setting(s) of {self.name!r}, fixed by the operator in the "
@@ -370,6 +406,10 @@ class Backend(Generic[ConfigT, StateT]):
 
     async def cleanup(self, setup: SessionSetup[ConfigT], state: StateT) -> None:
         """Free one session's resource: every process it started must be gone on return."""
+
+    def export(self, state: StateT) -> dict[str, Any]:
+        """What another session of the same principal may use of this one (see `links`)."""
+        return {}
 
     def describe(self, state: StateT) -> dict[str, Any]:
         """What a session holds, for `list_sessions` (its processes, display...).

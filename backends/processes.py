@@ -115,15 +115,23 @@ def make_scratch_dir(prefix: str) -> Path:
     return path
 
 
+def _owner_pid(entry: Path) -> str | None:
+    """The pid of the server owning a scratch root: `agentflow-<run>-<pid>-<hex>`, or an owner file."""
+    parts = entry.name.split("-")
+    if len(parts) >= 4 and parts[-2].isdigit():
+        return parts[-2]
+    try:
+        return (entry / OWNER_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
 def sweep_orphan_dirs() -> list[Path]:
     """Delete scratch directories whose owning server no longer exists; returns them."""
     removed = []
     for entry in Path(tempfile.gettempdir()).glob("agentflow-*"):
-        try:
-            owner = (entry / OWNER_FILE).read_text().strip()
-        except OSError:
-            continue
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+        owner = _owner_pid(entry)
+        if owner is not None and owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

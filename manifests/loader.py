@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from backends.base import Backend
+from backends.base import Backend, Runtime
+from backends.policy import Policy, split_policy_request
 from manifests.schema import Manifest
 from session.errors import ConfigurationError
 
@@ -95,8 +96,11 @@ def import_backend_class(path: str, field: str) -> type[Backend[Any, Any]]:
     return cls
 
 
-def build_backends(manifest: Manifest) -> dict[str, Backend[Any, Any]]:
-    """Instantiate every enabled backend, validating its default config.
+def build_backends(manifest: Manifest, runtime: Runtime | None = None) -> dict[str, Backend[Any, Any]]:
+    """Instantiate every enabled backend with its settings, default config and policy.
+
+    Policy keys written in a resource's `config` by the first contract (`isolation`,
+    `network`) are the operator's, so they move to its policy.
 
     Raises:
         ConfigurationError: naming the field at fault.
@@ -110,16 +114,42 @@ def build_backends(manifest: Manifest) -> dict[str, Backend[Any, Any]]:
                 f"{field}: {name!r} is not a built-in backend ({', '.join(BUILTIN_BACKENDS)}); "
                 "give the import path of its class"
             )
-        backend = import_backend_class(path, field)(name, spec.config)
+        cls = import_backend_class(path, field)
+        defaults, legacy_policy = split_policy_request(spec.config)
+        policy = _policy(name, cls.default_policy, {**legacy_policy, **(spec.policy or {})})
         try:
-            backend.session_config()
+            backend = cls(name, settings=spec.settings, defaults=defaults, policy=policy, runtime=runtime)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"resources.{name}.config.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                for err in exc.errors(include_url=False)
+            raise ConfigurationError(_problems(exc, f"resources.{name}.settings")) from None
+        if policy.isolation not in backend.isolation_tiers:
+            raise ConfigurationError(
+                f"resources.{name}.policy.isolation: {policy.isolation!r} is not available for {name!r} "
+                f"(it supports {', '.join(sorted(backend.isolation_tiers))})"
             )
-            raise ConfigurationError(problems) from None
+        try:
+            backend.Config.model_validate(backend.defaults)
+        except ValidationError as exc:
+            raise ConfigurationError(_problems(exc, f"resources.{name}.config")) from None
         backends[name] = backend
     if not backends:
         raise ConfigurationError("resources: no backend is enabled")
     return backends
+
+
+def _policy(name: str, default: Policy, overrides: dict[str, Any]) -> Policy:
+    merged = default.model_dump()
+    for key, value in overrides.items():
+        if key == "limits" and isinstance(value, dict):
+            merged["limits"] = {**merged["limits"], **value}
+        else:
+            merged[key] = value
+    try:
+        return Policy.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigurationError(_problems(exc, f"resources.{name}.policy")) from None
+
+
+def _problems(exc: ValidationError, where: str) -> str:
+    return "; ".join(
+        f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+    )

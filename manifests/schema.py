@@ -4,20 +4,45 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RESOURCE_NAME = r"^[a-z][a-z0-9]{0,31}$"
+
+
+class SessionLimits(BaseModel):
+    """`[server.limits]`: how many sessions may be live. The defaults admit 200 concurrent
+    workers of one principal with a few sessions each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sessions: int | None = Field(default=1024, ge=1, description="Live sessions on the whole server.")
+    per_principal: int | None = Field(default=1024, ge=1, description="Live sessions of one token's principal.")
+    per_worker: int | None = Field(default=16, ge=1, description="Live sessions of one client (connection/key).")
 
 
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     session_ttl: float = Field(default=300.0, gt=0, description="Idle seconds before a session is reaped.")
+    disconnect_grace: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a disconnected client's sessions wait to be adopted by handle (capped at the TTL).",
+    )
     transport: Literal["stdio", "sse", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = Field(default=18890, ge=0, le=65535)
-    max_sessions: int | None = Field(default=None, ge=1, description="Live sessions across all workers.")
+    limits: SessionLimits = Field(default_factory=SessionLimits)
+    max_sessions: int | None = Field(
+        default=None, ge=1, description="Deprecated spelling of limits.max_sessions (kept working)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _legacy_max_sessions(self) -> ServerSettings:
+        if self.max_sessions is not None:
+            self.limits = self.limits.model_copy(update={"max_sessions": self.max_sessions})
+        return self
 
 
 class ResourceSpec(BaseModel):
@@ -29,6 +54,14 @@ class ResourceSpec(BaseModel):
         description="Import path 'package.module.Class' (or 'package.module:Class'); built-ins need none.",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="Defaults for every session config.")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Backend-wide settings (one value per server; sessions cannot change them)."
+    )
+    policy: dict[str, Any] | None = Field(
+        default=None,
+        description="The operator's policy for these sessions (isolation, network, limits, ...); "
+        "sessions may only tighten it. Omitted keys keep the backend's defaults.",
+    )
     max_sessions: int | None = Field(default=None, ge=1, description="Live sessions of this resource.")
 
 

@@ -9,26 +9,28 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import anyio
 import mcp_types as t
 from mcp.server import Server, ServerRequestContext
-from pydantic import ValidationError
 
-from backends.base import Image
-from mcp_server.meta_tools import META_TOOLS, refuse_without_worker
-from mcp_server.worker_identity import RunScope, WorkerRef, resolve_worker
+from backends.base import ProgressFn
+from mcp_server.schemas import portable_schema
+from mcp_server.worker_identity import RunScope, resolve_caller
 from session.engine import Engine
-from session.envelope import Envelope, ResultMeta, failure, success
-from session.errors import ParameterError, SandboxError
-from session.validation import describe_validation_error
+from session.envelope import ResultMeta, failure
+from session.errors import SandboxError
+from session.tool_calls import CallOutcome
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "agentflow-sandbox"
+#: Tool `_meta` keys: the resource a tool belongs to (null for session tools) and its action.
+RESOURCE_META_KEY = "agentflow/resource"
+ACTION_META_KEY = "agentflow/action"
 INSTRUCTIONS = (
     "Stateful sandboxes for agents. Each resource (e.g. bash) has tools named resource_action. "
-    "Call create_session(resource) first when you need state kept across calls (a cd, an open window); "
-    "otherwise each call runs in a fresh temporary session. Every result is an envelope "
+    "Call create_session(resource) first when you need state kept across calls (a cd, an open window), and "
+    "pass the session_id it returns to every later call; otherwise each call runs in a fresh temporary "
+    "session. Every result is an envelope "
     "{code, message, data, meta}: code 0 is success; meta.expires_at says when an idle session is reaped."
 )
 
@@ -59,10 +61,14 @@ def build_server(engine: Engine) -> Server[RunScope]:
 
     async def call_tool(ctx: ServerRequestContext[RunScope, Any], params: t.CallToolRequestParams) -> t.CallToolResult:
         try:
-            envelope, images = await dispatch(engine, ctx, params.name, params.arguments or {})
+            caller = resolve_caller(ctx, engine.disconnect)
+        except SandboxError as exc:
+            return to_result(CallOutcome(failure(exc, ResultMeta(tool=params.name[:128]))))
+        try:
+            outcome = await engine.call(caller, params.name, params.arguments or {}, progress=_progress(ctx))
         except Exception as exc:  # the engine returns envelopes; this is the backstop
-            envelope, images = failure(exc, ResultMeta(tool=params.name)), []
-        return to_result(envelope, images)
+            outcome = CallOutcome(failure(exc, ResultMeta(tool=params.name[:128])))
+        return to_result(outcome)
 
     return Server(
         SERVER_NAME,
@@ -77,76 +83,29 @@ def build_server(engine: Engine) -> Server[RunScope]:
 
 
 def tool_listing(engine: Engine) -> list[t.Tool]:
+    """Every tool of the engine's one registry, as MCP tools; `_meta` says which resource owns it."""
     tools: list[t.Tool] = []
-    for resource, backend in sorted(engine.backends.items()):
-        for spec in backend.tools().values():
-            tools.append(
-                t.Tool(
-                    name=f"{resource}_{spec.name}",
-                    description=f"[{resource}] {spec.description}",
-                    input_schema=spec.input_schema(),
-                    annotations=t.ToolAnnotations(
-                        title=f"{resource} {spec.name}",
-                        read_only_hint=spec.read_only,
-                        destructive_hint=spec.destructive,
-                        open_world_hint=spec.open_world,
-                    ),
-                )
-            )
-    for meta in META_TOOLS.values():
-        schema = meta.args_model.model_json_schema()
-        schema.setdefault("properties", {})
+    for spec in engine.catalog.values():
+        title = f"{spec.resource} {spec.name}" if spec.resource else spec.name.replace("_", " ")
         tools.append(
             t.Tool(
-                name=meta.name,
-                description=meta.description,
-                input_schema=schema,
-                annotations=t.ToolAnnotations(read_only_hint=meta.read_only, destructive_hint=False),
+                name=spec.qualified_name,
+                description=spec.description,
+                input_schema=portable_schema(spec.input_schema()),
+                annotations=t.ToolAnnotations(
+                    title=title,
+                    read_only_hint=spec.read_only,
+                    destructive_hint=spec.destructive,
+                    idempotent_hint=spec.idempotent,
+                    open_world_hint=spec.open_world,
+                ),
+                _meta={RESOURCE_META_KEY: spec.resource, ACTION_META_KEY: spec.name},
             )
         )
     return tools
 
 
-async def dispatch(
-    engine: Engine, ctx: ServerRequestContext[RunScope, Any], name: str, arguments: dict[str, Any]
-) -> tuple[Envelope, list[Image]]:
-    meta_tool = META_TOOLS.get(name)
-    started = anyio.current_time()
-    meta = ResultMeta(tool=name)
-    try:
-        worker = resolve_worker(ctx, _closer(engine))
-        if meta_tool is None:
-            outcome = await engine.call_tool(worker.worker_id, name, arguments, progress=_progress(ctx))
-            return outcome.envelope, outcome.images
-        envelope = await _run_meta(engine, worker, meta_tool.name, arguments, meta)
-    except SandboxError as exc:
-        envelope = failure(exc, meta)
-    meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
-    return envelope, []
-
-
-async def _run_meta(
-    engine: Engine, worker: WorkerRef, name: str, arguments: dict[str, Any], meta: ResultMeta
-) -> Envelope:
-    tool = META_TOOLS[name]
-    try:
-        args = tool.args_model.model_validate(arguments)
-    except ValidationError as exc:
-        raise ParameterError(describe_validation_error(exc, f"arguments of {name}")) from None
-    if worker.ephemeral:
-        refuse_without_worker(tool)
-    return success(await tool.handler(engine, worker.worker_id, args), meta)
-
-
-def _closer(engine: Engine) -> Any:
-    async def close(worker_id: str) -> None:
-        # Connection teardown is bounded by the SDK (5 s): detach now, clean up in the engine.
-        engine.close_worker_soon(worker_id)
-
-    return close
-
-
-def _progress(ctx: ServerRequestContext[RunScope, Any]) -> Any:
+def _progress(ctx: ServerRequestContext[RunScope, Any]) -> ProgressFn:
     async def report(progress: float, total: float | None = None, message: str | None = None) -> None:
         try:
             await ctx.session.report_progress(progress, total, message)
@@ -156,11 +115,12 @@ def _progress(ctx: ServerRequestContext[RunScope, Any]) -> Any:
     return report
 
 
-def to_result(envelope: Envelope, images: list[Image]) -> t.CallToolResult:
-    content: list[t.TextContent | t.ImageContent] = [t.TextContent(type="text", text=envelope.text())]
+def to_result(outcome: CallOutcome) -> t.CallToolResult:
+    envelope = outcome.envelope
+    content: list[t.ContentBlock] = [t.TextContent(type="text", text=envelope.text())]
     content += [
         t.ImageContent(type="image", data=base64.b64encode(image.data).decode("ascii"), mime_type=image.mime_type)
-        for image in images
+        for image in outcome.images
     ]
     return t.CallToolResult(
         content=content,

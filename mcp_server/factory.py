@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from backends.base import Runtime
 from manifests import build_backends
 from manifests.schema import Manifest
 from session.engine import Engine, Limits
 
 
-def engine_from_manifest(manifest: Manifest) -> Engine:
-    """An engine with the manifest's enabled backends, TTL and limits.
+def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> Engine:
+    """An engine with the manifest's enabled backends, TTL, grace and limits.
 
     Raises:
         ConfigurationError: a backend class or config in the manifest is wrong.
     """
+    runtime = runtime if runtime is not None else Runtime.for_process()
+    settings = manifest.server
     return Engine(
-        build_backends(manifest),
-        session_ttl=manifest.server.session_ttl,
+        build_backends(manifest, runtime),
+        session_ttl=settings.session_ttl,
+        disconnect_grace=settings.disconnect_grace,
+        runtime=runtime,
         limits=Limits(
-            max_sessions=manifest.server.max_sessions,
+            max_sessions=settings.limits.max_sessions,
             per_resource={n: s.max_sessions for n, s in manifest.enabled().items() if s.max_sessions},
+            per_principal=settings.limits.per_principal,
+            per_worker=settings.limits.per_worker,
         ),
     )

@@ -11,14 +11,16 @@ The one module that touches SDK internals (`ctx.session._connection`, pinned to
 
 A worker key in the request `_meta` (`agentflow/worker_id`) names the worker on every
 transport; where a connection exists it still decides the worker's end. Without key
-or connection each request is a worker of its own: only temporary sessions work.
+or connection the caller has no worker: its calls use sessions by handle (`session_id`)
+or temporary ones. The principal (who is calling) is the bearer token's name on HTTP and
+SSE (set by `mcp_server.auth`), and `local` on stdio and in-process.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +29,11 @@ from mcp.server import ServerRequestContext
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from session.errors import ParameterError
+from session.models import LOCAL_PRINCIPAL, Caller
 
 WORKER_META_KEY = "agentflow/worker_id"
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+#: At least 128 bits of a random key in base64url; long enough that keys cannot be guessed.
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{22,128}$")
 
 
 @dataclass(eq=False)
@@ -41,37 +45,48 @@ class RunScope:
     registered: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerRef:
-    worker_id: str
-    ephemeral: bool = False
-    """True when nothing identifies the caller beyond this one request."""
-
-
-def resolve_worker(ctx: ServerRequestContext[Any, Any], on_close: Callable[[str], Awaitable[None]]) -> WorkerRef:
-    """Name the request's worker; tie its end to the connection's teardown, once.
+def resolve_caller(ctx: ServerRequestContext[Any, Any], on_disconnect: Callable[[str], None]) -> Caller:
+    """Name the request's principal and worker; tie the worker's end to the connection's, once.
 
     Raises:
         ParameterError: the `_meta` worker key is malformed.
     """
+    principal = _principal(ctx)
     key = (ctx.meta or {}).get(WORKER_META_KEY)
     if key is not None and (not isinstance(key, str) or not _KEY_PATTERN.match(key)):
         raise ParameterError(
-            f"_meta[{WORKER_META_KEY!r}] must be 8-128 characters of letters, digits and ._:- (a random id)"
+            f"_meta[{WORKER_META_KEY!r}] must be 22-128 characters of letters, digits and ._:- "
+            "(a random id of at least 128 bits, e.g. secrets.token_urlsafe(16))"
         )
     scope = _connection_scope(ctx)
     if key is not None:
-        worker_id = f"key:{key}"
+        worker = f"key:{key}"
     elif scope is not None:
-        worker_id = f"conn:{scope[0]}"
+        worker = f"conn:{scope[0]}"
     else:
-        return WorkerRef(f"req:{uuid.uuid4().hex}", ephemeral=True)
+        return Caller(principal, None)
+    caller = Caller(principal, worker)
     if scope is not None:
         _, stack, registered = scope
-        if worker_id not in registered:
-            registered.add(worker_id)
-            stack.push_async_callback(on_close, worker_id)
-    return WorkerRef(worker_id)
+        worker_key = caller.worker_key
+        assert worker_key is not None
+        if worker_key not in registered:
+            registered.add(worker_key)
+
+            async def disconnected() -> None:
+                on_disconnect(worker_key)
+
+            stack.push_async_callback(disconnected)
+    return caller
+
+
+def _principal(ctx: ServerRequestContext[Any, Any]) -> str:
+    """The authenticated principal's name (HTTP/SSE, set by the auth middleware), else local."""
+    request = ctx.request
+    if request is None:
+        return LOCAL_PRINCIPAL
+    name = getattr(request.state, "principal", None)
+    return name if isinstance(name, str) and name else "default"
 
 
 def _connection_scope(ctx: ServerRequestContext[Any, Any]) -> tuple[str, AsyncExitStack, set[str]] | None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import typing
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from os import PathLike
 from types import TracebackType
@@ -26,24 +27,18 @@ import anyio
 import mcp_types as t
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
 from manifests import load_manifest
 from manifests.schema import Manifest
-from mcp_server.app import build_server
+from mcp_server.app import ACTION_META_KEY, RESOURCE_META_KEY, build_server
 from mcp_server.factory import engine_from_manifest
 from mcp_server.worker_identity import WORKER_META_KEY
-from session import errors
-from session.errors import SandboxError, ServiceUnavailable
-
-_BY_CODE: dict[int, type[SandboxError]] = {
-    cls.code: cls
-    for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, SandboxError) and cls is not SandboxError
-}
+from session.errors import ERROR_CLASSES, SandboxError, ServiceUnavailable
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
-ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
+ProgressCallback = ProgressFnT
 
 
 class Sandbox:
@@ -69,6 +64,7 @@ class Sandbox:
         self.mode = mode
         self.env = dict(env) if env is not None else None
         self.worker_id = worker_id or f"sandbox-{uuid.uuid4().hex}"
+        self._meta = typing.cast(t.RequestParamsMeta, {WORKER_META_KEY: self.worker_id})
         self._owner: asyncio.Task[None] | None = None
         self._closing: anyio.Event | None = None
         self._client: Client | None = None
@@ -198,11 +194,11 @@ class Sandbox:
         listing = await self._require().list_tools()
         tools = []
         for tool in listing.tools:
-            resource, sep, action = tool.name.partition("_")
-            is_backend_tool = bool(sep) and (tool.description or "").startswith(f"[{resource}]")
+            meta = tool.meta or {}
+            resource, action = meta.get(RESOURCE_META_KEY), meta.get(ACTION_META_KEY)
             tools.append(
                 {
-                    "name": f"{resource}:{action}" if is_backend_tool else tool.name,
+                    "name": f"{resource}:{action}" if resource and action else tool.name,
                     "mcp_name": tool.name,
                     "description": tool.description,
                     "input_schema": tool.input_schema,
@@ -220,7 +216,7 @@ class Sandbox:
     async def _meta_call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         envelope = await self._call(name, {k: v for k, v in args.items() if v is not None})
         if envelope.get("code", 5000) != 0:
-            cls = _BY_CODE.get(envelope.get("code", 5000), SandboxError)
+            cls = ERROR_CLASSES.get(envelope.get("code", 5000), SandboxError)
             raise cls(envelope.get("message", "unknown error"), data=envelope.get("data") or {})
         return envelope.get("data") or {}
 
@@ -230,7 +226,7 @@ class Sandbox:
         client = self._require()
         try:
             result = await client.call_tool(
-                name, args, progress_callback=progress, meta={WORKER_META_KEY: self.worker_id}
+                name, args, progress_callback=progress, meta=self._meta
             )
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc

@@ -9,13 +9,11 @@ from typing import Any
 import anyio
 
 from backends.base import Backend, BackendKind, ToolSpec
-from session.errors import BackendError, ParameterError, ResourceTypeNotFound, SandboxError, ToolNotFound
+from session.errors import BackendError, ParameterError, ResourceTypeNotFound, SandboxError, ToolNotFound, shown
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 30.0
-# First words of the session-management tool names: a typo there is an unknown tool, not resource.
-_NOT_RESOURCES = frozenset({"create", "destroy", "list", "refresh", "reinitialize", "warmup", "get"})
 
 
 class BackendPool:
@@ -28,12 +26,12 @@ class BackendPool:
 
     def backend(self, resource: str) -> Backend[Any, Any]:
         """Raises: ResourceTypeNotFound (1005)."""
-        try:
-            return self.backends[resource]
-        except KeyError:
+        backend = self.backends.get(resource) if isinstance(resource, str) else None
+        if backend is None:
             raise ResourceTypeNotFound(
-                f"unknown resource type {resource!r}; this server has: {', '.join(sorted(self.backends))}"
-            ) from None
+                f"unknown resource type {shown(resource, 60)}; this server has: {', '.join(sorted(self.backends))}"
+            )
+        return backend
 
     def session_backend(self, resource: str) -> Backend[Any, Any]:
         """Raises: ResourceTypeNotFound (1005); ParameterError (1002) for a shared backend."""
@@ -42,34 +40,41 @@ class BackendPool:
             raise ParameterError(f"{resource!r} is a shared backend: it has no sessions; call its tools directly")
         return backend
 
-    def find_tool(self, name: str) -> tuple[str, ToolSpec]:
-        """Resolve `resource:action` (or the MCP form `resource_action`) to a backend's tool.
+    def catalog(self) -> dict[str, ToolSpec]:
+        """Every backend tool bound to its resource, by MCP name (`resource_action`)."""
+        tools: dict[str, ToolSpec] = {}
+        for resource, backend in sorted(self.backends.items()):
+            takes_session = backend.kind() is not BackendKind.SHARED
+            for spec in backend.tools().values():
+                bound = spec.bound(resource, takes_session=takes_session)
+                tools[bound.qualified_name] = bound
+        return tools
 
-        Raises: ToolNotFound (1001), ResourceTypeNotFound (1005).
+    def find_tool(self, name: str, catalog: Mapping[str, ToolSpec]) -> ToolSpec:
+        """Resolve an MCP name (`bash_run`, `create_session`) or `resource:action` to its tool.
+
+        Raises: ToolNotFound (1001).
         """
-        resource, sep, action = name.partition(":")
-        if not sep:
-            for candidate in sorted(self.backends, key=len, reverse=True):
-                if name.startswith(candidate + "_"):
-                    resource, action = candidate, name[len(candidate) + 1 :]
-                    break
-            else:
-                prefix = name.partition("_")[0]
-                if prefix and prefix not in _NOT_RESOURCES:
-                    raise ResourceTypeNotFound(
-                        f"unknown resource type {prefix!r} (in tool {name!r}); "
-                        f"this server has: {', '.join(sorted(self.backends))}"
-                    )
-                raise ToolNotFound(f"unknown tool {name!r}; tools are named resource_action, e.g. 'bash_run'")
-        tools = self.backend(resource).tools()
-        if action not in tools:
+        spec = catalog.get(name.replace(":", "_", 1) if ":" in name else name)
+        if spec is not None:
+            return spec
+        resource = name.partition(":")[0] if ":" in name else None
+        if resource is not None and resource not in self.backends:
             raise ToolNotFound(
-                f"resource {resource!r} has no tool {action!r}; its tools are: {', '.join(sorted(tools))}"
+                f"unknown tool {shown(name, 80)}: there is no resource {shown(resource, 40)}; "
+                f"this server has: {', '.join(sorted(self.backends))}"
             )
-        return resource, tools[action]
-
-    def is_warm(self, resource: str) -> bool:
-        return resource in self._warm
+        for candidate in self.backends:
+            if name.startswith(candidate + "_") or name.startswith(candidate + ":"):
+                actions = sorted(t.name for t in catalog.values() if t.resource == candidate)
+                raise ToolNotFound(
+                    f"resource {candidate!r} has no tool {shown(name[len(candidate) + 1:], 60)}; "
+                    f"its tools are: {', '.join(actions)}"
+                )
+        raise ToolNotFound(
+            f"unknown tool {shown(name, 80)}; tools are named resource_action (e.g. 'bash_run') or are "
+            "session tools such as create_session; list_tools shows them all"
+        )
 
     async def ensure_warm(self, resource: str) -> bool:
         """Warm a shared or hybrid backend once; True if this call did the warming.
@@ -123,6 +128,7 @@ class BackendPool:
                 "warm": name in self._warm if b.kind() is not BackendKind.SESSION else None,
                 "live_sessions": live_by_resource.get(name, 0),
                 "tools": sorted(b.tools()),
+                **b.status(),
             }
             for name, b in sorted(self.backends.items())
         }

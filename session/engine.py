@@ -1,45 +1,67 @@
-"""The session engine: workers, explicit and temporary sessions, TTL reaping, calls.
+"""The session engine: callers, workers, explicit and temporary sessions, handles, TTL, calls.
 
 Locking discipline (the original server's global lock across backend I/O is what this
 avoids): registry changes happen between awaits, so they need no lock at all. A new
 session reserves its slot in state CREATING, `initialize` runs with no lock held, and
 the slot is published or rolled back. Calls on one session queue on that session's
 FIFO lock; calls on different sessions never wait for each other.
+
+Every live explicit session is reachable by its handle (`session_id`) from any caller of
+the same principal; a worker additionally has one default session per resource, used by
+its calls that name no session. A disconnected worker's sessions wait out a grace in
+which a call by handle adopts them; then they are destroyed.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import uuid
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from backends.base import Backend, BackendKind, Image, ProgressFn, ToolContext, ToolSpec
+from backends.base import Backend, BackendKind, Runtime, SessionSetup, ToolContext, ToolSpec
+from backends.policy import split_policy_request
 from session.backend_pool import BackendPool
 from session.budget import Limits, SessionBudget
+
+__all__ = ["Caller", "Engine", "Limits"]
 from session.envelope import ResultMeta, failure, success
 from session.errors import (
+    ConfigurationError,
     ParameterError,
     SandboxError,
     ServiceUnavailable,
     SessionError,
+    shown,
 )
-from session.models import Session, SessionStatus, SessionView, Worker
+from session.models import Caller, Session, SessionStatus, SessionView, Worker, fingerprint, new_handle
 from session.reaper import collect_expired
-from session.tool_calls import CallOutcome, invoke, normalise_request, validate_arguments
-from session.validation import describe_validation_error
+from session.tool_calls import CallOutcome, ToolCall, invoke, normalise_request, validate_arguments
 
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 30.0
 DEFAULT_TTL = 300.0
+DEFAULT_GRACE = 60.0
+#: MCP tool names are at most 128 characters; a longer one is never echoed whole.
+MAX_TOOL_NAME = 128
+
+UNKNOWN_HANDLE = (
+    "unknown session_id: no live session of yours has this id. It may have expired (idle past the TTL), "
+    "been destroyed or reinitialized, belonged to an earlier server process (a client that starts a new "
+    "server per call, such as LangChain's default stdio setup, loses its sessions with each process), or "
+    "belong to other credentials. Create a new session with create_session and pass the session_id it "
+    "returns to every call; to keep one connection open, see the README ('Use it from your agent framework')."
+)
+
+Request = str | list[str] | Mapping[str, Mapping[str, Any] | None]
 
 
 class Engine:
@@ -54,12 +76,20 @@ class Engine:
         backends: Mapping[str, Backend[Any, Any]],
         *,
         session_ttl: float = DEFAULT_TTL,
+        disconnect_grace: float = DEFAULT_GRACE,
         limits: Limits | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
+        from session.meta_tools import META_TOOLS  # the meta-tools call back into the engine
+
         self.pool = BackendPool(backends)
         self.session_ttl = session_ttl
+        self.disconnect_grace = min(disconnect_grace, session_ttl)
         self.budget = SessionBudget(limits)
+        self.runtime = runtime if runtime is not None else Runtime.for_process()
         self.workers: dict[str, Worker] = {}
+        self.sessions: dict[str, Session] = {}
+        self.catalog: dict[str, ToolSpec] = {**self.pool.catalog(), **{t.name: t for t in META_TOOLS(self)}}
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
         self._wake_reaper = anyio.Event()
@@ -75,6 +105,7 @@ class Engine:
     # -- lifetime --------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        await anyio.to_thread.run_sync(lambda: self.runtime.scratch_root.mkdir(mode=0o711, exist_ok=True))
         stack = AsyncExitStack()
         await stack.__aenter__()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
@@ -93,6 +124,8 @@ class Engine:
             return await self._stack.__aexit__(exc_type, exc, tb)
         finally:
             self._tg = None
+            # Shared by the engines of one process; the last one out removes it.
+            await anyio.to_thread.run_sync(_rmdir_quietly, self.runtime.scratch_root)
 
     async def shutdown(self) -> None:
         """Refuse new sessions, destroy every session, then shut the backends down.
@@ -103,331 +136,111 @@ class Engine:
         """
         self._stopping = True
         with anyio.CancelScope(shield=True):
-            await self._destroy_everything()
-            # Cleanups already under way (reaper, disconnects) run in the task group; let
-            # them finish before the shared processes they may still use go away.
+            async with anyio.create_task_group() as tg:
+                for session in list(self.sessions.values()):
+                    tg.start_soon(self._destroy, session)
+            self.workers.clear()
+            # Cleanups already under way (reaper, disconnects, temporaries) run elsewhere;
+            # let them finish before the shared processes they may still use go away.
             with anyio.move_on_after(CLEANUP_TIMEOUT):
                 await self.budget.drained()
             await self.pool.shutdown()
 
-    async def _destroy_everything(self) -> None:
-        async with anyio.create_task_group() as tg:
-            for worker in list(self.workers.values()):
-                tg.start_soon(self.close_worker, worker.worker_id)
+    # -- the one entry point for tool calls -------------------------------------------
 
-    def worker(self, worker_id: str) -> Worker:
-        worker = self.workers.get(worker_id)
-        if worker is None:
-            worker = self.workers[worker_id] = Worker(worker_id)
-        return worker
-
-    def _live_session(self, worker_id: str, resource: str) -> Session:
-        worker = self.workers.get(worker_id)
-        session = worker.sessions.get(resource) if worker else None
-        if session is None:
-            have = ", ".join(sorted(worker.sessions)) if worker and worker.sessions else "none"
-            raise SessionError(
-                f"this worker has no {resource!r} session (its sessions: {have}); "
-                f"create one with create_session({resource!r})"
-            )
-        return session
-
-    def _new_session(
-        self, worker_id: str, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
-    ) -> Session:
-        backend = self.pool.session_backend(resource)
-        requested = dict(config or {})
-        name = requested.pop("custom_name", None)
-        if name is not None and not isinstance(name, str):
-            raise ParameterError("custom_name must be a string")
-        try:
-            validated = backend.session_config(requested)
-        except ValidationError as exc:
-            raise ParameterError(
-                describe_validation_error(exc, f"config of {resource!r}"),
-                data={"config_schema": backend.Config.model_json_schema()},
-            ) from None
-        if self._stopping:
-            raise ServiceUnavailable("the server is shutting down")
-        self.budget.reserve(resource)
-        prefix = "tmp" if temporary else resource
-        return Session(
-            session_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
-            worker_id=worker_id,
-            resource_type=resource,
-            name=name,
-            config=validated,
-            temporary=temporary,
-        )
-
-    async def _start(self, session: Session) -> None:
-        """Run `initialize` for a reserved session (no lock held); roll back on failure."""
-        backend = self.pool.backends[session.resource_type]
-        try:
-            await self.pool.ensure_warm(session.resource_type)
-            session.state = await backend.initialize(session.worker_id, session.config)
-        except BaseException as exc:
-            session.status = SessionStatus.CLOSED
-            session.failure = str(exc)
-            session.ready.set()
-            self.budget.release(session.resource_type)
-            if isinstance(exc, SandboxError):
-                raise SessionError(f"could not start {session.resource_type!r}: {exc.message}") from exc
-            if isinstance(exc, Exception):
-                log.exception("initialize of %s failed", session.resource_type)
-                raise SessionError(f"could not start {session.resource_type!r}: {type(exc).__name__}: {exc}") from exc
-            raise
-        session.status = SessionStatus.ACTIVE
-        session.touch()
-        session.ready.set()
-
-    async def _stop(self, session: Session) -> None:
-        """Run `cleanup` for a session once; shielded, bounded, logged, never raises."""
-        if session.status in (SessionStatus.CLOSING, SessionStatus.CLOSED):
-            return
-        session.status = SessionStatus.CLOSING
-        for scope in list(session.running):
-            scope.cancel()
-        with anyio.CancelScope(shield=True):
-            try:
-                with anyio.fail_after(CLEANUP_TIMEOUT):
-                    async with session.lock:
-                        await self.pool.backends[session.resource_type].cleanup(session.worker_id, session)
-            except Exception:
-                log.exception("cleanup of %s session %s failed", session.resource_type, session.session_id)
-            finally:
-                session.status = SessionStatus.CLOSED
-                self.budget.release(session.resource_type)
-
-    async def create_sessions(
+    async def call(
         self,
-        worker_id: str,
-        request: str | list[str] | Mapping[str, Mapping[str, Any] | None],
-        config: Mapping[str, Any] | None = None,
-    ) -> list[tuple[SessionView, bool]]:
-        """Create one or several sessions; all or nothing.
-
-        Returns (view, created) pairs; `created` is False for a session that existed.
-        """
-        wanted = normalise_request(request, config)
-        worker = self.worker(worker_id)
-        fresh: list[Session] = []
-        results: list[tuple[Session, bool]] = []
-        try:
-            for resource, cfg in wanted.items():
-                existing = worker.sessions.get(resource)
-                if existing is not None and existing.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
-                    results.append((existing, False))
-                else:
-                    session = self._new_session(worker_id, resource, cfg, temporary=False)
-                    worker.sessions[resource] = session
-                    fresh.append(session)
-                    results.append((session, True))
-                # Held like a running call, so a slow sibling's start can't let the TTL reap it.
-                results[-1][0].active_calls += 1
-            async with anyio.create_task_group() as tg:
-                for session in fresh:
-                    tg.start_soon(self._start_published, worker, session)
-            for session, _ in results:
-                await session.ready.wait()
-                if session.status is not SessionStatus.ACTIVE:
-                    raise SessionError(session.failure or f"the {session.resource_type!r} session was destroyed")
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                for session in fresh:
-                    if worker.sessions.get(session.resource_type) is session:
-                        del worker.sessions[session.resource_type]
-                    if session.status is SessionStatus.ACTIVE:
-                        await self._stop(session)
-            raise
-        finally:
-            for session, _ in results:
-                session.active_calls -= 1
-                session.touch()
-        self._wake_reaper.set()
-        return [(s.view(self.session_ttl), created) for s, created in results]
-
-    async def _start_published(self, worker: Worker, session: Session) -> None:
-        """Start one of several sessions; a failure is recorded on it (the caller reports it)."""
-        try:
-            await self._start(session)
-        except SessionError as exc:
-            session.failure = exc.message
-            if worker.sessions.get(session.resource_type) is session:
-                del worker.sessions[session.resource_type]
-
-    async def destroy_sessions(self, worker_id: str, resources: list[str] | None = None) -> list[SessionView]:
-        """Destroy the named sessions, or all of the worker's; each cleanup runs concurrently."""
-        worker = self.workers.get(worker_id)
-        if resources is None:
-            targets = list(worker.sessions.values()) if worker else []
-        else:
-            for resource in resources:
-                self.pool.backend(resource)
-            targets = [self._live_session(worker_id, r) for r in dict.fromkeys(resources)]
-        views = [s.view(self.session_ttl) for s in targets]
-        if worker is not None:
-            for session in targets:
-                if worker.sessions.get(session.resource_type) is session:
-                    del worker.sessions[session.resource_type]
-        async with anyio.create_task_group() as tg:
-            for session in targets:
-                tg.start_soon(self._stop_when_started, session)
-        for view in views:
-            view.status = SessionStatus.CLOSED.value
-        return views
-
-    async def _stop_when_started(self, session: Session) -> None:
-        await session.ready.wait()
-        await self._stop(session)
-
-    async def close_worker(self, worker_id: str) -> None:
-        """The worker went away (disconnect): destroy all it holds and forget it."""
-        worker = self._detach_worker(worker_id)
-        if worker is not None:
-            await self._stop_all(worker)
-
-    def close_worker_soon(self, worker_id: str) -> None:
-        """Forget the worker now; destroy its sessions on the engine's task group.
-
-        For disconnect hooks, which the SDK bounds in time: a request naming the same
-        worker meanwhile starts afresh instead of reaching sessions being destroyed.
-        """
-        worker = self._detach_worker(worker_id)
-        if worker is not None and self._tg is not None:
-            self._tg.start_soon(self._stop_all, worker)
-
-    def _detach_worker(self, worker_id: str) -> Worker | None:
-        worker = self.workers.pop(worker_id, None)
-        if worker is not None:
-            worker.closed = True
-        return worker
-
-    async def _stop_all(self, worker: Worker) -> None:
-        with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as tg:
-                for session in list(worker.sessions.values()):
-                    tg.start_soon(self._stop_when_started, session)
-            worker.sessions.clear()
-
-    async def reinitialize(self, worker_id: str, resource: str, new_config: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Replace one session with a fresh one built from `new_config`; others untouched.
-
-        The new session is started first, so a config that fails leaves the old one
-        working.
-        """
-        self.pool.session_backend(resource)
-        worker = self.worker(worker_id)
-        old = worker.sessions.get(resource)
-        cfg = dict(new_config or {})
-        if old is not None and "custom_name" not in cfg and old.name is not None:
-            cfg["custom_name"] = old.name
-        new = self._new_session(worker_id, resource, cfg, temporary=False)
-        await self._start(new)
-        if worker.closed:
-            await self._stop(new)
-            raise SessionError("the worker disconnected while reinitializing")
-        worker = self.worker(worker_id)
-        old = worker.sessions.get(resource, old)
-        worker.sessions[resource] = new
-        if old is not None and old is not new:
-            await old.ready.wait()
-            await self._stop(old)
-        self._wake_reaper.set()
-        applied = dict(new_config or {})
-        return {
-            "status": "success",
-            "old_session_id": old.session_id if old else None,
-            "new_session_id": new.session_id,
-            "config_applied": applied,
-            "session": new.view(self.session_ttl).model_dump(),
-        }
-
-    # -- listing and refreshing (read-only calls do not refresh) ---------------------
-
-    def list_sessions(self, worker_id: str, *, details: bool = False) -> list[SessionView]:
-        """The worker's sessions; `details` adds what each holds (processes, display, ...)."""
-        worker = self.workers.get(worker_id)
-        if worker is None:
-            return []
-        return [s.view(self.session_ttl, self._describe(s) if details else None) for s in worker.sessions.values()]
-
-    def _describe(self, session: Session) -> dict[str, Any]:
-        if session.status is not SessionStatus.ACTIVE:
-            return {}
-        try:
-            return self.pool.backends[session.resource_type].describe(session.state)
-        except Exception:
-            log.exception("describe of %s session %s failed", session.resource_type, session.session_id)
-            return {}
-
-    def refresh_sessions(self, worker_id: str, resource: str | None = None) -> list[SessionView]:
-        if resource is None:
-            worker = self.workers.get(worker_id)
-            targets = list(worker.sessions.values()) if worker else []
-        else:
-            self.pool.backend(resource)
-            targets = [self._live_session(worker_id, resource)]
-        for session in targets:
-            session.touch()
-        return [s.view(self.session_ttl) for s in targets]
-
-    def status(self, worker_id: str | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": "stopping" if self._stopping else "running",
-            "session_ttl": self.session_ttl,
-            "workers": len(self.workers),
-            "live_sessions": self.budget.live,
-            "backends": self.pool.describe(self.budget.by_resource),
-        }
-        if worker_id is not None:
-            out["worker_id"] = worker_id
-            out["your_sessions"] = [v.model_dump() for v in self.list_sessions(worker_id)]
-        return out
-
-    # -- tool calls ------------------------------------------------------------------
-
-    async def call_tool(
-        self,
-        worker_id: str,
+        caller: Caller | str | None,
         tool_name: str,
         arguments: Mapping[str, Any] | None,
         *,
-        progress: ProgressFn | None = None,
+        progress: Any = None,
     ) -> CallOutcome:
-        """Run one tool call and always return an envelope (never raises a SandboxError)."""
+        """Run one tool call (backend tool or meta-tool); always returns an envelope."""
+        caller = Caller.of(caller)
         started = anyio.current_time()
-        meta = ResultMeta(tool=tool_name)
+        meta = ResultMeta(tool=tool_name[:MAX_TOOL_NAME])
+        images: list[Any] = []
         try:
-            resource, spec = self.pool.find_tool(tool_name)
-            meta.tool, meta.resource_type = spec.name, resource
-            call = _Call(worker_id, resource, spec, validate_arguments(spec, arguments), meta, progress)
-            data, images = await self._dispatch(call)
+            spec = self.pool.find_tool(tool_name, self.catalog)
+            meta.tool, meta.resource_type = spec.name, spec.resource
+            arguments = dict(arguments or {})
+            handle = arguments.pop("session_id", None) if spec.takes_session else None
+            if handle is not None and not isinstance(handle, str):
+                raise ParameterError("session_id must be the string create_session returned")
+            call = ToolCall(caller, spec, validate_arguments(spec, arguments), meta, progress, handle)
+            if spec.owner == "engine":
+                data: BaseModel = await spec.handler(self, call)
+            else:
+                data, images = await self._dispatch(call)
             envelope = success(data, meta)
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope, images = failure(exc, meta), []
         meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
-        return CallOutcome(envelope, images)
+        return CallOutcome.capped(envelope, images)
 
-    async def _dispatch(self, call: _Call) -> tuple[dict[str, Any], list[Image]]:
-        backend = self.pool.backends[call.resource]
+    call_tool = call
+
+    async def _dispatch(self, call: ToolCall) -> tuple[BaseModel, list[Any]]:
+        resource = call.spec.resource
+        assert resource is not None
+        backend = self.pool.backends[resource]
         if backend.kind() is BackendKind.SHARED:
-            await self.pool.ensure_warm(call.resource)
-            ctx = ToolContext(worker_id=call.worker_id, session_id=None, state=None, **call.progress_kwargs())
+            await self.pool.ensure_warm(resource)
+            ctx = ToolContext(config=backend.session_config(), state=None, **call.progress_kwargs())
             return await invoke(backend, call.spec, ctx, call.args)
-        worker = self.workers.get(call.worker_id)
-        session = worker.sessions.get(call.resource) if worker else None
-        if session is not None and session.status in (SessionStatus.CREATING, SessionStatus.ACTIVE):
-            call.meta.session_id = session.session_id
-            try:
-                return await self._run_in_session(session, call)
-            finally:
-                call.meta.expires_at = session.expires_at(self.session_ttl)
-        return await self._run_temporary(call)
+        session = self._target(call.caller, resource, call.handle)
+        if session is None:
+            return await self._run_temporary(call)
+        call.meta.session_id = session.session_id
+        try:
+            return await self._run_in_session(session, call)
+        finally:
+            call.meta.expires_at = session.expires_at(self.session_ttl)
 
-    async def _run_temporary(self, call: _Call) -> tuple[dict[str, Any], list[Image]]:
+    def _target(self, caller: Caller, resource: str, handle: str | None) -> Session | None:
+        """The session a call runs in: the named one, else the worker's default, else None."""
+        if handle is not None:
+            session = self.by_handle(caller, handle)
+            if session.resource_type != resource:
+                raise ParameterError(
+                    f"that session_id is a {session.resource_type!r} session; {resource!r} tools need a "
+                    f"{resource!r} session"
+                )
+            return session
+        worker = self.workers.get(caller.worker_key) if caller.worker_key else None
+        default = worker.sessions.get(resource) if worker else None
+        return default if default is not None and default.live else None
+
+    def by_handle(self, caller: Caller, handle: str) -> Session:
+        """The live session `handle` names, if the caller's principal may use it; adopts an orphan.
+
+        Raises:
+            SessionError: unknown, ended, or another principal's (one and the same answer).
+        """
+        session = self.sessions.get(handle)
+        if session is None or session.principal != caller.principal or not session.live:
+            raise SessionError(UNKNOWN_HANDLE)
+        if session.grace_until is not None:
+            self._adopt(session, caller)
+        return session
+
+    def _adopt(self, session: Session, caller: Caller) -> None:
+        """A call by handle during a disconnect grace: the caller's worker becomes the owner."""
+        session.grace_until = None
+        session.owner = caller.worker_key
+        if caller.worker_key is not None:
+            worker = self.worker(caller)
+            current = worker.sessions.get(session.resource_type)
+            if current is None or not current.live:
+                worker.sessions[session.resource_type] = session
+        log.info("session %s adopted after its client disconnected", session.label)
+
+    async def _run_temporary(self, call: ToolCall) -> tuple[BaseModel, list[Any]]:
         """A session private to this one call: created, used, destroyed before returning."""
-        session = self._new_session(call.worker_id, call.resource, None, temporary=True)
+        resource = call.spec.resource
+        assert resource is not None
+        session = self._new_session(call.caller, resource, None, temporary=True)
         call.meta.session_id, call.meta.temporary_session = session.session_id, True
         await self._start(session)
         try:
@@ -435,9 +248,9 @@ class Engine:
         finally:
             await self._stop(session)
 
-    async def _run_in_session(self, session: Session, call: _Call) -> tuple[dict[str, Any], list[Image]]:
+    async def _run_in_session(self, session: Session, call: ToolCall) -> tuple[BaseModel, list[Any]]:
         backend = self.pool.backends[session.resource_type]
-        label = f"the {session.resource_type!r} session {session.session_id}"
+        label = f"the {session.resource_type!r} session"
         session.active_calls += 1
         try:
             await session.ready.wait()
@@ -450,12 +263,9 @@ class Engine:
                         f"{label} is broken: {problem}; "
                         f"call reinitialize({session.resource_type!r}) or destroy_session and create it again"
                     )
+                assert session.setup is not None
                 ctx = ToolContext(
-                    worker_id=session.worker_id,
-                    session_id=session.session_id,
-                    state=session.state,
-                    config=session.config,
-                    **call.progress_kwargs(),
+                    config=session.config, state=session.state, session=session.setup, **call.progress_kwargs()
                 )
                 with anyio.CancelScope() as scope:
                     session.running.add(scope)
@@ -469,19 +279,381 @@ class Engine:
             session.active_calls -= 1
             session.touch()
 
+    # -- workers ---------------------------------------------------------------------
+
+    def worker(self, caller: Caller) -> Worker:
+        key = caller.worker_key
+        assert key is not None
+        worker = self.workers.get(key)
+        if worker is None:
+            worker = self.workers[key] = Worker(key, caller.principal)
+        return worker
+
+    def disconnect(self, worker_key: str) -> None:
+        """A connection-holding client went away: its sessions wait out the grace, then end.
+
+        During the grace a call by handle from the same principal adopts a session.
+        """
+        worker = self.workers.pop(worker_key, None)
+        if worker is None:
+            return
+        worker.closed = True
+        deadline = anyio.current_time() + self.disconnect_grace
+        for session in worker.sessions.values():
+            if session.live and session.owner == worker_key:
+                session.owner = None
+                session.grace_until = deadline
+        worker.sessions.clear()
+        self._wake_reaper.set()
+
+    async def close_worker(self, caller: Caller | str) -> None:
+        """Destroy everything a worker owns now and forget it (explicit close)."""
+        caller = Caller.of(caller)
+        key = caller.worker_key
+        worker = self.workers.pop(key, None) if key else None
+        if worker is None:
+            return
+        worker.closed = True
+        owned = [s for s in self.sessions.values() if s.owner == key]
+        async with anyio.create_task_group() as tg:
+            for session in owned:
+                tg.start_soon(self._destroy, session)
+
+    # -- sessions --------------------------------------------------------------------
+
+    def _new_session(
+        self, caller: Caller, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
+    ) -> Session:
+        backend = self.pool.session_backend(resource)
+        requested = dict(config or {})
+        name = requested.pop("custom_name", None)
+        if name is not None and not isinstance(name, str):
+            raise ParameterError("custom_name must be a string")
+        backend_config, policy_request = split_policy_request(requested)
+        policy = backend.policy.tightened(policy_request)
+        if policy.isolation not in backend.isolation_tiers:
+            raise ConfigurationError(
+                f"{resource!r} sessions cannot run with isolation {policy.isolation!r}; "
+                f"this backend supports: {', '.join(sorted(backend.isolation_tiers))}"
+            )
+        validated = backend.session_config(backend_config)
+        if self._stopping:
+            raise ServiceUnavailable("the server is shutting down")
+        owner = None if temporary else caller.worker_key
+        self.budget.reserve(resource, None if temporary else caller.principal, owner)
+        session = Session(
+            session_id=f"tmp-{uuid.uuid4().hex[:12]}" if temporary else new_handle(resource),
+            principal=caller.principal,
+            owner=owner,
+            resource_type=resource,
+            name=name,
+            config=validated,
+            policy=policy,
+            temporary=temporary,
+            requested_config=dict(config or {}),
+        )
+        session.budget_key = (None if temporary else caller.principal, owner)
+        try:
+            session.links = self._links(caller, backend, validated)
+        except BaseException:
+            self.budget.release(resource, *session.budget_key)
+            raise
+        return session
+
+    def _links(self, caller: Caller, backend: Backend[Any, Any], config: BaseModel) -> dict[str, dict[str, Any]]:
+        links: dict[str, dict[str, Any]] = {}
+        for field_name, resource in backend.links.items():
+            handle = getattr(config, field_name, None)
+            if handle is None:
+                continue
+            try:
+                other = self.by_handle(caller, str(handle))
+            except SessionError:
+                other = None
+            if other is None or other.resource_type != resource or other.status is not SessionStatus.ACTIVE:
+                raise ParameterError(
+                    f"{field_name} must be the session_id of one of your live {resource!r} sessions "
+                    f"(got {shown(handle, 40)})"
+                )
+            links[field_name] = self.pool.backends[resource].export(other.state)
+        return links
+
+    async def _start(self, session: Session) -> None:
+        """Run `initialize` for a reserved session (no lock held); roll back on failure."""
+        backend = self.pool.backends[session.resource_type]
+        try:
+            await self.pool.ensure_warm(session.resource_type)
+            scratch = self.runtime.scratch_root / session.label
+            await anyio.to_thread.run_sync(lambda: scratch.mkdir(mode=0o700, parents=True))
+            session.scratch = scratch
+            session.setup = SessionSetup(
+                worker_id=session.owner or session.principal,
+                session_id=session.session_id,
+                label=session.label,
+                resource=session.resource_type,
+                config=session.config,
+                policy=session.policy,
+                scratch=scratch,
+                links=session.links,
+            )
+            session.state = await backend.initialize(session.setup)
+        except BaseException as exc:
+            session.status = SessionStatus.CLOSED
+            session.failure = str(exc)
+            session.ready.set()
+            await self._release(session)
+            if isinstance(exc, SandboxError):
+                raise SessionError(f"could not start {session.resource_type!r}: {exc.message}") from exc
+            if isinstance(exc, Exception):
+                log.exception("initialize of %s failed", session.label)
+                raise SessionError(f"could not start {session.resource_type!r}: {type(exc).__name__}: {exc}") from exc
+            raise
+        session.status = SessionStatus.ACTIVE
+        session.touch()
+        session.ready.set()
+
+    async def _release(self, session: Session) -> None:
+        self.budget.release(session.resource_type, *session.budget_key)
+        if session.scratch is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, session.scratch, True)
+
+    async def _stop(self, session: Session) -> None:
+        """Run `cleanup` for a session once; shielded, bounded, logged, never raises."""
+        if session.status in (SessionStatus.CLOSING, SessionStatus.CLOSED):
+            return
+        session.status = SessionStatus.CLOSING
+        for scope in list(session.running):
+            scope.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(CLEANUP_TIMEOUT):
+                    async with session.lock:
+                        assert session.setup is not None
+                        await self.pool.backends[session.resource_type].cleanup(session.setup, session.state)
+            except Exception:
+                log.exception("cleanup of %s failed", session.label)
+            finally:
+                session.status = SessionStatus.CLOSED
+                await self._release(session)
+
+    def _forget(self, session: Session) -> None:
+        """Unlink a session from the handle table and from its owner's defaults."""
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+        worker = self.workers.get(session.owner) if session.owner else None
+        if worker is not None and worker.sessions.get(session.resource_type) is session:
+            del worker.sessions[session.resource_type]
+
+    async def _destroy(self, session: Session) -> None:
+        self._forget(session)
+        await session.ready.wait()
+        await self._stop(session)
+
+    async def create_sessions(
+        self, caller: Caller | str, request: Request, config: Mapping[str, Any] | None = None
+    ) -> list[tuple[SessionView, bool]]:
+        """Create one or several sessions; all or nothing.
+
+        Returns (view, created) pairs; `created` is False where the worker already had a
+        session of that resource (it is kept). A caller without a worker gets sessions
+        reachable by handle only.
+        """
+        caller = Caller.of(caller)
+        wanted = normalise_request(request, config)
+        worker = self.worker(caller) if caller.worker_key else None
+        fresh: list[Session] = []
+        results: list[tuple[Session, bool]] = []
+        try:
+            for resource, cfg in wanted.items():
+                existing = worker.sessions.get(resource) if worker else None
+                if existing is not None and existing.live:
+                    results.append((existing, False))
+                else:
+                    session = self._new_session(caller, resource, cfg, temporary=False)
+                    self.sessions[session.session_id] = session
+                    if worker is not None:
+                        worker.sessions[resource] = session
+                    fresh.append(session)
+                    results.append((session, True))
+                # Held like a running call, so a slow sibling's start can't let the TTL reap it.
+                results[-1][0].active_calls += 1
+            async with anyio.create_task_group() as tg:
+                for session in fresh:
+                    tg.start_soon(self._start_published, session)
+            for session, _ in results:
+                await session.ready.wait()
+                if session.status is not SessionStatus.ACTIVE:
+                    raise SessionError(session.failure or f"the {session.resource_type!r} session was destroyed")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for session in fresh:
+                    self._forget(session)
+                    if session.status is SessionStatus.ACTIVE:
+                        await self._stop(session)
+            raise
+        finally:
+            for session, _ in results:
+                session.active_calls -= 1
+                session.touch()
+        self._wake_reaper.set()
+        return [(s.view(self.session_ttl), created) for s, created in results]
+
+    async def _start_published(self, session: Session) -> None:
+        """Start one of several sessions; a failure is recorded on it (the caller reports it)."""
+        try:
+            await self._start(session)
+        except SessionError as exc:
+            session.failure = exc.message
+            self._forget(session)
+
+    def _select(self, caller: Caller, resources: list[str] | None, handle: str | None) -> list[Session]:
+        """The sessions a destroy/refresh names: by handle, by resource (the worker's), or all the worker's."""
+        if handle is not None:
+            session = self.by_handle(caller, handle)
+            if resources and session.resource_type not in resources:
+                raise ParameterError(f"that session_id is a {session.resource_type!r} session")
+            return [session]
+        worker = self.workers.get(caller.worker_key) if caller.worker_key else None
+        if resources is None:
+            return [s for s in worker.sessions.values() if s.live] if worker else []
+        found = []
+        for resource in dict.fromkeys(resources):
+            self.pool.backend(resource)
+            default = worker.sessions.get(resource) if worker else None
+            if default is None or not default.live:
+                have = ", ".join(sorted(worker.sessions)) if worker and worker.sessions else "none"
+                raise SessionError(
+                    f"you have no {resource!r} session to use without a session_id (your sessions: {have}); "
+                    f"create one with create_session({resource!r}), or pass the session_id you were given"
+                )
+            found.append(default)
+        return found
+
+    async def destroy_sessions(
+        self, caller: Caller | str, resources: list[str] | None = None, *, session_id: str | None = None
+    ) -> list[SessionView]:
+        """Destroy the named sessions, or all of the worker's; each cleanup runs concurrently."""
+        targets = self._select(Caller.of(caller), resources, session_id)
+        views = [s.view(self.session_ttl) for s in targets]
+        async with anyio.create_task_group() as tg:
+            for session in targets:
+                tg.start_soon(self._destroy, session)
+        for view in views:
+            view.status = SessionStatus.CLOSED.value
+        return views
+
+    async def reinitialize(
+        self,
+        caller: Caller | str,
+        resource: str | None,
+        new_config: Mapping[str, Any] | None,
+        *,
+        session_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace one session with a fresh one built from `new_config`; others untouched.
+
+        The new session is started first, so a config that fails leaves the old one
+        working. The old handle ends; the result carries the new one.
+        """
+        caller = Caller.of(caller)
+        old: Session | None
+        if session_id is not None:
+            old = self.by_handle(caller, session_id)
+            if resource is not None and resource != old.resource_type:
+                raise ParameterError(f"that session_id is a {old.resource_type!r} session, not {resource!r}")
+            resource = old.resource_type
+        else:
+            if resource is None:
+                raise ParameterError("reinitialize needs resource (e.g. 'bash') or session_id")
+            self.pool.session_backend(resource)
+            worker = self.workers.get(caller.worker_key) if caller.worker_key else None
+            old = worker.sessions.get(resource) if worker else None
+            old = old if old is not None and old.live else None
+        cfg = dict(new_config or {})
+        if old is not None and "custom_name" not in cfg and old.name is not None:
+            cfg["custom_name"] = old.name
+        owner_caller = Caller(caller.principal, None) if old is not None and old.owner is None else caller
+        if old is not None and old.owner is not None and old.owner != caller.worker_key:
+            owner_caller = Caller(old.principal, old.owner.partition("/")[2])
+        new = self._new_session(owner_caller, resource, cfg, temporary=False)
+        await self._start(new)
+        worker = self.workers.get(new.owner) if new.owner else None
+        if new.owner is not None and worker is None:
+            await self._stop(new)
+            raise SessionError("the client disconnected while reinitializing")
+        self.sessions[new.session_id] = new
+        if worker is not None:
+            worker.sessions[resource] = new
+        if old is not None:
+            await self._destroy(old)
+        self._wake_reaper.set()
+        return {
+            "status": "success",
+            "old_session_id": old.session_id if old else None,
+            "new_session_id": new.session_id,
+            "session_id": new.session_id,
+            "config_applied": dict(new_config or {}),
+            "session": new.view(self.session_ttl).model_dump(),
+        }
+
+    # -- listing and refreshing (read-only calls do not refresh) ---------------------
+
+    def list_sessions(
+        self, caller: Caller | str, *, details: bool = False, everything: bool = False
+    ) -> list[SessionView]:
+        """The worker's sessions (or, with `everything`, every session of its principal)."""
+        caller = Caller.of(caller)
+        if everything:
+            chosen = [s for s in self.sessions.values() if s.principal == caller.principal and s.live]
+        else:
+            worker = self.workers.get(caller.worker_key) if caller.worker_key else None
+            chosen = [s for s in worker.sessions.values() if s.live] if worker else []
+        return [s.view(self.session_ttl, self._describe(s) if details else None) for s in chosen]
+
+    def _describe(self, session: Session) -> dict[str, Any]:
+        if session.status is not SessionStatus.ACTIVE:
+            return {}
+        try:
+            return self.pool.backends[session.resource_type].describe(session.state)
+        except Exception:
+            log.exception("describe of %s failed", session.label)
+            return {}
+
+    def refresh_sessions(
+        self, caller: Caller | str, resource: str | None = None, *, session_id: str | None = None
+    ) -> list[SessionView]:
+        targets = self._select(Caller.of(caller), [resource] if resource else None, session_id)
+        for session in targets:
+            session.touch()
+        return [s.view(self.session_ttl) for s in targets]
+
+    def status(self, caller: Caller | str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": "stopping" if self._stopping else "running",
+            "session_ttl": self.session_ttl,
+            "disconnect_grace": self.disconnect_grace,
+            "workers": len(self.workers),
+            "live_sessions": self.budget.live,
+            "backends": self.pool.describe(self.budget.by_resource),
+        }
+        if caller is not None:
+            caller = Caller.of(caller)
+            out["your_sessions"] = [v.model_dump() for v in self.list_sessions(caller)]
+        return out
+
     # -- TTL reaper ------------------------------------------------------------------
 
     async def _reap_forever(self) -> None:
-        """Destroy sessions idle longer than the TTL; sleeps until the next deadline."""
+        """Destroy sessions idle past the TTL or past a disconnect grace; sleeps until the next deadline."""
         while True:
-            expired, next_deadline = collect_expired(self.workers, self.session_ttl, anyio.current_time())
+            expired, next_deadline = collect_expired(
+                list(self.sessions.values()), self.session_ttl, anyio.current_time()
+            )
             for session in expired:
-                log.info(
-                    "session %s (%s) expired after %gs idle",
-                    session.session_id,
-                    session.resource_type,
-                    self.session_ttl,
-                )
+                why = "its client's disconnect grace ended" if session.grace_until is not None else "idle past TTL"
+                log.info("session %s ends: %s", session.label, why)
+                self._forget(session)
                 assert self._tg is not None
                 self._tg.start_soon(self._stop, session)
             self._wake_reaper = anyio.Event()
@@ -492,16 +664,11 @@ class Engine:
                 await self._wake_reaper.wait()
 
 
-@dataclass(slots=True)
-class _Call:
-    """One tool call on its way to a session."""
+def _rmdir_quietly(path: Any) -> None:
+    with suppress(OSError):
+        path.rmdir()
 
-    worker_id: str
-    resource: str
-    spec: ToolSpec
-    args: BaseModel
-    meta: ResultMeta
-    progress: ProgressFn | None
 
-    def progress_kwargs(self) -> dict[str, Any]:
-        return {"progress": self.progress} if self.progress is not None else {}
+def worker_fingerprint(worker_key: str) -> str:
+    """A loggable name for a worker key."""
+    return fingerprint(worker_key, 8)

@@ -55,9 +55,13 @@ class Envelope(BaseModel):
             head += f"error {self.code} ({ERROR_NAMES.get(self.code, 'error')}): {self.message}"
         else:
             head += "ok"
-        if self.meta.session_id:
-            kind = "temporary session" if self.meta.temporary_session else "session"
-            head += f" ({kind} {self.meta.session_id}"
+        if self.meta.temporary_session:
+            head += (
+                " (ran in a temporary session, destroyed after this call: nothing it changed persists. "
+                "To keep state, call create_session and pass its session_id to every call)"
+            )
+        elif self.meta.session_id:
+            head += f" (session_id {self.meta.session_id}"
             if self.meta.expires_at is not None:
                 head += f", expires {utc_iso(self.meta.expires_at)}"
             head += ")"
@@ -69,8 +73,20 @@ class Envelope(BaseModel):
         return head
 
 
-def success(data: dict[str, Any], meta: ResultMeta, message: str = "success") -> Envelope:
-    return Envelope(code=0, message=message, data=data, meta=meta)
+#: Longest error message a result carries (messages echo at most bounded prefixes of
+#: input; this is the backstop).
+MESSAGE_LIMIT = 2000
+
+
+def success(data: BaseModel | dict[str, Any], meta: ResultMeta, message: str = "success") -> Envelope:
+    payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+    return Envelope(code=0, message=message, data=payload, meta=meta)
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
 
 
 def failure(exc: BaseException, meta: ResultMeta) -> Envelope:
@@ -81,6 +97,6 @@ def failure(exc: BaseException, meta: ResultMeta) -> Envelope:
     a backend tool) by the caller wrapping it in `BackendError` first, or 5000.
     """
     if isinstance(exc, SandboxError):
-        return Envelope(code=exc.code, message=exc.message, data=exc.data, meta=meta)
+        return Envelope(code=exc.code, message=_bounded(exc.message), data=exc.data, meta=meta)
     log.error("internal error in %s", meta.tool, exc_info=exc)
-    return Envelope(code=5000, message=f"internal error: {type(exc).__name__}: {exc}", meta=meta)
+    return Envelope(code=5000, message=_bounded(f"internal error: {type(exc).__name__}: {exc}"), meta=meta)

@@ -18,6 +18,7 @@ class SandboxError(Exception):
     """
 
     code: ClassVar[int] = 5000
+    title: ClassVar[str] = "internal error"
 
     def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -27,69 +28,91 @@ class SandboxError(Exception):
 
 class ToolNotFound(SandboxError, LookupError):
     code = 1001
+    title = "tool not found"
 
 
 class ParameterError(SandboxError, ValueError):
     code = 1002
+    title = "parameter error"
 
 
 class SessionError(SandboxError):
     code = 1003
+    title = "session error"
 
 
 class WorkerNotFound(SandboxError, LookupError):
     code = 1004
+    title = "worker not found"
 
 
 class ResourceTypeNotFound(SandboxError, LookupError):
     code = 1005
+    title = "resource type not found"
 
 
 class PermissionDenied(SandboxError, PermissionError):
     code = 1006
+    title = "insufficient permissions"
 
 
 class BackendError(SandboxError):
     code = 2001
+    title = "backend error"
 
 
 class ExecutionTimeout(SandboxError, TimeoutError):
     code = 2002
+    title = "execution timeout"
 
 
 class BackendNotWarmedUp(SandboxError):
     code = 2003
+    title = "backend not warmed up"
 
 
 class ResourceUnavailable(SandboxError):
     code = 2004
+    title = "resource unavailable"
 
 
 class InternalError(SandboxError):
     code = 5000
+    title = "internal error"
 
 
 class ConfigurationError(SandboxError):
     code = 5001
+    title = "configuration error"
 
 
 class ServiceUnavailable(SandboxError):
     code = 5002
+    title = "service unavailable"
 
 
-ERROR_NAMES: dict[int, str] = {
-    0: "success",
-    1001: "tool not found",
-    1002: "parameter error",
-    1003: "session error",
-    1004: "worker not found",
-    1005: "resource type not found",
-    1006: "insufficient permissions",
-    2001: "backend error",
-    2002: "execution timeout",
-    2003: "backend not warmed up",
-    2004: "resource unavailable",
-    5000: "internal error",
-    5001: "configuration error",
-    5002: "service unavailable",
-}
+def _codes() -> dict[int, str]:
+    names = {0: "success"}
+    stack: list[type[SandboxError]] = [SandboxError]
+    while stack:
+        cls = stack.pop()
+        names.setdefault(cls.code, cls.title)
+        stack.extend(cls.__subclasses__())
+    return dict(sorted(names.items()))
+
+
+#: code -> what it means, derived from the classes above (the one source of the table).
+ERROR_NAMES: dict[int, str] = _codes()
+#: code -> the exception class a client raises for it.
+ERROR_CLASSES: dict[int, type[SandboxError]] = {cls.code: cls for cls in SandboxError.__subclasses__()}
+
+#: How much of any caller-supplied value an error message may echo.
+ECHO_LIMIT = 200
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to a bounded prefix: messages never echo a huge argument back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"

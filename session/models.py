@@ -1,16 +1,24 @@
-"""Sessions and workers as typed records; the engine owns and mutates them."""
+"""Callers, workers and sessions as typed records; the engine owns and mutates them."""
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 from pydantic import BaseModel
 
+from backends.base import SessionSetup
+from backends.policy import Policy
 from session.envelope import utc_iso
+
+#: The principal of in-process and stdio callers: whoever started the server.
+LOCAL_PRINCIPAL = "local"
 
 
 class SessionStatus(enum.StrEnum):
@@ -25,19 +33,53 @@ def wall_clock_at(monotonic_deadline: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=monotonic_deadline - anyio.current_time())
 
 
+def new_handle(resource: str) -> str:
+    """A session handle: an unguessable capability (128 random bits), readable prefix."""
+    return f"{resource}-{secrets.token_urlsafe(16)}"
+
+
+def fingerprint(secret: str, length: int = 10) -> str:
+    """A short, one-way name for a secret (handle, worker key): safe for logs and paths."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who makes a call: the principal (a token's name; `local` on stdio and in-process)
+    and the worker within it (None when nothing identifies the caller beyond the request)."""
+
+    principal: str = LOCAL_PRINCIPAL
+    worker: str | None = None
+
+    @classmethod
+    def of(cls, caller: Caller | str | None) -> Caller:
+        if isinstance(caller, Caller):
+            return caller
+        return cls(worker=caller)
+
+    @property
+    def worker_key(self) -> str | None:
+        """The engine's key of this caller's worker: principals never share workers."""
+        return f"{self.principal}/{self.worker}" if self.worker is not None else None
+
+
 @dataclass(eq=False)
 class Session:
-    """One live resource instance owned by one worker.
+    """One live resource instance.
 
     Calls take `lock` (FIFO) so they run one at a time in arrival order; `active_calls`
-    counts calls waiting or running, and a session with any is never reaped.
+    counts calls waiting or running, and a session with any is never reaped. `owner` is
+    the worker key whose calls without `session_id` use it (None: reachable by handle only);
+    `grace_until` is set while a disconnected owner's session waits to be adopted.
     """
 
     session_id: str
-    worker_id: str
+    principal: str
+    owner: str | None
     resource_type: str
     name: str | None
     config: BaseModel
+    policy: Policy
     temporary: bool = False
     state: Any = None
     status: SessionStatus = SessionStatus.CREATING
@@ -49,15 +91,32 @@ class Session:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     running: set[anyio.CancelScope] = field(default_factory=set)
     failure: str | None = None
+    grace_until: float | None = None
+    setup: SessionSetup[Any] | None = None
+    scratch: Path | None = None
+    requested_config: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget_key: tuple[str | None, str | None] = (None, None)
+    """(principal, worker) the session was counted against; released with the same."""
+
+    @property
+    def label(self) -> str:
+        """Loggable, path-safe name: the resource and a one-way fingerprint of the handle."""
+        return f"{self.resource_type}-{fingerprint(self.session_id)}"
+
+    @property
+    def live(self) -> bool:
+        return self.status in (SessionStatus.CREATING, SessionStatus.ACTIVE)
 
     def touch(self) -> None:
         self.last_used = anyio.current_time()
 
     def deadline(self, ttl: float) -> float | None:
-        """Monotonic time at which an idle session expires; None while calls are in flight."""
+        """Monotonic time at which this session ends unless used; None while calls are in flight."""
         if self.temporary or self.active_calls:
             return None
-        return self.last_used + ttl
+        idle = self.last_used + ttl
+        return min(idle, self.grace_until) if self.grace_until is not None else idle
 
     def expires_at(self, ttl: float) -> datetime | None:
         if self.temporary:
@@ -77,12 +136,14 @@ class Session:
             busy=self.active_calls > 0,
             calls=self.calls,
             config=self.config.model_dump(mode="json"),
+            policy=self.policy.model_dump(mode="json"),
+            orphaned=self.grace_until is not None,
             details=details or {},
         )
 
 
 class SessionView(BaseModel):
-    """A session as `list_sessions` shows it."""
+    """A session as `list_sessions` and `create_session` show it."""
 
     resource_type: str
     session_id: str
@@ -94,13 +155,20 @@ class SessionView(BaseModel):
     busy: bool
     calls: int
     config: dict[str, Any]
+    policy: dict[str, Any] = {}
+    orphaned: bool = False
     details: dict[str, Any] = {}
 
 
 @dataclass(eq=False)
 class Worker:
-    """Whoever owns sessions: one MCP connection, one `Sandbox` client."""
+    """Whoever owns sessions: one MCP connection, one `Sandbox` client, one worker key.
 
-    worker_id: str
+    `sessions` holds its default session per resource (the one calls without
+    `session_id` use).
+    """
+
+    key: str
+    principal: str
     sessions: dict[str, Session] = field(default_factory=dict)
     closed: bool = False

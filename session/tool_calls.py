@@ -1,7 +1,8 @@
-"""Shaping a tool call: argument validation, invoking the handler, normalising its result."""
+"""Shaping a tool call: the call record, argument validation, invoking, capping the result."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -9,12 +10,34 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from backends.base import Backend, Image, ToolContext, ToolResult, ToolSpec
+from backends.base import Backend, Image, ProgressFn, ToolContext, ToolResult, ToolSpec
 from session.envelope import Envelope
 from session.errors import BackendError, ParameterError, SandboxError
+from session.models import Caller
 from session.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
+
+#: What one result may weigh on the wire (JSON text + structured content + base64 images):
+#: the official MCP client refuses any streamable-HTTP event over 1 MiB.
+RESULT_BUDGET = 900 * 1024
+#: Room kept for the text rendering, the envelope's own fields and JSON-RPC framing.
+_OVERHEAD = 16 * 1024
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One tool call on its way to a handler."""
+
+    caller: Caller
+    spec: ToolSpec
+    args: BaseModel
+    meta: Any
+    progress: ProgressFn | None = None
+    handle: str | None = None
+
+    def progress_kwargs(self) -> dict[str, Any]:
+        return {"progress": self.progress} if self.progress is not None else {}
 
 
 @dataclass(slots=True)
@@ -24,6 +47,62 @@ class CallOutcome:
     envelope: Envelope
     images: list[Image] = field(default_factory=list)
 
+    @classmethod
+    def capped(cls, envelope: Envelope, images: list[Image]) -> CallOutcome:
+        """Keep the whole result under `RESULT_BUDGET`: the largest strings in `data` are cut
+        (head and tail kept, with a note), and images that do not fit are dropped with a note."""
+        budget = RESULT_BUDGET - _OVERHEAD
+        kept: list[Image] = []
+        for image in images:
+            size = (len(image.data) + 2) // 3 * 4
+            if size <= budget:
+                kept.append(image)
+                budget -= size
+            else:
+                envelope.data.setdefault("notes", []).append(
+                    f"an image of {len(image.data)} bytes was dropped: it would exceed the 1 MiB result limit"
+                )
+        # The data travels twice (structured content and, capped at a few KB, the text).
+        if _weight(envelope.data) > budget:
+            _shrink(envelope.data, budget)
+        return cls(envelope, kept)
+
+
+def _weight(data: Any) -> int:
+    return len(json.dumps(data, ensure_ascii=False, default=str).encode())
+
+
+def _shrink(data: dict[str, Any], budget: int) -> None:
+    """Cut the largest string values until the data fits (never more than needed)."""
+    while _weight(data) > budget:
+        path, value = _largest_string(data)
+        if path is None or len(value) < 64:
+            data.clear()
+            data["notes"] = ["the result exceeded the 1 MiB limit and was dropped"]
+            return
+        excess = _weight(data) - budget
+        keep = max(len(value) - excess - 256, 0) // 2
+        holder = path[0]
+        holder[path[1]] = (
+            f"{value[:keep]}\n... [{len(value) - 2 * keep} characters cut: the result is limited to 1 MiB] ...\n"
+            f"{value[len(value) - keep:] if keep else ''}"
+        )
+        data["result_truncated"] = True
+
+
+def _largest_string(data: Any) -> tuple[Any, str]:
+    best: tuple[Any, str] = (None, "")
+    stack: list[Any] = [data]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(value, str) and len(value) > len(best[1]):
+                best = ((node, key), value)
+            elif isinstance(value, dict | list):
+                stack.append(value)
+    return best
+
 
 def validate_arguments(spec: ToolSpec, arguments: Mapping[str, Any] | None) -> BaseModel:
     """Raises: ParameterError (1002) naming each bad field, with the schema attached."""
@@ -31,37 +110,30 @@ def validate_arguments(spec: ToolSpec, arguments: Mapping[str, Any] | None) -> B
         return spec.args_model.model_validate(dict(arguments or {}))
     except ValidationError as exc:
         raise ParameterError(
-            describe_validation_error(exc, f"arguments of {spec.name}"),
+            describe_validation_error(exc, f"arguments of {spec.qualified_name}"),
             data={"input_schema": spec.input_schema()},
         ) from None
 
 
 async def invoke(
-    backend: Backend[Any, Any], spec: ToolSpec, ctx: ToolContext[Any], args: BaseModel
-) -> tuple[dict[str, Any], list[Image]]:
-    """Run a tool; an unexpected exception becomes a BackendError (2001) carrying its message."""
+    backend: Backend[Any, Any], spec: ToolSpec, ctx: ToolContext[Any, Any], args: BaseModel
+) -> tuple[BaseModel, list[Image]]:
+    """Run a backend tool; an unexpected exception becomes a BackendError (2001) carrying its message."""
     try:
-        result = await spec.invoke(backend, ctx, args)
+        if spec.takes_args:
+            result = await spec.handler(backend, ctx, args)
+        else:
+            result = await spec.handler(backend, ctx)
     except SandboxError:
         raise
     except Exception as exc:
-        log.exception("tool %s:%s raised", backend.name, spec.name)
-        raise BackendError(f"{backend.name}:{spec.name} failed: {type(exc).__name__}: {exc}") from exc
-    return normalise_result(result)
-
-
-def normalise_result(result: Any) -> tuple[dict[str, Any], list[Image]]:
-    images: list[Image] = []
+        log.exception("tool %s raised", spec.qualified_name)
+        raise BackendError(f"{spec.qualified_name} failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(result, ToolResult):
-        images = list(result.images)
-        result = result.data
+        return result.data, list(result.images)
     if isinstance(result, BaseModel):
-        return result.model_dump(mode="json"), images
-    if result is None:
-        return {}, images
-    if isinstance(result, dict):
-        return result, images
-    return {"result": result}, images
+        return result, []
+    raise BackendError(f"{spec.qualified_name} returned {type(result).__name__}, not a result model")
 
 
 def normalise_request(

@@ -9,6 +9,8 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
     problems = []
     for err in exc.errors(include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if len(where) > 80:  # a field name is input too: never echo it whole
+            where = where[:77] + "..."
         kind = err["type"]
         if kind == "missing":
             problems.append(f"'{where}' is required")
@@ -20,4 +22,6 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
             if len(shown) > 60:
                 shown = shown[:57] + "..."
             problems.append(f"'{where}': {err['msg']} (got {shown})")
+    if len(problems) > 5:
+        problems = [*problems[:5], f"and {len(problems) - 5} more problems"]
     return f"invalid {what}: " + "; ".join(problems)

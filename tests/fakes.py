@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, tool
+from backends.base import Backend, Image, SessionSetup, ToolContext, ToolResult, tool
 
 
 class FakeConfig(BaseModel):
@@ -49,19 +49,48 @@ class WorkArgs(BaseModel):
     seconds: float = Field(default=0.0, ge=0)
 
 
+class Stored(BaseModel):
+    stored: str
+
+
+class Value(BaseModel):
+    value: int | None
+    label: str
+
+
+class Worked(BaseModel):
+    seq: int
+    session: str | None
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class Echo(BaseModel):
+    echo: str
+    warmups: int
+
+
+class Text(BaseModel):
+    text: str
+
+
 class FakeBackend(Backend[FakeConfig, FakeState]):
     """A session backend whose state is a dict."""
 
     Config = FakeConfig
 
-    def __init__(self, name: str = "fake", defaults: dict[str, Any] | None = None) -> None:
-        super().__init__(name, defaults)
+    def __init__(self, name: str = "fake", defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(name, defaults=defaults, **kwargs)
         self.events: list[tuple[str, str]] = []
         self.live: set[int] = set()
         self.gate: anyio.Event | None = None
 
-    async def initialize(self, worker_id: str, config: FakeConfig) -> FakeState:
-        self.events.append(("initialize", worker_id))
+    async def initialize(self, setup: SessionSetup[FakeConfig]) -> FakeState:
+        config = setup.config
+        self.events.append(("initialize", setup.worker_id))
         if config.init_delay:
             await anyio.sleep(config.init_delay)
         if self.gate is not None and config.label == "gated":
@@ -72,24 +101,24 @@ class FakeBackend(Backend[FakeConfig, FakeState]):
         self.live.add(id(state))
         return state
 
-    async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
-        self.events.append(("cleanup", worker_id))
-        self.live.discard(id(session_info.state))
+    async def cleanup(self, setup: SessionSetup[FakeConfig], state: FakeState) -> None:
+        self.events.append(("cleanup", setup.worker_id))
+        self.live.discard(id(state))
 
     async def health(self, state: FakeState) -> str | None:
         return state.broken
 
     @tool(description="Store a value in the session.")
-    async def set(self, ctx: ToolContext[FakeState], args: SetArgs) -> dict[str, Any]:
+    async def set(self, ctx: ToolContext[FakeConfig, FakeState], args: SetArgs) -> Stored:
         ctx.state.values[args.key] = args.value
-        return {"stored": args.key}
+        return Stored(stored=args.key)
 
     @tool(description="Read a value from the session.", read_only=True)
-    async def get(self, ctx: ToolContext[FakeState], args: GetArgs) -> dict[str, Any]:
-        return {"value": ctx.state.values.get(args.key), "label": ctx.state.label}
+    async def get(self, ctx: ToolContext[FakeConfig, FakeState], args: GetArgs) -> Value:
+        return Value(value=ctx.state.values.get(args.key), label=ctx.state.label)
 
     @tool(description="Work for a while, recording concurrency.")
-    async def work(self, ctx: ToolContext[FakeState], args: WorkArgs) -> dict[str, Any]:
+    async def work(self, ctx: ToolContext[FakeConfig, FakeState], args: WorkArgs) -> Worked:
         state = ctx.state
         state.running += 1
         state.max_running = max(state.max_running, state.running)
@@ -98,22 +127,26 @@ class FakeBackend(Backend[FakeConfig, FakeState]):
             await anyio.sleep(args.seconds)
         finally:
             state.running -= 1
-        return {"seq": args.seq, "session": ctx.session_id}
+        return Worked(seq=args.seq, session=ctx.session.session_id if ctx.session else None)
 
     @tool(description="Raise an unexpected exception.")
-    async def boom(self, ctx: ToolContext[FakeState]) -> dict[str, Any]:
+    async def boom(self, ctx: ToolContext[FakeConfig, FakeState]) -> Stored:
         raise ZeroDivisionError("divided by zero")
 
     @tool(description="Return a tiny image.")
-    async def picture(self, ctx: ToolContext[FakeState]) -> ToolResult:
-        return ToolResult(data={"width": 1, "height": 1}, images=[Image(b"\x89PNG fake")])
+    async def picture(self, ctx: ToolContext[FakeConfig, FakeState]) -> ToolResult[Size]:
+        return ToolResult(Size(width=1, height=1), images=[Image(b"\x89PNG fake")])
+
+    @tool(description="Return a huge text.", read_only=True)
+    async def huge(self, ctx: ToolContext[FakeConfig, FakeState], args: WorkArgs) -> Text:
+        return Text(text="\u0001" * (args.seq or 1))
 
 
 class SharedFake(Backend[Any, None]):
     """A shared backend (warmup/shutdown only), like document search."""
 
-    def __init__(self, name: str = "search", defaults: dict[str, Any] | None = None) -> None:
-        super().__init__(name, defaults)
+    def __init__(self, name: str = "search", defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(name, defaults=defaults, **kwargs)
         self.warmups = 0
         self.shutdowns = 0
 
@@ -124,5 +157,5 @@ class SharedFake(Backend[Any, None]):
         self.shutdowns += 1
 
     @tool(description="Echo the query.", read_only=True)
-    async def query(self, ctx: ToolContext[None], args: GetArgs) -> dict[str, Any]:
-        return {"echo": args.key, "warmups": self.warmups}
+    async def query(self, ctx: ToolContext[Any, None], args: GetArgs) -> Echo:
+        return Echo(echo=args.key, warmups=self.warmups)

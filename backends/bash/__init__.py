@@ -1,5 +1,11 @@
-"""The `bash` backend: one persistent real bash process per session."""
+"""The `bash` backend: one persistent real bash process per session.
 
-from backends.bash.backend import BashBackend, BashConfig, RunArgs
+Modules: `backend` (lifecycle and the `run` tool), `models` (config, arguments, result),
+`shell` (the persistent shell over pipes), `capture` (bounded output and sentinels),
+`isolation` (the bubblewrap command line).
+"""
 
-__all__ = ["BashBackend", "BashConfig", "RunArgs"]
+from backends.bash.backend import BashBackend, BashState
+from backends.bash.models import BashConfig, RunArgs, RunResult
+
+__all__ = ["BashBackend", "BashConfig", "BashState", "RunArgs", "RunResult"]

@@ -1,129 +1,60 @@
 """`bash`: a persistent shell per session; `run` executes a command in it.
 
 State (`cd`, exported variables, functions, background jobs) survives between calls.
-Each session gets a private scratch directory as `HOME` (and as the working directory
-unless `cwd` is configured), deleted with the session. The shell does not inherit the
+The session's scratch directory (made and removed by the engine) holds its `HOME`, which
+is also the working directory unless `cwd` is configured. The shell does not inherit the
 server's environment (no API keys leak to the agent); `env` adds variables.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-import anyio
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from backends.base import Backend, SessionInfo, ToolContext, tool
+from backends.base import Backend, SessionSetup, ToolContext, tool
 from backends.bash.isolation import bwrap_argv
+from backends.bash.models import BashConfig, RunArgs, RunResult
 from backends.bash.shell import PersistentShell
-from backends.processes import ProcessGroupOwner, make_scratch_dir
+from backends.processes import ProcessGroupOwner
 from session.errors import ExecutionTimeout, ParameterError
 
-MAX_TIMEOUT = 3600.0
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
-
-
-class BashConfig(BaseModel):
-    """Session config of `bash`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cwd: str | None = Field(
-        default=None,
-        description="Working directory the shell starts in (must exist); default: the session's scratch dir.",
-    )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
-    timeout: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT, description="Default per-command timeout in seconds.")
-    max_output_bytes: int = Field(
-        default=64 * 1024,
-        ge=1024,
-        le=512 * 1024,
-        description="Per-stream output cap; beyond it the middle of the output is dropped.",
-    )
-    shell: str = Field(default="/bin/bash", description="The bash binary.")
-    progress_interval: float = Field(
-        default=5.0, gt=0, le=300, description="Seconds between progress reports of a long command."
-    )
-    isolation: Literal["none", "bwrap"] = Field(
-        default="none",
-        description=(
-            "'bwrap': run the shell in bubblewrap namespaces (read-only host, private /tmp, "
-            "writable home, own PID namespace; dies with the server)."
-        ),
-    )
-    network: bool = Field(default=True, description="With isolation 'bwrap': false leaves only loopback.")
-
-    @field_validator("cwd")
-    @classmethod
-    def _cwd_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"directory {value!r} does not exist")
-        return value
-
-
-class RunArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    command: str = Field(
-        min_length=1,
-        description="Bash command line to run in the session's shell (pipes, &&, heredocs all work).",
-    )
-    timeout: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_TIMEOUT,
-        description="Seconds before the command is interrupted (default: the session's timeout, 30 s).",
-    )
-
-
-class RunResult(BaseModel):
-    stdout: str
-    stderr: str
-    exit_code: int | None
-    truncated: bool = Field(description="True if a stream exceeded the cap and its middle was dropped.")
-    stdout_bytes: int
-    stderr_bytes: int
-    duration_ms: float
-    shell_restarted: bool = Field(
-        default=False, description="The previous shell had exited; this command ran in a fresh one."
-    )
-    note: str | None = None
 
 
 @dataclass(slots=True)
 class BashState:
     shell: PersistentShell
     owner: ProcessGroupOwner
-    scratch: Path
+    home: Path
 
 
 class BashBackend(Backend[BashConfig, BashState]):
-    description = "A persistent bash shell per session."
+    description: ClassVar[str] = "A persistent bash shell per session."
     Config = BashConfig
+    isolation_tiers: ClassVar[frozenset[str]] = frozenset({"none", "sandbox"})
 
-    async def initialize(self, worker_id: str, config: BashConfig) -> BashState:
-        scratch = make_scratch_dir("agentflow-bash-")
-        home = scratch / "home"
+    async def initialize(self, setup: SessionSetup[BashConfig]) -> BashState:
+        config = setup.config
+        home = setup.scratch / "home"
         home.mkdir()
-        owner = ProcessGroupOwner(f"bash-{scratch.name}")
+        owner = ProcessGroupOwner(setup.label)
         env = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.update(HOME=str(home), TERM="dumb", HISTFILE="/dev/null", PAGER="cat", GIT_PAGER="cat")
         env.update(config.env)
         cwd = config.cwd or str(home)
         argv = [config.shell, "--noprofile", "--norc"]
-        if config.isolation == "bwrap":
-            argv = bwrap_argv(argv, home=home, cwd=cwd, network=config.network)
+        isolated = setup.policy.isolation != "none"
+        if isolated:
+            argv = bwrap_argv(argv, home=home, cwd=cwd, network=setup.policy.network != "none")
         shell = PersistentShell(
             owner,
             argv=argv,
             env=env,
             cwd=cwd,
-            isolated=config.isolation != "none",
+            isolated=isolated,
             shell_name=Path(config.shell).name,
             max_output_bytes=config.max_output_bytes,
             progress_interval=config.progress_interval,
@@ -132,20 +63,17 @@ class BashBackend(Backend[BashConfig, BashState]):
             await shell.start()
         except BaseException:
             await owner.aclose()
-            await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
             raise
-        return BashState(shell=shell, owner=owner, scratch=scratch)
+        return BashState(shell=shell, owner=owner, home=home)
 
-    async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
-        state: BashState = session_info.state
+    async def cleanup(self, setup: SessionSetup[BashConfig], state: BashState) -> None:
         await state.shell.kill()
         await state.owner.aclose()
-        await anyio.to_thread.run_sync(shutil.rmtree, state.scratch, True)
 
     def describe(self, state: BashState) -> dict[str, Any]:
         return {
             "pids": state.owner.pids(),
-            "scratch_dir": str(state.scratch),
+            "home": str(state.home),
             "shell_pid": state.shell.shell_pid(),
             "shell_restarts": state.shell.restarts,
         }
@@ -160,9 +88,8 @@ class BashBackend(Backend[BashConfig, BashState]):
             "the shell stays usable. Output over the cap keeps its start and end (truncated=true)."
         ),
     )
-    async def run(self, ctx: ToolContext[BashState], args: RunArgs) -> RunResult:
+    async def run(self, ctx: ToolContext[BashConfig, BashState], args: RunArgs) -> RunResult:
         config = ctx.config
-        assert isinstance(config, BashConfig)
         if "\0" in args.command:
             raise ParameterError("command contains a NUL byte, which bash cannot run")
         if ctx.state.shell.heredoc_end in args.command:

@@ -4,35 +4,35 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import anyio
 import pytest
 
 from backends.base import ToolContext
-from backends.bash import BashBackend, RunArgs
-from backends.bash.backend import BashState
+from backends.bash import BashBackend, BashConfig, BashState, RunArgs
+from backends.policy import Policy
 from backends.processes import sweep_orphan_dirs
 from session.errors import ExecutionTimeout, ParameterError
+from tests.backend_sessions import backend_session
 from tests.conftest import eventually, marked_pids
 
 
 @asynccontextmanager
-async def shell(**config: object) -> AsyncIterator[tuple[BashBackend, ToolContext[BashState]]]:
-    backend = BashBackend("bash", {})
-    cfg = backend.session_config(dict(config))
-    state = await backend.initialize("w", cfg)
-    try:
-        yield backend, ToolContext(worker_id="w", session_id="s", state=state, config=cfg)
-    finally:
-        await backend.cleanup("w", SimpleNamespace(state=state))
+async def shell(
+    policy: Policy | None = None, **config: object
+) -> AsyncIterator[tuple[BashBackend, ToolContext[BashConfig, BashState]]]:
+    """A bash session without the sandbox (these tests are about the shell; tests/security covers tiers)."""
+    backend = BashBackend("bash")
+    async with backend_session(backend, config, policy=policy or Policy(isolation="none")) as ctx:
+        yield backend, ctx
 
 
-async def run(backend: BashBackend, ctx: ToolContext[BashState], command: str, limit: float | None = None):
+async def run(
+    backend: BashBackend, ctx: ToolContext[BashConfig, BashState], command: str, limit: float | None = None
+):
     return await backend.run(ctx, RunArgs(command=command, timeout=limit))
 
 
@@ -125,7 +125,7 @@ async def test_config_cwd_env_and_a_private_home():
         result = await run(b, ctx, "pwd; echo $FOO; echo $HOME")
         lines = result.stdout.splitlines()
         assert lines[:2] == ["/", "bar"]
-        assert "agentflow-bash-" in lines[2]
+        assert lines[2] == str(ctx.session.scratch / "home")
 
 
 async def test_the_servers_environment_does_not_leak_into_the_shell(monkeypatch):
@@ -135,7 +135,7 @@ async def test_the_servers_environment_does_not_leak_into_the_shell(monkeypatch)
 
 
 async def test_bad_config_is_refused_with_the_field_named():
-    backend = BashBackend("bash", {})
+    backend = BashBackend("bash")
     with pytest.raises(ValueError, match="does not exist"):
         backend.session_config({"cwd": "/no/such/dir"})
     with pytest.raises(ValueError, match="timeout"):
@@ -151,7 +151,7 @@ async def test_nul_bytes_are_a_parameter_error():
 async def test_cleanup_kills_everything_the_session_started_even_daemons():
     async with shell() as (b, ctx):
         tag = ctx.state.owner.tag
-        scratch = ctx.state.scratch
+        scratch = ctx.session.scratch
         await run(b, ctx, "sleep 300 & setsid sleep 301 & (setsid sleep 302 &) ; nohup sleep 303 >/dev/null 2>&1 &")
         # the shell and four sleeps (background starts finish after the command returns)
         await eventually(lambda: len(_sleeps(marked_pids(tag))) == 4, 10)
@@ -177,17 +177,18 @@ async def test_cancelling_a_call_stops_its_command():
             await run(b, ctx, "sleep 40; touch should-not-exist")
         result = await run(b, ctx, "ls should-not-exist 2>&1; pgrep -f 'sleep 40' || echo no-sleep")
         assert "no-sleep" in result.stdout
-        assert not await anyio.Path(ctx.state.scratch / "home" / "should-not-exist").exists()
+        assert not await anyio.Path(ctx.state.home / "should-not-exist").exists()
 
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs apt package bubblewrap")
+SANDBOX = Policy(isolation="sandbox", network="none")
 
 
 @needs_bwrap
 async def test_isolated_shell_sees_a_read_only_host_and_a_private_tmp(tmp_path):
     host_file = tmp_path / "host-secret"
     host_file.write_text("x")
-    async with shell(isolation="bwrap") as (b, ctx):
+    async with shell(SANDBOX) as (b, ctx):
         await run(b, ctx, "cd /; export KEEP=3")
         result = await run(b, ctx, "pwd; echo $KEEP; touch /usr/af-test 2>&1 || true; ls /tmp; echo ok > ~/f; cat ~/f")
         lines = result.stdout.splitlines()
@@ -200,14 +201,14 @@ async def test_isolated_shell_sees_a_read_only_host_and_a_private_tmp(tmp_path):
 
 @needs_bwrap
 async def test_isolated_shell_without_network_has_only_loopback():
-    async with shell(isolation="bwrap", network=False) as (b, ctx):
+    async with shell(SANDBOX) as (b, ctx):
         result = await run(b, ctx, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
         assert result.stdout.split() == ["lo"]
 
 
 @needs_bwrap
 async def test_isolated_shell_timeouts_and_cleanup_work_the_same():
-    async with shell(isolation="bwrap") as (b, ctx):
+    async with shell(SANDBOX) as (b, ctx):
         tag = ctx.state.owner.tag
         await run(b, ctx, "export KEEP=4; sleep 300 &")
         with pytest.raises(ExecutionTimeout) as caught:
@@ -222,16 +223,14 @@ async def test_isolated_shell_timeouts_and_cleanup_work_the_same():
 CRASHING_SERVER = """
 import anyio, sys
 from backends.bash import BashBackend, RunArgs
-from backends.base import ToolContext
+from tests.backend_sessions import backend_session
 
 async def main():
-    backend = BashBackend("bash", {})
-    config = backend.session_config({"isolation": "bwrap"})
-    state = await backend.initialize("w", config)
-    ctx = ToolContext(worker_id="w", session_id="s", state=state, config=config)
-    await backend.run(ctx, RunArgs(command="sleep 300 &"))
-    print(state.owner.tag, flush=True)
-    await anyio.sleep(300)
+    backend = BashBackend("bash")
+    async with backend_session(backend) as ctx:
+        await backend.run(ctx, RunArgs(command="sleep 300 &"))
+        print(ctx.state.owner.tag, backend.runtime.scratch_root, flush=True)
+        await anyio.sleep(300)
 
 anyio.run(main)
 """
@@ -242,14 +241,17 @@ async def test_an_isolated_shell_dies_with_a_server_killed_outright():
     server = await anyio.open_process([sys.executable, "-c", CRASHING_SERVER], stderr=None)
     try:
         assert server.stdout is not None
+        received = b""
         with anyio.fail_after(20):
-            tag = (await server.stdout.receive()).decode().strip()
+            while not received.endswith(b"\n"):
+                received += await server.stdout.receive()
+        tag, root = received.decode().split()
         await eventually(lambda: len(marked_pids(tag)) >= 3, 10)
         server.kill()  # SIGKILL: no cleanup code runs
         await server.wait()
         await eventually(lambda: not marked_pids(tag), 10)
         # its scratch directory is left; the next server start sweeps it, as here
-        scratch = Path(tempfile.gettempdir()) / tag.removeprefix("bash-")
+        scratch = Path(root)
         assert await anyio.Path(scratch).exists()
         assert scratch in sweep_orphan_dirs()
         assert not await anyio.Path(scratch).exists()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import mcp_types as t
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
@@ -137,7 +138,7 @@ async def test_worker_key_on_a_connection_still_ends_with_it(
     """With a `_meta` worker key the key names the worker, but the connection still decides its end."""
     server = None if kind.startswith("stdio") else request.getfixturevalue("http_server")
     run = run_id if server is None else server.run_id
-    meta = {WORKER_META_KEY: f"conn-key-{os.urandom(6).hex()}"}
+    meta = {WORKER_META_KEY: f"conn-key-{os.urandom(12).hex()}"}
     with anyio.fail_after(60):
         async with connect(kind, server=server, manifest=stdio_manifest) as client:
             ok(await client.call_tool("create_session", {"resource": "bash"}, meta=meta))
@@ -184,16 +185,9 @@ async def test_stdio_client_killed_abruptly(stdio_manifest: Path, run_id: str, t
 
 
 async def test_stateless_http_without_worker_key(http_server: ServerProcess) -> None:
-    """No key, no connection: create_session explains what to send; tools run in temporary sessions."""
+    """No key, no connection: create_session returns a handle that keeps state; calls without it are temporary."""
     with anyio.fail_after(30):
         async with connect("http", server=http_server) as client:
-            refused = await client.call_tool("create_session", {"resource": "bash"})
-            env = envelope(refused)
-            assert refused.is_error is True
-            assert env["code"] == 1004
-            assert WORKER_META_KEY in env["message"]
-            assert "temporary" in env["message"]
-
             first = envelope(await client.call_tool("bash_run", {"command": STATE_COMMAND}))
             assert first["code"] == 0, first
             assert first["meta"]["temporary_session"] is True
@@ -202,15 +196,26 @@ async def test_stateless_http_without_worker_key(http_server: ServerProcess) -> 
             # The temporary session (and the sleep it started) is gone before the result arrives.
             assert session_pids(http_server.run_id, tag) == []
 
-            second = envelope(await client.call_tool("bash_run", {"command": STATE_CHECK}))
-            assert second["meta"]["temporary_session"] is True
-            assert second["meta"]["session_id"] != first["meta"]["session_id"]
-            pwd, state, other_tag, _ = second["data"]["stdout"].split()
-            assert state == "unset"
-            assert pwd != "/tmp"
-            assert other_tag != tag
-
-            assert ok(await client.call_tool("list_sessions", {}))["sessions"] == []
+            created = await client.call_tool("create_session", {"resource": "bash"})
+            handle = ok(created)["session_id"]
+            assert any(handle in c.text for c in created.content if isinstance(c, t.TextContent))
+            kept = envelope(await client.call_tool("bash_run", {"command": STATE_COMMAND, "session_id": handle}))
+            assert kept["meta"]["session_id"] == handle
+            assert kept["meta"]["temporary_session"] is False
+            tag, shell_pid, _ = parse_probe(kept["data"])
+        async with connect("http", server=http_server) as other:
+            again = envelope(await other.call_tool("bash_run", {"command": STATE_CHECK, "session_id": handle}))
+            assert again["data"]["stdout"] == f"/tmp kept-42 {tag} {shell_pid}\n"
+            plain = envelope(await other.call_tool("bash_run", {"command": STATE_CHECK}))
+            assert plain["meta"]["temporary_session"] is True
+            assert ok(await other.call_tool("list_sessions", {}))["sessions"] == []
+            assert [s["session_id"] for s in ok(await other.call_tool("list_sessions", {"all": True}))["sessions"]] == [
+                handle
+            ]
+            ok(await other.call_tool("destroy_session", {"session_id": handle}))
+            await wait_gone(http_server.run_id, tag)
+            gone = envelope(await other.call_tool("bash_run", {"command": "true", "session_id": handle}))
+            assert gone["code"] == 1003
 
 
 async def test_stateless_http_worker_key_persists_across_clients_and_expires(short_ttl_server: ServerProcess) -> None:
@@ -261,8 +266,8 @@ async def test_handshake_http_client_vanishing_without_delete_is_reaped(short_tt
 @pytest.mark.parametrize("kind", ["sse", "http-legacy", "http"])
 async def test_worker_isolation_across_connections(kind: str, http_server: ServerProcess) -> None:
     """B cannot list, use or destroy A's session (two connections, or two keys on stateless HTTP)."""
-    meta_a = {WORKER_META_KEY: f"worker-a-{os.urandom(6).hex()}"} if kind == "http" else None
-    meta_b = {WORKER_META_KEY: f"worker-b-{os.urandom(6).hex()}"} if kind == "http" else None
+    meta_a = {WORKER_META_KEY: f"worker-a-{os.urandom(12).hex()}"} if kind == "http" else None
+    meta_b = {WORKER_META_KEY: f"worker-b-{os.urandom(12).hex()}"} if kind == "http" else None
     with anyio.fail_after(45):
         async with connect(kind, server=http_server) as a, connect(kind, server=http_server) as b:
             created = ok(await a.call_tool("create_session", {"resource": "bash"}, meta=meta_a))
@@ -295,7 +300,7 @@ async def test_http_server_sigterm_leaves_no_bash_process(tmp_path: Path) -> Non
     """SIGTERM with live sessions of every HTTP kind (one still connected): afterwards no bash process."""
     with anyio.fail_after(60), running_http_server(tmp_path) as server:
         tags: list[str] = []
-        meta = {WORKER_META_KEY: f"shutdown-{os.urandom(6).hex()}"}
+        meta = {WORKER_META_KEY: f"shutdown-{os.urandom(12).hex()}"}
         async with connect("http", server=server) as modern:
             ok(await modern.call_tool("create_session", {"resource": "bash"}, meta=meta))
             tags.append(parse_probe(ok(await modern.call_tool("bash_run", {"command": PROBE}, meta=meta)))[0])
@@ -422,8 +427,8 @@ async def test_tools_list_and_result_shape(kind: str, request: pytest.FixtureReq
                 ("bash_nope", {"command": "true"}, 1001),
                 ("bash_run", {}, 1002),
                 ("bash_run", {"command": 7}, 1002),
-                # Stateless HTTP without a key: create_session is refused before the resource is looked up.
-                ("create_session", {"resource": "nosuchresource"}, 1004 if kind == "http" else 1005),
+                ("create_session", {"resource": "nosuchresource"}, 1005),
+                ("no_such_tool", {}, 1001),
             ]:
                 bad = await client.call_tool(name, args)
                 env = envelope(bad)

@@ -58,10 +58,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_manifest(directory: Path, run_id: str, *, session_ttl: float = 30.0, name: str = "manifest.json") -> Path:
+def write_manifest(
+    directory: Path,
+    run_id: str,
+    *,
+    session_ttl: float = 30.0,
+    disconnect_grace: float = 0.0,
+    name: str = "manifest.json",
+) -> Path:
+    """A bash-only manifest. No disconnect grace unless asked (these tests watch disconnects end
+    sessions), and no sandbox: they read the shell's host pid through `$$` (tests/security covers tiers)."""
     manifest = {
-        "server": {"session_ttl": session_ttl, "host": "127.0.0.1", "log_level": "WARNING"},
-        "resources": {"bash": {"enabled": True, "config": {"timeout": 20, "env": {RUN_MARKER: run_id}}}},
+        "server": {
+            "session_ttl": session_ttl,
+            "disconnect_grace": disconnect_grace,
+            "host": "127.0.0.1",
+            "log_level": "WARNING",
+        },
+        "resources": {
+            "bash": {
+                "enabled": True,
+                "config": {"timeout": 20, "env": {RUN_MARKER: run_id}},
+                "policy": {"isolation": "none"},
+            }
+        },
     }
     path = directory / name
     path.write_text(json.dumps(manifest))

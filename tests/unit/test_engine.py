@@ -73,7 +73,7 @@ async def test_concurrent_temporary_calls_of_one_worker_never_share_a_session():
 async def test_calls_on_one_session_run_one_at_a_time_in_arrival_order():
     async with make_engine() as engine:
         await engine.create_sessions("w1", "fake")
-        state = engine.workers["w1"].sessions["fake"].state
+        state = engine.workers["local/w1"].sessions["fake"].state
         async with anyio.create_task_group() as tg:
             for seq in range(8):
                 tg.start_soon(engine.call_tool, "w1", "fake:work", {"seq": seq, "seconds": 0.01})
@@ -86,7 +86,7 @@ async def test_calls_on_different_sessions_run_in_parallel():
     async with make_engine() as engine:
         await engine.create_sessions("w1", "fake")
         await engine.create_sessions("w2", "fake")
-        states = [engine.workers[w].sessions["fake"].state for w in ("w1", "w2")]
+        states = [engine.workers[f"local/{w}"].sessions["fake"].state for w in ("w1", "w2")]
         gate = anyio.Event()
 
         async def call(worker: str) -> None:
@@ -106,7 +106,7 @@ async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_call
         backend.gate = anyio.Event()  # worker "slow" stalls inside initialize until we say so
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.create_sessions, "slow", "fake", {"label": "gated"})
-            await eventually(lambda: ("initialize", "slow") in backend.events, 5, every=0.001)
+            await eventually(lambda: ("initialize", "local/slow") in backend.events, 5, every=0.001)
             # while "slow" is stuck in initialize, "fast" gets through create, call, list, refresh, destroy
             with anyio.fail_after(1):
                 assert (await engine.call_tool("fast", "fake:set", {"key": "k", "value": 2})).envelope.code == 0
@@ -142,7 +142,7 @@ async def test_a_two_second_initialize_does_not_block_other_workers():
             tg.start_soon(b_calls)
             await finished_b.wait()
             # B finished all its calls while A is still inside its 2 s initialize
-            assert engine.workers["a"].sessions["fake"].status == "creating"
+            assert engine.workers["local/a"].sessions["fake"].status == "creating"
         assert max(durations) < 1.0
 
 
@@ -160,8 +160,7 @@ async def test_workers_are_isolated():
 
 
 async def test_create_accepts_one_a_list_or_a_mapping():
-    async with make_engine() as engine:
-        engine.backends["other"] = FakeBackend("other")
+    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}) as engine:
         await engine.create_sessions("w1", "fake")
         await engine.create_sessions("w2", ["fake", "other"])
         await engine.create_sessions("w3", {"fake": {"label": "m"}, "other": None})
@@ -184,8 +183,7 @@ async def test_failed_initialize_rolls_back_and_is_not_sticky():
 
 
 async def test_multi_create_is_all_or_nothing():
-    async with make_engine() as engine:
-        engine.backends["other"] = FakeBackend("other")
+    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}) as engine:
         with pytest.raises(SessionError):
             await engine.create_sessions("w1", {"fake": None, "other": {"fail_init": True}})
         assert engine.list_sessions("w1") == []
@@ -206,7 +204,8 @@ async def test_errors_come_back_as_envelopes_with_the_spec_codes():
     async with make_engine() as engine:
         cases = {
             ("fake:nope", None): 1001,
-            ("ghost_run", None): 1005,
+            ("ghost_run", None): 1001,
+            ("no_such_tool", None): 1001,
             ("fake:set", "missing"): 1002,
             ("fake:set", "wrong-type"): 1002,
             ("fake:boom", None): 2001,
@@ -224,7 +223,7 @@ async def test_errors_come_back_as_envelopes_with_the_spec_codes():
 async def test_broken_session_reports_1003_instead_of_hanging():
     async with make_engine() as engine:
         await engine.create_sessions("w1", "fake")
-        engine.workers["w1"].sessions["fake"].state.broken = "the X server died"
+        engine.workers["local/w1"].sessions["fake"].state.broken = "the X server died"
         env = (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope
         assert env.code == 1003
         assert "the X server died" in env.message
@@ -232,8 +231,7 @@ async def test_broken_session_reports_1003_instead_of_hanging():
 
 
 async def test_reinitialize_replaces_one_session_and_leaves_others():
-    async with make_engine() as engine:
-        engine.backends["other"] = FakeBackend("other")
+    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}) as engine:
         await engine.create_sessions("w1", {"fake": {"label": "old"}, "other": None})
         await engine.call_tool("w1", "other:set", {"key": "keep", "value": 1})
         old_id = engine.list_sessions("w1")[0].session_id
@@ -264,7 +262,7 @@ async def test_idle_sessions_expire_after_the_ttl_and_calls_refresh_it():
             assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.meta.temporary_session is False
         await eventually(lambda: not engine.list_sessions("w1"), 3)
         assert backend.live == set()
-        assert ("cleanup", "w1") in backend.events
+        assert ("cleanup", "local/w1") in backend.events
 
 
 async def test_refresh_sessions_extends_the_lease():

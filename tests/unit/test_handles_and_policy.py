@@ -1,0 +1,199 @@
+"""Session handles, principals, the disconnect grace, caps, operator policy and result bounds."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from backends.policy import Policy
+from session.engine import Engine, Limits
+from session.errors import PermissionDenied, ResourceUnavailable, SessionError
+from session.models import Caller
+from session.tool_calls import RESULT_BUDGET
+from tests.conftest import eventually
+from tests.fakes import FakeBackend
+
+ALICE = Caller("alice", "w-alice")
+ALICE_OTHER_CONNECTION = Caller("alice", "w-alice-2")
+ALICE_NO_WORKER = Caller("alice", None)
+BOB = Caller("bob", "w-bob")
+
+
+def make_engine(**kwargs: object) -> Engine:
+    return Engine({"fake": FakeBackend()}, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_handles_are_unguessable_and_work_from_any_connection_of_the_principal():
+    async with make_engine() as engine:
+        [(view, _)] = await engine.create_sessions(ALICE, "fake")
+        handle = view.session_id
+        assert len(handle.partition("-")[2]) >= 22  # 128 bits in base64url
+        await engine.call(ALICE, "fake_set", {"key": "k", "value": 7})
+        got = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": handle})).envelope
+        assert got.code == 0
+        assert got.data["value"] == 7
+        assert got.meta.session_id == handle
+        stateless = (await engine.call(ALICE_NO_WORKER, "fake_get", {"key": "k", "session_id": handle})).envelope
+        assert stateless.data["value"] == 7
+
+
+async def test_another_principals_handle_and_an_unknown_one_get_the_same_answer():
+    async with make_engine() as engine:
+        [(view, _)] = await engine.create_sessions(ALICE, "fake")
+        foreign = (await engine.call(BOB, "fake_get", {"key": "k", "session_id": view.session_id})).envelope
+        unknown = (await engine.call(BOB, "fake_get", {"key": "k", "session_id": "fake-nope"})).envelope
+        assert foreign.code == unknown.code == 1003
+        assert foreign.message == unknown.message
+        assert view.session_id not in foreign.message
+        with pytest.raises(SessionError):
+            await engine.destroy_sessions(BOB, session_id=view.session_id)
+        assert engine.list_sessions(BOB, everything=True) == []
+
+
+async def test_a_caller_without_a_worker_can_create_and_use_a_session_by_handle():
+    async with make_engine() as engine:
+        created = (await engine.call(ALICE_NO_WORKER, "create_session", {"resource": "fake"})).envelope
+        assert created.code == 0
+        handle = created.data["session_id"]
+        assert handle in created.text()
+        await engine.call(ALICE_NO_WORKER, "fake_set", {"key": "k", "value": 1, "session_id": handle})
+        got = (await engine.call(ALICE_NO_WORKER, "fake_get", {"key": "k", "session_id": handle})).envelope
+        assert got.data["value"] == 1
+        # without the handle, the call runs in a temporary session, and says so
+        temporary = (await engine.call(ALICE_NO_WORKER, "fake_get", {"key": "k"})).envelope
+        assert temporary.meta.temporary_session
+        assert "temporary session" in temporary.text()
+        assert "session_id" in temporary.text()
+
+
+async def test_disconnect_grace_lets_a_call_by_handle_adopt_the_session():
+    async with make_engine(session_ttl=30, disconnect_grace=30) as engine:
+        [(view, _)] = await engine.create_sessions(ALICE, "fake")
+        await engine.call(ALICE, "fake_set", {"key": "k", "value": 3})
+        engine.disconnect(ALICE.worker_key or "")
+        assert engine.list_sessions(ALICE_OTHER_CONNECTION, everything=True)[0].orphaned
+        got = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": view.session_id}))
+        assert got.envelope.data["value"] == 3
+        # adopted: the new connection's calls without a handle use it too
+        plain = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k"})).envelope
+        assert plain.meta.session_id == view.session_id
+        assert not engine.list_sessions(ALICE_OTHER_CONNECTION)[0].orphaned
+
+
+async def test_sessions_of_a_disconnected_client_end_when_the_grace_ends():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=30, disconnect_grace=0.2) as engine:
+        [(view, _)] = await engine.create_sessions(ALICE, "fake")
+        engine.disconnect(ALICE.worker_key or "")
+        await eventually(lambda: not backend.live, 10)
+        gone = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": view.session_id}))
+        assert gone.envelope.code == 1003
+
+
+async def test_explicit_close_destroys_at_once_without_grace():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=30, disconnect_grace=30) as engine:
+        await engine.create_sessions(ALICE, "fake")
+        await engine.close_worker(ALICE)
+        assert not backend.live
+
+
+async def test_reinitialize_ends_the_old_handle_and_returns_a_new_one():
+    async with make_engine() as engine:
+        [(view, _)] = await engine.create_sessions(ALICE, "fake", {"label": "old"})
+        result = (await engine.call(ALICE_OTHER_CONNECTION, "reinitialize", {"session_id": view.session_id,
+                                                                            "config": {"label": "new"}})).envelope
+        assert result.code == 0
+        new = result.data["session_id"]
+        assert new != view.session_id
+        old_call = (await engine.call(ALICE, "fake_get", {"key": "k", "session_id": view.session_id})).envelope
+        assert old_call.code == 1003
+        # the owner's default session follows the replacement
+        assert (await engine.call(ALICE, "fake_get", {"key": "k"})).envelope.data["label"] == "new"
+
+
+async def test_caps_per_worker_and_per_principal_give_2004():
+    limits = Limits(per_worker=1, per_principal=2)
+    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}, limits=limits) as engine:
+        await engine.create_sessions(ALICE, "fake")
+        with pytest.raises(ResourceUnavailable, match="client's session limit"):
+            await engine.create_sessions(ALICE, "other")
+        await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")
+        with pytest.raises(ResourceUnavailable, match="credentials' session limit"):
+            await engine.create_sessions(Caller("alice", "w-third"), "fake")
+        # another principal is unaffected
+        await engine.create_sessions(BOB, "fake")
+
+
+async def test_policy_may_be_tightened_never_loosened():
+    policy = Policy(isolation="none", network="none")
+    async with Engine({"fake": FakeBackend(policy=policy)}) as engine:
+        loosen = (await engine.call(ALICE, "create_session", {"resource": "fake", "config": {"network": "host"}}))
+        assert loosen.envelope.code == 1006
+        assert "network" in loosen.envelope.message
+        bigger = {"resource": "fake", "config": {"limits": {"memory_mb": 999_999}}}
+        assert (await engine.call(ALICE, "create_session", bigger)).envelope.code == 1006
+        tighter = {"resource": "fake", "config": {"limits": {"memory_mb": 256}, "isolation": "sandbox"}}
+        ok = (await engine.call(ALICE, "create_session", tighter)).envelope
+        assert ok.code == 0
+        assert ok.data["sessions"][0]["policy"]["limits"]["memory_mb"] == 256
+        assert ok.data["sessions"][0]["policy"]["isolation"] == "sandbox"
+    with pytest.raises(PermissionDenied):
+        Policy(allow_file_urls=False).tightened({"allow_file_urls": True})
+    assert Policy.model_validate({"isolation": "bwrap", "network": True}).network == "internet"
+
+
+async def test_huge_inputs_are_never_echoed_in_full():
+    async with make_engine() as engine:
+        huge = "x" * (1 << 20)
+        for name, args in [
+            ("create_session", {"resource": huge}),
+            (huge, {}),
+            ("fake_set", {"key": huge, "value": huge}),
+            ("create_session", {"resource": "fake", "config": {"label": 1, huge: 1}}),
+        ]:
+            outcome = await engine.call(ALICE, name, args)
+            assert outcome.envelope.code != 0
+            assert len(json.dumps(outcome.envelope.model_dump(mode="json"))) < 20_000
+
+
+async def test_results_are_capped_below_the_client_event_limit():
+    async with make_engine() as engine:
+        await engine.create_sessions(ALICE, "fake")
+        # control characters escape to six bytes each in JSON
+        outcome = await engine.call(ALICE, "fake_huge", {"seq": 2_000_000})
+        envelope = outcome.envelope
+        assert envelope.code == 0
+        assert envelope.data["result_truncated"] is True
+        wire = json.dumps(envelope.model_dump(mode="json")) + envelope.text()
+        assert len(wire.encode()) < RESULT_BUDGET
+
+
+async def test_unknown_tool_is_1001_and_unknown_resource_is_1005():
+    async with make_engine() as engine:
+        assert (await engine.call(ALICE, "no_such_tool", {})).envelope.code == 1001
+        assert (await engine.call(ALICE, "create_session", {"resource": "nope"})).envelope.code == 1005
+
+
+async def test_list_everything_shows_the_principals_sessions_only():
+    async with make_engine() as engine:
+        await engine.create_sessions(ALICE, "fake")
+        await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")
+        await engine.create_sessions(BOB, "fake")
+        assert len(engine.list_sessions(ALICE)) == 1
+        assert len(engine.list_sessions(ALICE, everything=True)) == 2
+        listed = (await engine.call(ALICE, "list_sessions", {"all": True})).envelope
+        assert len(listed.data["sessions"]) == 2
+
+
+async def test_a_call_by_handle_holds_the_session_against_the_ttl():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=0.3) as engine:
+        [(view, _)] = await engine.create_sessions(ALICE_NO_WORKER, "fake")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.call, ALICE_NO_WORKER, "fake_work", {"seconds": 0.8, "session_id": view.session_id})
+            await eventually(lambda: any(s.active_calls for s in engine.sessions.values()), 5)
+        assert engine.sessions  # survived a call longer than the TTL
+        await eventually(lambda: not backend.live, 10)
