@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,10 +113,10 @@ class BrowserBackend(Backend[Config, BrowserSession]):
         self,
         name: str,
         *,
-        settings: dict[str, Any] | None = None,
-        defaults: dict[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
         policy: Policy | None = None,
-        runtime: Runtime,
+        runtime: Runtime | None = None,
     ) -> None:
         super().__init__(name, settings=settings, defaults=defaults, policy=policy, runtime=runtime)
         if self.policy.isolation not in self.isolation_tiers:
@@ -125,7 +126,7 @@ class BrowserBackend(Backend[Config, BrowserSession]):
             )
         self.proxy = EgressProxy()
         self.launcher = Launcher(
-            self.settings, runtime.scratch_root, confine=self.policy.isolation != "none", proxy=self.proxy
+            self.settings, self.runtime.scratch_root, confine=self.policy.isolation != "none", proxy=self.proxy
         )
         self._sessions: set[BrowserSession] = set()
 
@@ -204,11 +205,10 @@ class BrowserBackend(Backend[Config, BrowserSession]):
         config = setup.config
         if config.headless and config.display is None:
             return None
-        links: dict[str, Any] = dict(getattr(setup, "links", None) or {})
-        link = links.get("display")
+        link = setup.links.get("display")
         if config.display is None:
             raise ParameterError("headless=false needs `display`: the session_id of one of your own vm sessions")
-        if not isinstance(link, dict):
+        if link is None:
             raise PermissionDenied(
                 "`display` must be the session_id of one of your own vm sessions (nothing else is accepted)"
             )

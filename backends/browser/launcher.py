@@ -42,7 +42,7 @@ from backends.browser.sandbox import (
     prepare,
     sandbox_child_pid,
 )
-from backends.processes import kill_pids, pids_with_marker, session_env
+from backends.processes import descendants, kill_pids, pids_with_marker, session_env
 from session.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,12 @@ class Launcher:
     def pids_of(self, tag: str) -> list[int]:
         """Live processes of the one Chromium launched with marker `tag`."""
         profile = self._profiles.get(tag)
-        return pids_with_marker(tag, cmdline_token=f"--user-data-dir={profile}" if profile else None)
+        found = set(pids_with_marker(tag, cmdline_token=f"--user-data-dir={profile}" if profile else None))
+        # Renderers and zygotes rewrite their command line and environ (process title), so
+        # the marker is gone from them: they are found as descendants of the tagged ones.
+        for pid in list(found):
+            found.update(descendants(pid))
+        return sorted(found)
 
     def live_driver_pids(self) -> list[int]:
         return [pid for pid in self.driver_pids if _running(pid)]
@@ -198,7 +203,7 @@ class Launcher:
         if self._playwright is None:
             self._playwright = await async_playwright().start()
             self._driver_generation += 1
-            pid = _driver_pid(self._playwright)
+            pid = await anyio.to_thread.run_sync(_new_driver_pid, set(self.driver_pids))
             if pid is not None:
                 self.driver_pids.append(pid)
         return self._playwright
@@ -395,7 +400,7 @@ class Launcher:
 
 def _make_root(root: Path) -> None:
     """The launcher's directory: root-owned, others may pass through to their launch dir only."""
-    root.mkdir(mode=0o711, exist_ok=True)
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
     root.chmod(0o711)
 
 
@@ -408,13 +413,28 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _driver_pid(playwright: Playwright) -> int | None:
-    """The Playwright driver's pid (private attributes; None if this Playwright hides them)."""
-    impl = getattr(playwright, "_impl_obj", None)
-    transport = getattr(getattr(impl, "_connection", None), "_transport", None)
-    proc = getattr(transport, "_proc", None)
-    pid = getattr(proc, "pid", None)
-    return pid if isinstance(pid, int) else None
+def _new_driver_pid(known: set[int]) -> int | None:
+    """The pid of the Playwright driver just started: our child running `run-driver`, not seen before.
+
+    Read from /proc (Playwright does not expose it); used to notice the driver's death and to
+    make sure no driver outlives the backend.
+    """
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in known:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[-1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"run-driver" in f.read().split(b"\0"):
+                    return int(entry)
+        except (OSError, ValueError, IndexError):
+            continue
+    log.warning("could not find the Playwright driver's pid")
+    return None
 
 
 def _copy_owned(source: Path, target: Path, uid: int | None) -> None:

@@ -14,7 +14,6 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -84,6 +83,9 @@ class Site:
                     self._send(PAGES[path])
                 else:
                     self.send_error(404)
+
+            def do_POST(self) -> None:
+                self.do_GET()
 
             def _send(self, body: str, ctype: str = "text/html", extra: dict[str, str] | None = None) -> None:
                 data = body.encode()
@@ -176,13 +178,6 @@ def make_backend(
     return BrowserBackend("browser", settings=settings or {}, policy=policy, runtime=runtime)
 
 
-@dataclass(frozen=True, slots=True)
-class LinkedSetup(SessionSetup[Any]):
-    """A SessionSetup carrying `links` (what the engine resolves for `display`)."""
-
-    links: dict[str, Any] = field(default_factory=dict)
-
-
 class Session:
     """One browser session and a terse way to call its tools.
 
@@ -229,7 +224,7 @@ def session_setup(
         policy = Policy(network="internet", allow_private_hosts=allow or [])
     scratch = b.runtime.scratch_root / f"session-{label}-{uuid.uuid4().hex[:6]}"
     scratch.mkdir(parents=True)
-    return LinkedSetup(
+    return SessionSetup(
         worker_id=f"w-{label}",
         session_id=f"sid-{uuid.uuid4().hex}",
         label=label,
