@@ -8,6 +8,7 @@ because each session's policy lists it in `allow_private_hosts`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from backends.base import BackendKind, ToolResult
 from backends.browser import BrowserBackend
 from backends.browser.snapshot import compact
 from backends.processes import kill_pids, pids_with_marker
+from sandbox import Sandbox
 from session.errors import (
     BackendError,
     ExecutionTimeout,
@@ -510,3 +512,29 @@ async def test_compact_lifts_children_of_anonymous_wrappers() -> None:
 - generic [ref=e7] [cursor=pointer]: clicky
 - paragraph [ref=e9]: Some text"""
     )
+
+
+# -- through the engine ---------------------------------------------------------------
+
+
+async def test_through_the_engine_policy_is_the_operators(tmp_path: Path, site_server: Site) -> None:
+    """The whole stack: the manifest's policy reaches the proxy; a client cannot loosen it."""
+    path = tmp_path / "manifest.json"
+    path.write_text(
+        json.dumps(
+            {
+                "server": {"session_ttl": 300, "log_level": "WARNING"},
+                "resources": {"browser": {"policy": {"allow_private_hosts": [site_server.allow]}}},
+            }
+        )
+    )
+    async with Sandbox(manifest=path) as sandbox:
+        await sandbox.create_session("browser", {"timeout_ms": 3000})  # the old name still works
+        nav = await sandbox.execute("browser:navigate", {"url": f"{site_server.url}/next"})
+        assert (nav["code"], nav["data"]["title"]) == (0, "Next"), nav
+        other = closed_port()
+        refused = await sandbox.execute("browser:navigate", {"url": f"http://127.0.0.1:{other}/mcp"})
+        assert refused["code"] == 1006, refused
+        await sandbox.destroy_session("browser")
+        with pytest.raises(PermissionDenied, match="allow_file_urls"):
+            await sandbox.create_session("browser", {"allow_file_urls": True})
