@@ -8,6 +8,6 @@ request goes through; `BrowserSession` (session.py) one session's context and ta
 """
 
 from backends.browser.backend import BrowserBackend
-from backends.browser.models import Config, Settings
+from backends.browser.models import BrowserConfig, BrowserSettings
 
-__all__ = ["BrowserBackend", "Config", "Settings"]
+__all__ = ["BrowserBackend", "BrowserConfig", "BrowserSettings"]

@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import anyio
 from playwright.async_api import Error as PlaywrightError
@@ -26,8 +26,9 @@ from backends.browser.errors import classify, first_line, translated
 from backends.browser.launcher import Display, Launcher
 from backends.browser.models import (
     ActionResult,
+    BrowserConfig,
+    BrowserSettings,
     ClickArgs,
-    Config,
     ConsoleArgs,
     ConsoleResult,
     DownloadsResult,
@@ -45,7 +46,6 @@ from backends.browser.models import (
     ScrollArgs,
     ScrollResult,
     SelectOptionArgs,
-    Settings,
     SnapshotArgs,
     SnapshotResult,
     TabsArgs,
@@ -83,13 +83,13 @@ from session.errors import (
 
 log = logging.getLogger(__name__)
 
-Ctx = ToolContext[Config, BrowserSession]
+Ctx = ToolContext[BrowserConfig, BrowserSession]
 _DISPLAY_RE = re.compile(r"^:\d{1,5}(\.\d{1,3})?$")
 #: Cap on a JSON/text result body, so the whole result stays under the client's 1 MiB event.
 RESULT_CHARS = 200_000
 
 
-class BrowserBackend(Backend[Config, BrowserSession]):
+class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
     """A real Chromium through Playwright: navigate, read, click, type, screenshot."""
 
     description: ClassVar[str] = (
@@ -97,8 +97,8 @@ class BrowserBackend(Backend[Config, BrowserSession]):
         "storage and tabs. Read pages with `snapshot` (accessibility tree with refs like e12) and act on "
         "elements by ref with click/type/select_option/hover; `screenshot` shows what it looks like."
     )
-    Config: ClassVar[type[Config]] = Config
-    Settings: ClassVar[type[Settings]] = Settings
+    Config: ClassVar[type[BrowserConfig]] = BrowserConfig
+    Settings: ClassVar[type[BrowserSettings]] = BrowserSettings
     #: Pages reach the internet (never loopback or private addresses unless the policy lists them).
     default_policy: ClassVar[Policy] = Policy(network="internet")
     #: One shared Chromium: gVisor cannot host it (the engine answers 5001).
@@ -107,7 +107,7 @@ class BrowserBackend(Backend[Config, BrowserSession]):
     #: hands that session's `export(state)` to `initialize` as `setup.links[key]`.
     links: ClassVar[dict[str, str]] = {"display": "vm"}
 
-    settings: Settings
+    settings: BrowserSettings
 
     def __init__(
         self,
@@ -142,7 +142,7 @@ class BrowserBackend(Backend[Config, BrowserSession]):
             await self._close_session(state)
         await self.launcher.close()
 
-    async def initialize(self, setup: SessionSetup[Config]) -> BrowserSession:
+    async def initialize(self, setup: SessionSetup[BrowserConfig]) -> BrowserSession:
         """Open a private browser context (cookies, storage, cache, tabs) with one blank tab."""
         policy = setup.policy
         if policy.isolation == "gvisor":
@@ -168,7 +168,7 @@ class BrowserBackend(Backend[Config, BrowserSession]):
         self._sessions.add(state)
         return state
 
-    async def cleanup(self, setup: SessionSetup[Config], state: BrowserSession) -> None:
+    async def cleanup(self, setup: SessionSetup[BrowserConfig], state: BrowserSession) -> None:
         """Close the session's tabs and context and revoke its proxy account (the engine removes scratch)."""
         await self._close_session(state)
 
@@ -195,7 +195,7 @@ class BrowserBackend(Backend[Config, BrowserSession]):
             "chromium_sandbox": confined or None,
         }
 
-    def _display(self, setup: SessionSetup[Config]) -> Display | None:
+    def _display(self, setup: SessionSetup[BrowserConfig]) -> Display | None:
         """The linked vm desktop for a headed session, or None for headless.
 
         Raises:
@@ -224,7 +224,7 @@ class BrowserBackend(Backend[Config, BrowserSession]):
         )
 
     async def _open_context(
-        self, setup: SessionSetup[Config], display: Display | None, download_dir: Path, grant: Any
+        self, setup: SessionSetup[BrowserConfig], display: Display | None, download_dir: Path, grant: Any
     ) -> BrowserSession:
         config = setup.config
         options = context_options(config)
@@ -539,7 +539,8 @@ class BrowserBackend(Backend[Config, BrowserSession]):
             await anyio.sleep(args.seconds)
             return PageResult(**await info(state))
         if args.selector is not None:
-            what, locator, wanted = f"selector {args.selector[:100]!r}", page.locator(args.selector).first, "visible"
+            what, locator = f"selector {args.selector[:100]!r}", page.locator(args.selector).first
+            wanted: Literal["visible", "hidden"] = "visible"
         else:
             text = args.text if args.text is not None else args.text_gone
             wanted = "visible" if args.text is not None else "hidden"

@@ -31,7 +31,7 @@ from anyio.abc import SocketListener
 from playwright.async_api import Browser, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
-from backends.browser.models import CHROMIUM_ARGS, Settings
+from backends.browser.models import CHROMIUM_ARGS, BrowserSettings
 from backends.browser.proxy import EgressProxy
 from backends.browser.sandbox import (
     NETNS_PROXY_PORT,
@@ -86,7 +86,7 @@ class BrowserHandle:
 class Launcher:
     """Starts, relaunches and stops the backend's driver, Chromium processes and egress proxy."""
 
-    def __init__(self, settings: Settings, scratch_root: Path, *, confine: bool, proxy: EgressProxy) -> None:
+    def __init__(self, settings: BrowserSettings, scratch_root: Path, *, confine: bool, proxy: EgressProxy) -> None:
         self.settings = settings
         self.confine = confine
         self.proxy = proxy
@@ -201,11 +201,18 @@ class Launcher:
             log.warning("the Playwright driver is gone; starting a new one")
             await self._stop_driver()
         if self._playwright is None:
-            self._playwright = await async_playwright().start()
+            before = await anyio.to_thread.run_sync(_driver_children)
+            manager = async_playwright()
+            self._playwright = await manager.start()
             self._driver_generation += 1
-            pid = await anyio.to_thread.run_sync(_new_driver_pid, set(self.driver_pids))
+            pid = _driver_pid(manager)
+            if pid is None:  # Playwright changed its internals: the new run-driver child it is
+                new = await anyio.to_thread.run_sync(_driver_children)
+                pid = min(new - before) if new - before else None
             if pid is not None:
                 self.driver_pids.append(pid)
+            else:
+                log.warning("could not find the Playwright driver's pid; its death is noticed on the next call")
         return self._playwright
 
     async def _stop_driver(self) -> None:
@@ -413,15 +420,19 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _new_driver_pid(known: set[int]) -> int | None:
-    """The pid of the Playwright driver just started: our child running `run-driver`, not seen before.
+def _driver_pid(manager: Any) -> int | None:
+    """The driver's pid from Playwright's internals (no public API); None if they moved."""
+    transport = getattr(getattr(manager, "_client", None), "_transport", None)
+    pid = getattr(getattr(transport, "_proc", None), "pid", None)
+    return pid if isinstance(pid, int) else None
 
-    Read from /proc (Playwright does not expose it); used to notice the driver's death and to
-    make sure no driver outlives the backend.
-    """
+
+def _driver_children() -> set[int]:
+    """Our child processes running a Playwright driver (`run-driver`)."""
     me = os.getpid()
+    found = set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in known:
+        if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
@@ -430,11 +441,10 @@ def _new_driver_pid(known: set[int]) -> int | None:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if b"run-driver" in f.read().split(b"\0"):
-                    return int(entry)
+                    found.add(int(entry))
         except (OSError, ValueError, IndexError):
             continue
-    log.warning("could not find the Playwright driver's pid")
-    return None
+    return found
 
 
 def _copy_owned(source: Path, target: Path, uid: int | None) -> None:

@@ -53,7 +53,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Settings(_Model):
+class BrowserSettings(_Model):
     """Backend-wide settings (manifest `resources.browser.settings`; a session cannot change them)."""
 
     executable_path: str = Field(
@@ -89,7 +89,7 @@ class Settings(_Model):
         return value
 
 
-class Config(_Model):
+class BrowserConfig(_Model):
     """One session's browser context."""
 
     viewport: tuple[int, int] = Field(

@@ -15,18 +15,18 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, Response
 
 from backends.base import ToolContext
-from backends.browser.models import Config, PageResult
+from backends.browser.models import BrowserConfig, PageResult
 from backends.browser.session import BrowserSession
 from session.errors import BackendError, ParameterError, PermissionDenied
 
 log = logging.getLogger(__name__)
 
-Ctx = ToolContext[Config, BrowserSession]
+Ctx = ToolContext[BrowserConfig, BrowserSession]
 _SCHEMES = {"http", "https", "about", "data"}
 _BARE_HOST = re.compile(r"^(?:[\w-]+\.)*[\w-]+(?::\d+)?(?:[/?#].*)?$")
 
 
-def context_options(config: Config) -> dict[str, Any]:
+def context_options(config: BrowserConfig) -> dict[str, Any]:
     width, height = config.viewport
     options: dict[str, Any] = {
         "viewport": {"width": width, "height": height},

@@ -21,7 +21,7 @@ import anyio
 from playwright.async_api import BrowserContext, ConsoleMessage, Dialog, Download, Page, Route
 
 from backends.browser.launcher import BrowserHandle, Launcher
-from backends.browser.models import Config
+from backends.browser.models import BrowserConfig
 from backends.browser.proxy import Grant
 from session.errors import BackendError, SessionError
 
@@ -36,7 +36,7 @@ class BrowserSession:
     """State of one browser session (what tools see as `ctx.state`)."""
 
     label: str
-    config: Config
+    config: BrowserConfig
     launcher: Launcher
     handle: BrowserHandle
     context: BrowserContext
