@@ -281,6 +281,10 @@ class Launcher:
         executable = self.settings.executable_path
         downloads: Path | None = None
         if self.confine:
+            await anyio.to_thread.run_sync(_make_root, self.root)
+            x11_dir = display.x11_socket_dir if display else None
+            if display is not None and x11_dir is not None:
+                x11_dir = await anyio.to_thread.run_sync(_link_x11_socket, display, x11_dir, launch_dir / "x11")
             plan = SandboxPlan(
                 launch_dir=launch_dir,
                 uid=self.settings.browser_uid if can_confine() else None,
@@ -289,9 +293,8 @@ class Launcher:
                 tag=tag,
                 display=display.display if display else None,
                 xauthority=launch_dir / "Xauthority" if display and display.xauthority else None,
-                x11_socket_dir=display.x11_socket_dir if display else None,
+                x11_socket_dir=x11_dir,
             )
-            await anyio.to_thread.run_sync(_make_root, self.root)
             if plan.uid is not None:
                 try:
                     await anyio.to_thread.run_sync(check_traversable, launch_dir)
@@ -409,6 +412,24 @@ def _make_root(root: Path) -> None:
     """The launcher's directory: root-owned, others may pass through to their launch dir only."""
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     root.chmod(0o711)
+
+
+def _link_x11_socket(display: Display, source_dir: Path, target_dir: Path) -> Path:
+    """A directory holding only this desktop's X socket, reachable by the browser uid.
+
+    The vm session's socket directory is private to that session; a hard link to the socket
+    (root may make one; connecting needs only the socket's own permissions) in the browser's
+    launch dir exposes exactly one display and nothing else of that directory. Falls back to
+    the directory itself when the link cannot be made (another filesystem).
+    """
+    number = display.display.lstrip(":").split(".", 1)[0]
+    target_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        os.link(source_dir / f"X{number}", target_dir / f"X{number}")
+    except OSError as exc:
+        log.warning("cannot link the X socket of display %s (%s); binding its directory", display.display, exc)
+        return source_dir
+    return target_dir
 
 
 def _running(pid: int) -> bool:

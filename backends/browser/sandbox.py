@@ -100,6 +100,7 @@ def prepare(plan: SandboxPlan) -> Path:
     """Make the launch's directories (owned by the browser uid) and write the wrapper; returns it."""
     for path in (plan.launch_dir, plan.home, plan.downloads):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.chmod(0o700)
         if plan.uid is not None:
             os.chown(path, plan.uid, plan.uid)
     plan.wrapper.write_text(wrapper_script(plan))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -457,10 +458,22 @@ async def test_cleanup_closes_pages_and_shutdown_leaves_no_process(site: str, sc
     assert pids_under(b.runtime.scratch_root) == []
 
 
-async def start_xvfb() -> tuple[anyio.abc.Process, str]:
+def wildcard_cookie_file(path: Path) -> bytes:
+    """An X authority file with one MIT-MAGIC-COOKIE-1 entry for any host and display (as the vm writes)."""
+    cookie = os.urandom(16)
+
+    def field(data: bytes) -> bytes:
+        return struct.pack(">H", len(data)) + data
+
+    path.write_bytes(struct.pack(">H", 0xFFFF) + field(b"") + field(b"") + field(b"MIT-MAGIC-COOKIE-1") + field(cookie))
+    path.chmod(0o600)
+    return cookie
+
+
+async def start_xvfb(authority: Path) -> tuple[anyio.abc.Process, str]:
     read, write = os.pipe()
     xvfb = await anyio.open_process(
-        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-auth", str(authority)],
         pass_fds=[write],
         stderr=subprocess.DEVNULL,
     )
@@ -476,10 +489,12 @@ async def start_xvfb() -> tuple[anyio.abc.Process, str]:
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb not installed")
 async def test_headed_context_on_a_linked_vm_display(site: str, scratch: Path) -> None:
-    xvfb, display = await start_xvfb()
+    authority = scratch / "vm-authority"
+    wildcard_cookie_file(authority)  # the desktop accepts only clients holding this cookie
+    xvfb, display = await start_xvfb(authority)
     b = make_backend(scratch / "headed")
     # What the engine hands over for `display`: the linked vm session's export.
-    link = {"display": display, "x11_socket_dir": "/tmp/.X11-unix", "xauthority": None}
+    link = {"display": display, "x11_socket_dir": "/tmp/.X11-unix", "xauthority": str(authority)}
     try:
         async with open_session(
             b, allow=["127.0.0.1"], headless=False, display="sid-of-my-vm", links={"display": link}, viewport=[640, 480]
@@ -490,6 +505,10 @@ async def test_headed_context_on_a_linked_vm_display(site: str, scratch: Path) -
             headed = s.state.handle
             assert headed.display is not None
             assert headed.display.display == display
+            assert headed.plan is not None
+            # Only that one display's socket is in the sandbox, not the whole socket directory.
+            assert headed.plan.x11_socket_dir is not None
+            assert [p.name for p in headed.plan.x11_socket_dir.iterdir()] == [f"X{display[1:]}"]
         assert b.launcher.pids_of(headed.tag) == [], "a headed browser closes with its last context"
     finally:
         await b.shutdown()
