@@ -67,7 +67,9 @@ class Policy(BaseModel):
 
     isolation: Isolation = Field("sandbox", description="none < sandbox (bubblewrap) < gvisor (runsc).")
     network: Network = Field("none", description="none < internet (user-mode, no host/private ranges) < host.")
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(
+        default_factory=Limits, description="Per-session limits: pids, memory_mb, disk_mb, cpu (smaller is tighter)."
+    )
     allow_file_urls: bool = Field(False, description="Browser: may pages open file:// URLs.")
     allow_private_hosts: list[str] = Field(
         default_factory=list,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -11,9 +9,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx2 as httpx
+
+from tests.support import leaks, procs
+from tests.support.ports import free_port
 
 
 def summarize(name: str, samples_ms: list[float], unit: str = "ms") -> str:
@@ -38,12 +38,6 @@ async def measure(fn: Callable[[], Awaitable[object]], n: int, warmup: int = 5) 
     return samples
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Served:
     url: str
@@ -59,6 +53,7 @@ def http_server(manifest: str | None = None) -> Iterator[Served]:
     if manifest:
         argv += ["--manifest", manifest]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    leaks.note_server(proc.pid)  # its sessions' processes name it: leaks.session_pids() finds them
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -74,25 +69,16 @@ def http_server(manifest: str | None = None) -> Iterator[Served]:
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 def pss_kb(pid: int) -> int:
     """Proportional set size of one process, in kB (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return procs.pss_kb([pid])
 
 
 def rss_kb(pid: int | None = None) -> int:
-    status = Path(f"/proc/{pid or os.getpid()}/status").read_text()
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return procs.rss_kb(pid)

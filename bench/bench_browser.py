@@ -3,7 +3,7 @@
 Prints median and p95 (ms) of: warmup (browser launch), session create + destroy
 (a context with one tab), navigate to a local page, snapshot, screenshot, click; the
 throughput of 20 concurrent sessions each doing navigate + snapshot + click; and the
-memory of idle contexts (PSS of the browser's process tree from /proc/*/smaps_rollup).
+memory of idle contexts (PSS of the browser's process tree, through psutil).
 
 Each figure is measured for every isolation tier asked for (default: `sandbox`, the
 confined Chromium, then `none`, the unconfined one) in the same run; pages go through
@@ -33,11 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.base import Runtime, SessionSetup, ToolContext
 from backends.browser import BrowserBackend
-from backends.browser.launcher import process_tree_pss_kb
 from backends.browser.models import ClickArgs, NavigateArgs, ScreenshotArgs, SnapshotArgs
 from backends.browser.session import BrowserSession
 from backends.policy import Policy
-from backends.processes import descendants
+from tests.support import procs
 
 TIER = "sandbox"
 SCRATCH = Path(tempfile.gettempdir())
@@ -211,16 +210,16 @@ async def bench_memory(site: str, contexts: int) -> None:
     await backend.warmup()
     try:
         await asyncio.sleep(0.5)
-        base = process_tree_pss_kb(backend.launcher.pids())
+        base = procs.pss_kb(backend.launcher.pids())
         tabs = [await open_tab(backend, f"m{i}") for i in range(contexts)]
         await asyncio.sleep(0.5)
-        blank = process_tree_pss_kb(backend.launcher.pids())
+        blank = procs.pss_kb(backend.launcher.pids())
         for tab in tabs:
             await backend.navigate(tab.ctx, NavigateArgs(url=f"{site}/"))
         await asyncio.sleep(0.5)
-        loaded = process_tree_pss_kb(backend.launcher.pids())
+        loaded = procs.pss_kb(backend.launcher.pids())
         chromium = set(backend.launcher.pids())
-        driver = [p for p in descendants(os.getpid()) if p not in chromium]
+        driver = [p for p in procs.descendants(os.getpid()) if p not in chromium]
         print(f"browser tree PSS, no context:                {base / 1024:7.1f} MiB")
         print(
             f"browser tree PSS, {contexts} idle contexts (blank tab): {blank / 1024:7.1f} MiB "
@@ -230,7 +229,7 @@ async def bench_memory(site: str, contexts: int) -> None:
             f"browser tree PSS, {contexts} contexts on a local page:  {loaded / 1024:7.1f} MiB "
             f"= +{(loaded - base) / 1024 / contexts:.1f} MiB per context"
         )
-        print(f"Playwright driver (node) PSS:                {process_tree_pss_kb(driver) / 1024:7.1f} MiB")
+        print(f"Playwright driver (node) PSS:                {procs.pss_kb(driver) / 1024:7.1f} MiB")
         for tab in tabs:
             await tab.close()
     finally:

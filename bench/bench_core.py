@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import http_server, measure, pss_kb, rss_kb, summarize
 from sandbox import Sandbox
-from tests.conftest import marked_pids
+from tests.support.leaks import session_pids
 
 
 async def per_transport(n: int) -> None:
@@ -32,8 +33,8 @@ async def per_transport(n: int) -> None:
         for label, sandbox in targets.items():
             async with sandbox:
                 await sandbox.create_session("bash")
-                calls = await measure(lambda s=sandbox: s.execute("bash:run", {"command": ":"}), n)
-                listing = await measure(lambda s=sandbox: s.list_sessions(), n)
+                calls = await measure(partial(sandbox.execute, "bash:run", {"command": ":"}), n)
+                listing = await measure(sandbox.list_sessions, n)
             summarize(f"{label}: bash_run ':'", calls)
             summarize(f"{label}: list_sessions (no backend I/O)", listing)
 
@@ -94,7 +95,7 @@ async def memory(sessions: int) -> None:
         idle = rss_kb(served.pid)
         for client in clients:
             await client.create_session("bash")
-        pids = marked_pids("bash-")
+        pids = session_pids(tag_prefix="bash-")
         shells = sum(pss_kb(p) for p in pids)
         busy = rss_kb(served.pid)
         sys.stdout.write(

@@ -27,6 +27,7 @@ from backends.base import ToolContext
 from backends.vm import VMBackend, VMState
 from backends.vm.models import ClickArgs, TypeArgs
 from bench._common import measure, summarize
+from tests.support import procs
 
 log = logging.getLogger("bench_vm")
 
@@ -40,16 +41,7 @@ async def timed(fn: Callable[[], Awaitable[Any]], rounds: int, warmup: int = 2) 
 
 
 def pss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1])
-    return total
+    return procs.pss_kb(pids)
 
 
 class Bench:
@@ -62,7 +54,7 @@ class Bench:
         return state, ToolContext(worker_id="bench", session_id="b", state=state, config=cfg)
 
     async def stop(self, state: VMState) -> None:
-        await self.backend.cleanup("bench", SimpleNamespace(state=state))  # type: ignore[arg-type]
+        await self.backend.cleanup("bench", SimpleNamespace(state=state))
 
     async def lifecycle(self, rounds: int) -> None:
         async def once() -> None:

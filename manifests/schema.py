@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from mcp_server.tokens import principal_problem, token_problem
 
 RESOURCE_NAME = r"^[a-z][a-z0-9]{0,31}$"
 
@@ -37,6 +39,42 @@ class ServerSettings(BaseModel):
         default=None, ge=1, description="Deprecated spelling of limits.max_sessions (kept working)."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tokens: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description=(
+            "HTTP/SSE bearer tokens by principal name (each >= 32 characters; write ${VAR} to take one from "
+            "the environment). AGENTFLOW_SANDBOX_TOKEN overrides them; with neither, one is generated at start."
+        ),
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=2,
+        description="Open HTTP connections at once; beyond it requests get 503. A worker holds about two.",
+    )
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request's headers, from its first byte."
+    )
+    keep_alive_timeout: float = Field(
+        default=15.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        seen: set[str] = set()
+        for name, secret in value.items():
+            token = secret.get_secret_value()
+            problem = principal_problem(name) or token_problem(token)
+            if problem:
+                raise ValueError(f"principal {name!r}: {problem}")
+            if token in seen:
+                raise ValueError(f"principal {name!r}: the same token is given to two principals")
+            seen.add(token)
+        return value
+
+    def token_map(self) -> dict[str, str]:
+        """`tokens` with the secrets revealed, for the auth layer only."""
+        return {name: secret.get_secret_value() for name, secret in self.tokens.items()}
 
     @model_validator(mode="after")
     def _legacy_max_sessions(self) -> ServerSettings:
@@ -63,6 +101,13 @@ class ResourceSpec(BaseModel):
         "sessions may only tighten it. Omitted keys keep the backend's defaults.",
     )
     max_sessions: int | None = Field(default=None, ge=1, description="Live sessions of this resource.")
+    pool: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Sessions kept started with the default config and policy, so create_session and "
+        "temporary calls take a ready one (each is used once, never recycled).",
+    )
 
 
 class Manifest(BaseModel):

@@ -12,8 +12,9 @@ from typing import Any
 import mcp_types as t
 from mcp.server import Server, ServerRequestContext
 
-from backends.base import ProgressFn
-from mcp_server.schemas import portable_schema
+from backends.base import BackendKind, ProgressFn
+from backends.policy import Policy
+from mcp_server.schemas import portable_schema, with_session_configs
 from mcp_server.worker_identity import RunScope, resolve_caller
 from session.engine import Engine
 from session.envelope import ResultMeta, failure
@@ -82,16 +83,50 @@ def build_server(engine: Engine) -> Server[RunScope]:
     )
 
 
+#: Meta-tools whose `config` argument is a resource's session config.
+_CONFIG_TOOLS = frozenset({"create_session", "reinitialize"})
+
+
+def session_config_schemas(engine: Engine) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Each session resource's config schema, and the keys every config also accepts
+    (`custom_name` and the policy requests, which the engine reads before the backend's model)."""
+    configs = {
+        name: backend.Config.model_json_schema()
+        for name, backend in sorted(engine.backends.items())
+        if backend.kind() is not BackendKind.SHARED
+    }
+    policy = Policy.model_json_schema()
+    defs = policy.get("$defs", {})
+    common: dict[str, dict[str, Any]] = {
+        "custom_name": {"type": "string", "description": "A label kept on the session."}
+    }
+    for key in sorted(Policy.REQUEST_KEYS):
+        prop = dict(policy["properties"][key])
+        prop.pop("default", None)
+        prop["description"] = f"Policy request (may only tighten the operator's policy): {prop.get('description', '')}"
+        common[key] = {**prop, "$defs": defs} if defs else prop
+    return configs, common
+
+
 def tool_listing(engine: Engine) -> list[t.Tool]:
-    """Every tool of the engine's one registry, as MCP tools; `_meta` says which resource owns it."""
+    """Every tool of the engine's one registry, as MCP tools; `_meta` says which resource owns it.
+
+    Schemas are rewritten into the subset every common client accepts (`mcp_server.schemas`);
+    `create_session` and `reinitialize` show each resource's config fields.
+    """
+    configs, common = session_config_schemas(engine)
     tools: list[t.Tool] = []
     for spec in engine.catalog.values():
+        if spec.owner == "engine" and spec.name in _CONFIG_TOOLS:
+            schema = with_session_configs(spec.input_schema(), configs, common_properties=common)
+        else:
+            schema = portable_schema(spec.input_schema())
         title = f"{spec.resource} {spec.name}" if spec.resource else spec.name.replace("_", " ")
         tools.append(
             t.Tool(
                 name=spec.qualified_name,
                 description=spec.description,
-                input_schema=portable_schema(spec.input_schema()),
+                input_schema=schema,
                 annotations=t.ToolAnnotations(
                     title=title,
                     read_only_hint=spec.read_only,

@@ -17,7 +17,8 @@ from manifests import build_backends, load_manifest
 from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
 from mcp_server.factory import engine_from_manifest
-from mcp_server.transports import MCP_PATH, SSE_PATH, serve_http, serve_stdio
+from mcp_server.tokens import resolve_credentials
+from mcp_server.transports import MCP_PATH, SSE_PATH, HttpOptions, is_loopback, serve_http, serve_stdio
 from session.errors import ConfigurationError
 
 log = logging.getLogger("agentflow_sandbox")
@@ -32,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 18890)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="HTTP/SSE without bearer tokens (only on a loopback address; every caller is one principal)",
+    )
     validate = sub.add_parser("validate", help="check a manifest and the backends it names")
     validate.add_argument("--manifest")
     tools = sub.add_parser("tools", help="list the MCP tools a manifest gives, with their schemas")
@@ -79,6 +85,21 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = None
+    if transport != "stdio":
+        if args.no_auth and not is_loopback(host):
+            raise ConfigurationError(
+                f"--no-auth is refused on {host}: only a loopback bind (127.0.0.1, ::1, localhost) may run "
+                "without tokens"
+            )
+        credentials = None if args.no_auth else resolve_credentials(settings.token_map())
+        options = HttpOptions(
+            tokens=None if credentials is None else credentials.tokens,
+            token_source=None if credentials is None else credentials.source,
+            max_connections=settings.max_connections,
+            header_timeout=settings.header_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+        )
     engine = engine_from_manifest(manifest)
     orphans, dirs = sweep_orphans(), sweep_orphan_dirs()
     if orphans or dirs:
@@ -91,11 +112,11 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     async def run() -> None:
         async with engine:
             server = build_server(engine)
-            if transport == "stdio":
+            if options is None:
                 await serve_stdio(engine, server)
             else:
                 log.info("serving MCP on http://%s:%d%s (streamable HTTP) and %s (SSE)", host, port, MCP_PATH, SSE_PATH)
-                await serve_http(engine, server, host=host, port=port, log_level=level)
+                await serve_http(engine, server, host=host, port=port, log_level=level, options=options)
 
     anyio.run(run)
     return 0

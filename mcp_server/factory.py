@@ -21,6 +21,7 @@ def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> 
         session_ttl=settings.session_ttl,
         disconnect_grace=settings.disconnect_grace,
         runtime=runtime,
+        pools={name: spec.pool for name, spec in manifest.enabled().items() if spec.pool},
         limits=Limits(
             max_sessions=settings.limits.max_sessions,
             per_resource={n: s.max_sessions for n, s in manifest.enabled().items() if s.max_sessions},

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -20,8 +23,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
+from mcp_server.auth import BearerAuth
+from mcp_server.http_protocol import guarded_protocol
+from mcp_server.ratelimit import RateLimitFilter
+from mcp_server.tokens import DEFAULT_PRINCIPAL, TokenSource, remove_token_file, write_token_file
 from session.engine import Engine
+from session.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +114,8 @@ def http_app(engine: Engine, server: Server[Any], *, host: str = "127.0.0.1") ->
         return Response()
 
     async def health(request: Request) -> JSONResponse:
-        status = engine.status()
-        return JSONResponse({"status": status["status"], "live_sessions": status["live_sessions"]})
+        # Unauthenticated, so it says only that the server runs: no counts, names or versions.
+        return JSONResponse({"status": "running"})
 
     app.router.routes.extend(
         [
@@ -118,14 +127,105 @@ def http_app(engine: Engine, server: Server[Any], *, host: str = "127.0.0.1") ->
     return app
 
 
-async def serve_http(engine: Engine, server: Server[Any], *, host: str, port: int, log_level: str) -> None:
-    """Serve until SIGTERM/SIGINT (uvicorn handles both), then return so the engine can clean up."""
+@dataclass(frozen=True)
+class HttpOptions:
+    """Who may call (`tokens`, principal name -> token; None = no authentication) and the limits."""
+
+    tokens: Mapping[str, str] | None
+    token_source: TokenSource | None = None
+    max_connections: int = 512
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 15.0
+
+    def __repr__(self) -> str:  # never print the tokens
+        principals = None if self.tokens is None else sorted(self.tokens)
+        return f"HttpOptions(principals={principals}, max_connections={self.max_connections})"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def authenticated_app(app: ASGIApp, tokens: Mapping[str, str] | None) -> ASGIApp:
+    """`app` behind bearer authentication (`tokens=None`: everyone is principal "default")."""
+    return BearerAuth(app, tokens)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before anything else, so a generated token file is written only by the server that owns the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _quiet_floods() -> None:
+    """At most a few lines per second of any one warning: refused connections must not flood the log."""
+    flood_filter = RateLimitFilter()
+    for name in ("", "uvicorn", "uvicorn.error"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RateLimitFilter) for f in handler.filters):
+                handler.addFilter(flood_filter)
+
+
+async def serve_http(
+    engine: Engine, server: Server[Any], *, host: str, port: int, log_level: str, options: HttpOptions
+) -> None:
+    """Serve until SIGTERM/SIGINT (uvicorn handles both), then return so the engine can clean up.
+
+    Raises:
+        ConfigurationError: `--no-auth` on a non-loopback address, or the port cannot be bound.
+    """
+    if options.tokens is None:
+        if not is_loopback(host):
+            raise ConfigurationError(
+                f"--no-auth is refused on {host}: without a token anyone who can reach that address may call "
+                "every tool; bind 127.0.0.1 (or ::1) or configure tokens"
+            )
+        log.warning("--no-auth: HTTP and SSE accept every local caller without a token (principal 'default')")
+    sock = _listen(host, port)
+    bound_port = int(sock.getsockname()[1])
+    token_path = None
+    generated = options.token_source is TokenSource.GENERATED and options.tokens is not None
+    if generated:
+        assert options.tokens is not None
+        token_path = write_token_file(bound_port, options.tokens[DEFAULT_PRINCIPAL])
+        # WARNING so that it shows at every log level: clients need this path to connect.
+        log.warning(
+            "no token configured: generated one in %s (mode 0600); Sandbox(url) on this machine reads it, "
+            "other clients send it as 'Authorization: Bearer <token>'",
+            token_path,
+        )
+    elif options.tokens is not None:
+        log.info("bearer tokens from the %s: principals %s", options.token_source, ", ".join(sorted(options.tokens)))
     config = uvicorn.Config(
-        http_app(engine, server, host=host),
+        authenticated_app(http_app(engine, server, host=host), options.tokens),
         host=host,
-        port=port,
+        port=bound_port,
         log_level=log_level.lower(),
         lifespan="on",
+        # One line per request is a flood under attack; refusals have their own rate-limited line.
+        access_log=log_level.upper() == "DEBUG",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=options.keep_alive_timeout,  # type: ignore[arg-type]  # any number works
+        # uvicorn answers 503 once `len(connections) >= limit_concurrency`, counting the new one.
+        limit_concurrency=options.max_connections + 1,
+        http=guarded_protocol(options.header_timeout, hard_connection_limit=2 * options.max_connections),
     )
-    await _UvicornServer(config).serve()
+    _quiet_floods()
+    try:
+        await _UvicornServer(config).serve(sockets=[sock])
+    finally:
+        sock.close()
+        if token_path is not None and options.tokens is not None:
+            remove_token_file(bound_port, options.tokens[DEFAULT_PRINCIPAL])

@@ -4,6 +4,9 @@
 - `Sandbox(url="http://127.0.0.1:18890/mcp")` talks to a running server (`.../sse` for SSE);
 - `Sandbox(command=["agentflow-sandbox", "serve"])` spawns one over stdio.
 
+Over HTTP/SSE it sends `Authorization: Bearer <token>`: the `token` argument, else
+AGENTFLOW_SANDBOX_TOKEN, else the token file the server generated for the URL's port.
+
 One `Sandbox` is one worker: it sends its worker key in every request's `_meta`, so its
 sessions hold on every transport and protocol revision, and closing it destroys them.
 `execute` returns the result envelope as a dict (a failing tool is data, not an
@@ -14,19 +17,23 @@ exception); the session methods return the envelope's `data` and raise
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import typing
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, Self
+from urllib.parse import urljoin
 
 import anyio
+import httpx2
 import mcp_types as t
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
@@ -34,11 +41,12 @@ from manifests import load_manifest
 from manifests.schema import Manifest
 from mcp_server.app import ACTION_META_KEY, RESOURCE_META_KEY, build_server
 from mcp_server.factory import engine_from_manifest
+from mcp_server.tokens import TOKEN_ENV, read_token_file, token_file
 from mcp_server.worker_identity import WORKER_META_KEY
-from session.errors import ERROR_CLASSES, SandboxError, ServiceUnavailable
+from session.errors import ERROR_CLASSES, PermissionDenied, SandboxError, ServiceUnavailable
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
-ProgressCallback = ProgressFnT
+ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
 class Sandbox:
@@ -53,6 +61,7 @@ class Sandbox:
         worker_id: str | None = None,
         mode: Literal["auto", "legacy"] | str = "auto",
         env: Mapping[str, str] | None = None,
+        token: str | None = None,
     ) -> None:
         if url is not None and command is not None:
             raise ValueError("give either url or command, not both")
@@ -65,6 +74,7 @@ class Sandbox:
         self.env = dict(env) if env is not None else None
         self.worker_id = worker_id or f"sandbox-{uuid.uuid4().hex}"
         self._meta = typing.cast(t.RequestParamsMeta, {WORKER_META_KEY: self.worker_id})
+        self._token = token
         self._owner: asyncio.Task[None] | None = None
         self._closing: anyio.Event | None = None
         self._client: Client | None = None
@@ -111,9 +121,15 @@ class Sandbox:
 
     async def _make_client(self, stack: AsyncExitStack) -> Client:
         if self.url is not None:
+            token, origin = _find_token(self.url, self._token)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            await _check_token(self.url, headers, origin)
             if self.url.rstrip("/").endswith("/sse"):
-                return Client(sse_client(self.url), mode=self.mode)
-            return Client(self.url, mode=self.mode)
+                return Client(sse_client(self.url, headers=headers), mode=self.mode)
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            )
+            return Client(streamable_http_client(self.url, http_client=http), mode=self.mode)
         if self.command is not None:
             argv = shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
             if self.manifest is not None and not isinstance(self.manifest, Manifest):
@@ -226,11 +242,60 @@ class Sandbox:
         client = self._require()
         try:
             result = await client.call_tool(
-                name, args, progress_callback=progress, meta=self._meta
+                name, args, progress_callback=typing.cast(ProgressFnT | None, progress), meta=self._meta
             )
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
         return _envelope_of(name, result)
+
+
+def _find_token(url: str, explicit: str | None) -> tuple[str | None, str]:
+    """The bearer token for `url` and, for error messages, where it came from (never the token)."""
+    if explicit:
+        return explicit, "the token argument"
+    from_env = os.environ.get(TOKEN_ENV, "")
+    if from_env:
+        return from_env, f"the {TOKEN_ENV} environment variable"
+    port = _port_of(url)
+    if port is not None:
+        found = read_token_file(port)
+        if found:
+            return found, f"the token file {token_file(port)}"
+    where = f"no token file {token_file(port)}" if port is not None else "no port to find a token file by"
+    return None, f"none given, {TOKEN_ENV} unset, {where}"
+
+
+def _port_of(url: str) -> int | None:
+    parsed = httpx2.URL(url)
+    if parsed.port is not None:
+        return parsed.port
+    return {"http": 80, "https": 443}.get(parsed.scheme)
+
+
+async def _check_token(url: str, headers: dict[str, str], origin: str) -> None:
+    """Ask the server once, before the MCP client starts, so a refused token is a clear error.
+
+    The SDK's transports report a 401 as a generic HTTP error from inside their task
+    groups; one plain request up front turns it into `PermissionDenied` (code 1006).
+    """
+    # A GET without an MCP session: any answer but 401/429 means the token passed, and none
+    # starts anything on the server (for SSE, the message endpoint, not a new stream).
+    target = urljoin(url, "messages/") if url.rstrip("/").endswith("/sse") else url
+    async with httpx2.AsyncClient(timeout=30.0) as http:
+        try:
+            async with http.stream("GET", target, headers={**headers, "Accept": "application/json"}) as response:
+                status = response.status_code
+        except httpx2.HTTPError:
+            return  # unreachable: the MCP client reports that in its own words
+    if status in (401, 429):
+        problem = f"refused the token from {origin}"
+        if not headers:
+            problem = f"requires a bearer token and none was found ({origin})"
+        raise PermissionDenied(
+            f"the server at {url} {problem}. Pass Sandbox(url, token=...), set {TOKEN_ENV}, or, on the "
+            "server's machine, let Sandbox read the token file the server wrote for its port"
+            + (" (too many refused attempts: retry in a second)" if status == 429 else "")
+        )
 
 
 def _resources(resource: Resources) -> str | list[str] | dict[str, Any]:

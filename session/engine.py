@@ -14,11 +14,13 @@ which a call by handle adopts them; then they are destroyed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack, suppress
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,13 +43,16 @@ from session.errors import (
     SessionError,
     shown,
 )
-from session.models import Caller, Session, SessionStatus, SessionView, Worker, fingerprint, new_handle
+from session.models import Caller, Session, SessionStatus, SessionView, Worker, new_handle
 from session.reaper import collect_expired
 from session.tool_calls import CallOutcome, ToolCall, invoke, normalise_request, validate_arguments
+from session.warm_pool import WarmPool
 
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 30.0
+#: After a pool member failed to start, wait this long before trying again.
+POOL_RETRY = 5.0
 DEFAULT_TTL = 300.0
 DEFAULT_GRACE = 60.0
 #: MCP tool names are at most 128 characters; a longer one is never echoed whole.
@@ -79,6 +84,7 @@ class Engine:
         disconnect_grace: float = DEFAULT_GRACE,
         limits: Limits | None = None,
         runtime: Runtime | None = None,
+        pools: Mapping[str, int] | None = None,
     ) -> None:
         from session.meta_tools import META_TOOLS  # the meta-tools call back into the engine
 
@@ -94,6 +100,10 @@ class Engine:
         self._stack: AsyncExitStack | None = None
         self._wake_reaper = anyio.Event()
         self._stopping = False
+        self.warm = {name: WarmPool(name, size) for name, size in (pools or {}).items() if size > 0}
+        for name in self.warm:
+            self.pool.session_backend(name)
+        self._wake_refill = anyio.Event()
 
     @property
     def backends(self) -> dict[str, Backend[Any, Any]]:
@@ -110,6 +120,8 @@ class Engine:
         await stack.__aenter__()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         self._tg.start_soon(self._reap_forever, name="session-reaper")
+        if self.warm:
+            self._tg.start_soon(self._refill_forever, name="warm-pool-refill")
         self._stack = stack
         return self
 
@@ -139,6 +151,9 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 for session in list(self.sessions.values()):
                     tg.start_soon(self._destroy, session)
+                for pool in self.warm.values():
+                    while (member := pool.pop()) is not None:
+                        tg.start_soon(self._stop, member)
             self.workers.clear()
             # Cleanups already under way (reaper, disconnects, temporaries) run elsewhere;
             # let them finish before the shared processes they may still use go away.
@@ -240,9 +255,11 @@ class Engine:
         """A session private to this one call: created, used, destroyed before returning."""
         resource = call.spec.resource
         assert resource is not None
-        session = self._new_session(call.caller, resource, None, temporary=True)
+        session = await self._take_pooled(call.caller, resource, None, temporary=True)
+        if session is None:
+            session = self._new_session(call.caller, resource, None, temporary=True)
+            await self._start(session)
         call.meta.session_id, call.meta.temporary_session = session.session_id, True
-        await self._start(session)
         try:
             return await self._run_in_session(session, call)
         finally:
@@ -322,7 +339,13 @@ class Engine:
     # -- sessions --------------------------------------------------------------------
 
     def _new_session(
-        self, caller: Caller, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
+        self,
+        caller: Caller,
+        resource: str,
+        config: Mapping[str, Any] | None,
+        *,
+        temporary: bool,
+        pooled: bool = False,
     ) -> Session:
         backend = self.pool.session_backend(resource)
         requested = dict(config or {})
@@ -339,8 +362,10 @@ class Engine:
         validated = backend.session_config(backend_config)
         if self._stopping:
             raise ServiceUnavailable("the server is shutting down")
-        owner = None if temporary else caller.worker_key
-        self.budget.reserve(resource, None if temporary else caller.principal, owner)
+        owner = None if temporary or pooled else caller.worker_key
+        budget_key = None if pooled else (None if temporary else caller.principal, owner)
+        if budget_key is not None:
+            self.budget.reserve(resource, *budget_key)
         session = Session(
             session_id=f"tmp-{uuid.uuid4().hex[:12]}" if temporary else new_handle(resource),
             principal=caller.principal,
@@ -350,15 +375,84 @@ class Engine:
             config=validated,
             policy=policy,
             temporary=temporary,
-            requested_config=dict(config or {}),
         )
-        session.budget_key = (None if temporary else caller.principal, owner)
+        session.budget_key = budget_key
         try:
             session.links = self._links(caller, backend, validated)
         except BaseException:
-            self.budget.release(resource, *session.budget_key)
+            if budget_key is not None:
+                self.budget.release(resource, *budget_key)
             raise
         return session
+
+    async def _take_pooled(
+        self, caller: Caller, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
+    ) -> Session | None:
+        """A ready pool member given to `caller`, if the pool has one and the config is the default.
+
+        Raises: ResourceUnavailable (2004) when a cap refuses the caller (the member stays pooled).
+        """
+        pool = self.warm.get(resource)
+        requested = dict(config or {})
+        name = requested.pop("custom_name", None)
+        if pool is None or requested or (name is not None and not isinstance(name, str)) or self._stopping:
+            return None
+        backend = self.pool.backends[resource]
+        while (session := pool.pop()) is not None:
+            if await backend.health(session.state) is None:
+                break
+            log.warning("pooled %s session %s is broken; starting another", resource, session.label)
+            self._spawn(self._stop, session)
+        self._wake_refill.set()
+        if session is None:
+            return None
+        owner = None if temporary else caller.worker_key
+        budget_key = (None if temporary else caller.principal, owner)
+        try:
+            self.budget.reserve(resource, *budget_key)
+        except BaseException:
+            pool.put_back(session)
+            raise
+        pool.taken += 1
+        session.budget_key, session.owner, session.principal = budget_key, owner, caller.principal
+        session.temporary, session.name = temporary, name
+        session.session_id = f"tmp-{uuid.uuid4().hex[:12]}" if temporary else new_handle(resource)
+        assert session.setup is not None
+        session.setup = dataclasses.replace(
+            session.setup, session_id=session.session_id, worker_id=owner or caller.principal
+        )
+        session.created_at = datetime.now(UTC)
+        session.touch()
+        return session
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn, *args)
+
+    async def _refill_forever(self) -> None:
+        """Keep every warm pool at its target, one start at a time, in the background."""
+        while True:
+            self._wake_refill = anyio.Event()
+            retry_later = False
+            for pool in self.warm.values():
+                while pool.missing() and not self._stopping:
+                    member = self._new_session(Caller(), pool.resource, None, temporary=False, pooled=True)
+                    pool.starting += 1
+                    try:
+                        await self._start(member)
+                    except SessionError as exc:
+                        pool.failures += 1
+                        retry_later = True
+                        log.warning("could not start a pooled %s session: %s", pool.resource, exc.message)
+                        break
+                    finally:
+                        pool.starting -= 1
+                    if self._stopping:
+                        await self._stop(member)
+                    else:
+                        pool.ready.append(member)
+            with anyio.move_on_after(POOL_RETRY if retry_later else float("inf")):
+                await self._wake_refill.wait()
 
     def _links(self, caller: Caller, backend: Backend[Any, Any], config: BaseModel) -> dict[str, dict[str, Any]]:
         links: dict[str, dict[str, Any]] = {}
@@ -413,7 +507,8 @@ class Engine:
         session.ready.set()
 
     async def _release(self, session: Session) -> None:
-        self.budget.release(session.resource_type, *session.budget_key)
+        if session.budget_key is not None:
+            self.budget.release(session.resource_type, *session.budget_key)
         if session.scratch is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, session.scratch, True)
@@ -463,21 +558,27 @@ class Engine:
         wanted = normalise_request(request, config)
         worker = self.worker(caller) if caller.worker_key else None
         fresh: list[Session] = []
+        taken: list[Session] = []
         results: list[tuple[Session, bool]] = []
         try:
             for resource, cfg in wanted.items():
                 existing = worker.sessions.get(resource) if worker else None
                 if existing is not None and existing.live:
                     results.append((existing, False))
-                else:
-                    session = self._new_session(caller, resource, cfg, temporary=False)
-                    self.sessions[session.session_id] = session
-                    if worker is not None:
-                        worker.sessions[resource] = session
+                    existing.active_calls += 1
+                    continue
+                pooled = await self._take_pooled(caller, resource, cfg, temporary=False)
+                session = pooled or self._new_session(caller, resource, cfg, temporary=False)
+                self.sessions[session.session_id] = session
+                if worker is not None:
+                    worker.sessions[resource] = session
+                if pooled is None:
                     fresh.append(session)
-                    results.append((session, True))
+                else:
+                    taken.append(session)
+                results.append((session, True))
                 # Held like a running call, so a slow sibling's start can't let the TTL reap it.
-                results[-1][0].active_calls += 1
+                session.active_calls += 1
             async with anyio.create_task_group() as tg:
                 for session in fresh:
                     tg.start_soon(self._start_published, session)
@@ -487,7 +588,7 @@ class Engine:
                     raise SessionError(session.failure or f"the {session.resource_type!r} session was destroyed")
         except BaseException:
             with anyio.CancelScope(shield=True):
-                for session in fresh:
+                for session in fresh + taken:
                     self._forget(session)
                     if session.status is SessionStatus.ACTIVE:
                         await self._stop(session)
@@ -516,7 +617,11 @@ class Engine:
             return [session]
         worker = self.workers.get(caller.worker_key) if caller.worker_key else None
         if resources is None:
-            return [s for s in worker.sessions.values() if s.live] if worker else []
+            if worker is None:
+                return []
+            owned = {s.session_id: s for s in self.sessions.values() if s.owner == worker.key and s.live}
+            owned.update({s.session_id: s for s in worker.sessions.values() if s.live})
+            return list(owned.values())
         found = []
         for resource in dict.fromkeys(resources):
             self.pool.backend(resource)
@@ -637,6 +742,8 @@ class Engine:
             "live_sessions": self.budget.live,
             "backends": self.pool.describe(self.budget.by_resource),
         }
+        if self.warm:
+            out["warm_pools"] = {name: pool.describe() for name, pool in self.warm.items()}
         if caller is not None:
             caller = Caller.of(caller)
             out["your_sessions"] = [v.model_dump() for v in self.list_sessions(caller)]
@@ -668,7 +775,3 @@ def _rmdir_quietly(path: Any) -> None:
     with suppress(OSError):
         path.rmdir()
 
-
-def worker_fingerprint(worker_key: str) -> str:
-    """A loggable name for a worker key."""
-    return fingerprint(worker_key, 8)

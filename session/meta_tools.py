@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import BackendKind, ToolSpec
+from backends.base import ToolSpec
 from session.models import SessionView
 from session.tool_calls import ToolCall
 
@@ -195,37 +195,6 @@ def _meta(
     )
 
 
-def _config_schema(engine: Engine, base: type[BaseModel]) -> dict[str, Any]:
-    """`base`'s schema with `config` typed per resource, so a model sees every resource's fields."""
-    from backends.policy import Policy
-
-    schema = base.model_json_schema()
-    configs: dict[str, dict[str, Any]] = {}
-    for name, backend in sorted(engine.backends.items()):
-        if backend.kind() is BackendKind.SHARED:
-            continue
-        config_schema = backend.Config.model_json_schema()
-        properties = config_schema.setdefault("properties", {})
-        properties["custom_name"] = {"type": "string", "description": "A label kept on the session."}
-        for key in sorted(Policy.REQUEST_KEYS):
-            field = Policy.model_fields[key]
-            properties[key] = {"description": f"Policy request (may only tighten the operator's): {field.description}"}
-        configs[name] = config_schema
-    schema["properties"]["config"] = config_union(configs)
-    return schema
-
-
-def config_union(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One schema for a `config` argument: any one resource's session config, or null."""
-    options = []
-    for name, config_schema in configs.items():
-        option = dict(config_schema)
-        option["title"] = f"{name} config"
-        option["description"] = f"Session config for resource {name!r}."
-        options.append(option)
-    return {"anyOf": [*options, {"type": "null"}], "default": None, "description": "Config of the session."}
-
-
 def META_TOOLS(engine: Engine) -> list[ToolSpec]:
     """The meta-tools for `engine` (their config schemas name the engine's resources)."""
     return [
@@ -239,7 +208,6 @@ def META_TOOLS(engine: Engine) -> list[ToolSpec]:
             CreateSessionArgs,
             CreateSessionResult,
             _create,
-            schema=_config_schema(engine, CreateSessionArgs),
         ),
         _meta(
             "destroy_session",
@@ -276,7 +244,6 @@ def META_TOOLS(engine: Engine) -> list[ToolSpec]:
             ReinitializeResult,
             _reinitialize,
             destructive=True,
-            schema=_config_schema(engine, ReinitializeArgs),
         ),
         _meta(
             "warmup",

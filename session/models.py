@@ -94,15 +94,17 @@ class Session:
     grace_until: float | None = None
     setup: SessionSetup[Any] | None = None
     scratch: Path | None = None
-    requested_config: dict[str, Any] = field(default_factory=dict)
     links: dict[str, dict[str, Any]] = field(default_factory=dict)
-    budget_key: tuple[str | None, str | None] = (None, None)
-    """(principal, worker) the session was counted against; released with the same."""
+    budget_key: tuple[str | None, str | None] | None = (None, None)
+    """(principal, worker) the session is counted against (released with the same); None
+    for a warm-pool member, which counts against no cap until it is taken."""
+    label: str = ""
+    """Loggable, path-safe name (resource and random hex), independent of the handle, so a
+    pooled session keeps it when it is given a handle."""
 
-    @property
-    def label(self) -> str:
-        """Loggable, path-safe name: the resource and a one-way fingerprint of the handle."""
-        return f"{self.resource_type}-{fingerprint(self.session_id)}"
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = f"{self.resource_type}-{secrets.token_hex(5)}"
 
     @property
     def live(self) -> bool:

@@ -1,75 +1,40 @@
-"""Shared test helpers: the process table, manifests, free ports."""
+"""Suite-wide setup: this run's id, shared fixtures, and a final sweep of what the run left.
+
+The helpers themselves live in tests/support (one definition each).
+"""
 
 from __future__ import annotations
 
-import json
-import socket
-from collections.abc import Awaitable, Callable
+import logging
+import os
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 
-from backends.processes import SESSION_ENV_MARKER
+from tests.support import leaks
+from tests.support.manifests import write_manifest
+
+log = logging.getLogger(__name__)
 
 
-def marked_pids(prefix: str = "") -> list[int]:
-    """Live processes whose environment carries the session marker (optionally a tag prefix)."""
-    needle = f"{SESSION_ENV_MARKER}={prefix}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(item.startswith(needle) for item in env.split(b"\0")):
-            found.append(int(entry.name))
-    return found
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test starts a server: every server (in-process or a subprocess inheriting
+    # the environment) then names its ids, scratch root and cgroups after this run, and the
+    # leak checks in tests/support/leaks.py count only what this run made.
+    os.environ[leaks.RUN_ID_ENV] = leaks.new_run_id()
 
 
-async def eventually(
-    condition: Callable[[], bool | Awaitable[bool]], within: float = 15.0, every: float = 0.05
-) -> None:
-    """Poll until `condition` holds; fail after `within` seconds.
-
-    The process table and the reaper offer nothing to wait on, so polling with a
-    deadline is the honest way to observe them (never a fixed sleep).
-    """
-    with anyio.fail_after(within):
-        while True:
-            result = condition()
-            if isinstance(result, Awaitable):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(every)
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"agentflow test run id: {leaks.run_id()}"
 
 
-async def wait_until_no_marked(prefix: str, within: float = 10.0) -> None:
-    """Poll the process table until no process carries the marker (fails after `within`)."""
-    await eventually(lambda: not marked_pids(prefix), within)
-
-
-def write_manifest(directory: Path, *, ttl: float = 300, resources: dict[str, Any] | None = None) -> Path:
-    path = directory / "manifest.json"
-    payload = {
-        "server": {"session_ttl": ttl},
-        "resources": resources or {"bash": {"enabled": True, "config": {"timeout": 20}}},
-    }
-    path.write_text(json.dumps(payload))
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Kill whatever session processes of this run survived, so they cannot disturb later runs."""
+    leftovers = leaks.kill_leftovers()
+    if leftovers:
+        log.warning("run %s left session processes behind (killed): %s", leaks.run_id(), leftovers)
 
 
 @pytest.fixture
 def bash_manifest(tmp_path: Path) -> Path:
-    return write_manifest(tmp_path)
+    return write_manifest(tmp_path, resources={"bash": {"enabled": True, "config": {"timeout": 20}}})

@@ -106,10 +106,6 @@ class PersistentShell:
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
     def shell_pid(self) -> int | None:
         """The bash process itself (under bwrap, a grandchild of the process we spawned)."""
         if self.process is None:

@@ -486,15 +486,3 @@ def _profile_dir(tag: str) -> str | None:
                     return word.split(b"=", 1)[1].decode(errors="replace")
     log.warning("could not find the profile directory of Chromium %s", tag)
     return None
-
-
-def process_tree_pss_kb(pids: list[int]) -> int:
-    """Sum of PSS (kB) over `pids`, from /proc/<pid>/smaps_rollup (0 for vanished ones)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
-    return total

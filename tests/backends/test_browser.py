@@ -44,7 +44,8 @@ from tests.backends.browser_harness import (
     session_setup,
 )
 from tests.backends.browser_harness import session as open_session
-from tests.conftest import eventually, free_port
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -271,10 +272,11 @@ async def test_downloads_land_in_a_private_dir_removed_on_cleanup(backend: Brows
     async with session(backend) as s:
         await s("navigate", url=f"{site}/download")
         await s("click", ref=ref_of((await s("snapshot"))["snapshot"], "Get the file"))
-        for _ in range(100):
-            if (await s("downloads"))["downloads"]:
-                break
-            await anyio.sleep(0.02)
+
+        async def downloaded() -> bool:
+            return bool((await s("downloads"))["downloads"])
+
+        await eventually(downloaded, what="the download to finish")
         listed = await s("downloads")
         saved = anyio.Path(listed["downloads"][0]["path"])
         assert await saved.read_text() == "file contents\n"
@@ -427,7 +429,7 @@ async def test_killed_browser_is_relaunched_and_old_sessions_fail_cleanly(site: 
     async def unhealthy() -> bool:
         return await b.health(old.state) is not None
 
-    await eventually(unhealthy)
+    await eventually(unhealthy, what="the dead browser to be noticed")
     assert "reinitialize" in (await b.health(old.state) or "").lower()
     with pytest.raises(SessionError, match="stopped") as caught:
         await old("snapshot")

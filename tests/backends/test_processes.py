@@ -13,7 +13,7 @@ from backends.processes import (
     pids_with_marker,
     sweep_orphans,
 )
-from tests.conftest import eventually
+from tests.support.polling import eventually
 
 
 def _pgid(pid: int) -> int | None:

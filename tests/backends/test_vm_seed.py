@@ -14,7 +14,8 @@ import pytest
 from PIL import Image as PILImage
 
 from sandbox import Sandbox
-from tests.conftest import marked_pids, write_manifest
+from tests.support.leaks import session_pids
+from tests.support.manifests import write_manifest
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +39,7 @@ def _vm_pids(worker: str) -> list[int]:
     The server names a `_meta`-keyed worker `key:<id>`; the vm tags its processes
     `vm-<that, made filename-safe>-...`.
     """
-    return marked_pids(f"vm-key_{worker}")
+    return session_pids(tag_prefix=f"vm-key_{worker}")
 
 
 def _worker() -> str:

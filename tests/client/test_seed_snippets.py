@@ -6,12 +6,14 @@ The `vm` versions live in tests/backends/test_vm_seed.py.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import anyio
 import pytest
 
 from sandbox import Sandbox, SandboxError
-from tests.conftest import eventually, marked_pids, wait_until_no_marked
+from tests.support.leaks import session_pids, wait_gone
+from tests.support.polling import eventually
 
 
 async def test_explicit_mode_reuses_one_session():
@@ -39,7 +41,7 @@ async def test_temporary_mode_gets_a_fresh_session_each_call():
         assert first["meta"]["session_id"] != second["meta"]["session_id"]
         assert second["data"]["stdout"] == "unset\n"  # state did not carry over
         assert (await sandbox.list_sessions())["sessions"] == []
-        assert marked_pids("bash-") == []  # destroyed before the result returned
+        assert session_pids(tag_prefix="bash-") == []  # destroyed before the result returned
 
 
 async def test_result_envelope_has_the_seeds_fields():
@@ -87,7 +89,7 @@ async def test_list_sessions_after_creating_several():
         assert {"session_id", "session_name", "created_at", "expires_at", "config"} <= set(sessions[0])
         details = sessions[0]["details"]  # what the session holds, for leak accounting
         assert details["shell_pid"] in details["pids"]
-        assert set(details["pids"]) <= set(marked_pids("bash-"))
+        assert set(details["pids"]) <= set(session_pids(tag_prefix="bash-"))
 
 
 async def test_best_practice_try_finally_destroys():
@@ -104,8 +106,8 @@ async def test_leaving_the_context_manager_cleans_up():
     async with Sandbox() as sandbox:
         await sandbox.create_session("bash")
         await sandbox.execute("bash:run", {"command": "sleep 300 &"})
-        assert marked_pids("bash-")
-    await wait_until_no_marked("bash-")
+        assert session_pids(tag_prefix="bash-")
+    await wait_gone(tag_prefix="bash-")
 
 
 async def test_session_methods_raise_typed_errors_with_codes():
@@ -177,12 +179,14 @@ async def test_a_cancelled_call_stops_its_command_on_the_server(over, bash_manif
         await eventually(lambda: not _sleepers(), 10)  # the sleep was interrupted, not left running
         after = await sandbox.execute("bash:run", {"command": "echo still-usable"})
         assert after["data"]["stdout"] == "still-usable\n"
-        await anyio.sleep(2.5)  # past when the command would have finished
+        # The shell runs one command line at a time: having answered the next one, it has
+        # abandoned the interrupted `sleep 3; touch` list, so the touch can never run.
         assert not marker.exists()
+        assert not _sleepers()
 
 
 def _sleepers() -> list[int]:
-    return [pid for pid in marked_pids("bash-") if _cmdline(pid).startswith("sleep 3")]
+    return [pid for pid in session_pids(tag_prefix="bash-") if _cmdline(pid).startswith("sleep 3")]
 
 
 def _cmdline(pid: int) -> str:
@@ -194,7 +198,7 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.parametrize("over", ["in-memory", "stdio"])
-async def test_long_commands_report_progress_to_callers_that_ask(over, bash_manifest):
+async def test_long_commands_report_progress_to_callers_that_ask(over: str, bash_manifest: Path) -> None:
     reports: list[tuple[float, str | None]] = []
 
     async def progress(done: float, total: float | None, message: str | None) -> None:
@@ -222,7 +226,7 @@ async def test_many_sandboxes_open_and_close_in_any_order_from_one_task(bash_man
     for sandbox in sandboxes:  # not reversed: each connection is owned by a task of its own
         assert (await sandbox.execute("bash:run", {"command": "echo hi"}))["data"]["stdout"] == "hi\n"
         await sandbox.close()
-    await wait_until_no_marked("bash-")
+    await wait_gone(tag_prefix="bash-")
 
 
 async def test_a_sandbox_that_cannot_connect_raises_and_leaves_nothing(tmp_path):

@@ -9,6 +9,10 @@
 //   --no-terminate  over HTTP, close without DELETE: the TS SDK's close() only aborts its
 //                   streams; terminateSession() is what sends DELETE (done by default here)
 //
+// Over HTTP and SSE the bearer token is read from AGENTFLOW_SANDBOX_TOKEN and sent as
+// `Authorization: Bearer` through the transports' `requestInit` (the SSE transport sends those
+// headers on its GET stream too).
+//
 // Prints one JSON line with the results, and with --hold a second one ({"closed": true})
 // after the client has closed. Exits non-zero with {"error": ...} on failure.
 import readline from "node:readline";
@@ -43,10 +47,12 @@ function makeTransport(kind, rest) {
   if (kind === "stdio") {
     return new StdioClientTransport({ command: rest[0], args: rest.slice(1), stderr: "inherit" });
   }
+  const token = process.env.AGENTFLOW_SANDBOX_TOKEN;
+  const requestInit = token ? { headers: { Authorization: `Bearer ${token}` } } : undefined;
   if (kind === "http") {
-    return new StreamableHTTPClientTransport(new URL(rest[0]));
+    return new StreamableHTTPClientTransport(new URL(rest[0]), { requestInit });
   }
-  return new SSEClientTransport(new URL(rest[0]));
+  return new SSEClientTransport(new URL(rest[0]), { requestInit });
 }
 
 function waitForLine() {

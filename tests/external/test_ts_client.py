@@ -12,10 +12,9 @@ Needs Node >= 20 and npm; `npm ci` runs into tests/external/node_modules when it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,10 @@ from typing import Any
 import anyio
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interaction"))
-from transport_helpers import (
-    ServerProcess,
-    kill_leftovers,
-    running_http_server,
-    server_command,
-    session_pids,
-    wait_for,
-    wait_gone,
-    write_manifest,
-)
+from tests.support.leaks import kill_leftovers, new_test_marker, session_pids, wait_gone
+from tests.support.manifests import write_manifest
+from tests.support.polling import eventually
+from tests.support.servers import TOKEN_ENV, ServerProcess, running_http_server, server_command
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +57,10 @@ def external_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 @pytest.fixture
 def stdio_run(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """(run id, manifest) for a stdio server spawned by the external client."""
-    run_id = uuid.uuid4().hex
-    manifest = write_manifest(tmp_path, run_id)
+    run_id = new_test_marker()
+    manifest = write_manifest(tmp_path, session_ttl=30.0, test_marker=run_id)
     yield run_id, manifest
-    kill_leftovers(run_id)
+    kill_leftovers(test_marker=run_id)
 
 
 def stdio_target(manifest: Path) -> list[str]:
@@ -118,14 +110,28 @@ def check_results(out: dict[str, Any]) -> tuple[str, int]:
     return tag, int(shell_pid)
 
 
+def client_env(token: str | None) -> dict[str, str]:
+    """The environment for client.mjs: the server's token, or none at all."""
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if token:
+        env[TOKEN_ENV] = token
+    return env
+
+
 async def drive(
-    node: str, target: list[str], run_id: str, tmp_path: Path, *, gone_within: float = 15.0
+    node: str,
+    target: list[str],
+    run_id: str,
+    tmp_path: Path,
+    *,
+    gone_within: float = 15.0,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Run client.mjs --hold against `target`; check processes while connected and after it closes."""
     stderr_path = tmp_path / "client.stderr"
     with anyio.fail_after(60), stderr_path.open("wb") as stderr:
         process = await anyio.open_process(
-            [node, str(EXTERNAL / "client.mjs"), "--hold", *target], cwd=EXTERNAL, stderr=stderr
+            [node, str(EXTERNAL / "client.mjs"), "--hold", *target], cwd=EXTERNAL, stderr=stderr, env=client_env(token)
         )
         try:
             assert process.stdin is not None
@@ -136,7 +142,7 @@ async def drive(
             except anyio.EndOfStream:
                 pytest.fail(f"client.mjs printed nothing:\n{stderr_path.read_text(errors='replace')[-3000:]}")
             tag, shell_pid = check_results(out)
-            live = session_pids(run_id, tag)
+            live = session_pids(tag, test_marker=run_id)
             assert shell_pid in live
             assert len(live) >= 2, f"the shell and its background sleep, got {live}"
 
@@ -144,7 +150,7 @@ async def drive(
             closed = await _read_json_line(process.stdout, buffer)
             assert closed["closed"] is True
             assert await process.wait() == 0, stderr_path.read_text(errors="replace")[-3000:]
-            await wait_gone(run_id, tag, within=gone_within)
+            await wait_gone(tag, test_marker=run_id, within=gone_within)
             return {**out, **closed}
         finally:
             if process.returncode is None:
@@ -161,34 +167,51 @@ async def test_ts_sdk_client_over_stdio(node: str, stdio_run: tuple[str, Path], 
 
 async def test_ts_sdk_client_over_streamable_http(node: str, external_server: ServerProcess, tmp_path: Path) -> None:
     """A TS client that ends its MCP session (DELETE via terminateSession) loses its sessions at once."""
-    out = await drive(node, ["--http", external_server.mcp_url], external_server.run_id, tmp_path)
+    target = ["--http", external_server.mcp_url]
+    out = await drive(node, target, external_server.run_id, tmp_path, token=external_server.token)
     assert out["sessionId"], "the TS SDK client should have been given an Mcp-Session-Id"
     assert out["protocolVersion"] in ("2025-11-25", "2025-06-18")
     assert out["terminated"] is True
-    await wait_for(lambda: (external_server.health() or {}).get("live_sessions") == 0, 10, "no live sessions")
 
 
 async def test_ts_sdk_client_closing_without_delete_is_reaped(node: str, tmp_path: Path) -> None:
     """The TS SDK's close() sends no DELETE: the MCP session idles out after the TTL (2 s) with its sessions."""
     with running_http_server(tmp_path, session_ttl=2.0) as server:
         target = ["--no-terminate", "--http", server.mcp_url]
-        out = await drive(node, target, server.run_id, tmp_path, gone_within=15.0)
+        out = await drive(node, target, server.run_id, tmp_path, gone_within=15.0, token=server.token)
         assert out["terminated"] is False
-        await wait_for(lambda: (server.health() or {}).get("live_sessions") == 0, 10, "no live sessions")
+        await eventually(lambda: not session_pids(test_marker=server.run_id), 15, what="no bash process left")
 
 
 async def test_ts_sdk_client_over_sse(node: str, external_server: ServerProcess, tmp_path: Path) -> None:
-    out = await drive(node, ["--sse", external_server.sse_url], external_server.run_id, tmp_path)
+    target = ["--sse", external_server.sse_url]
+    out = await drive(node, target, external_server.run_id, tmp_path, token=external_server.token)
     assert out["transport"] == "sse"
+
+
+@pytest.mark.parametrize("kind", ["http", "sse"])
+async def test_ts_sdk_client_without_token_is_refused(
+    kind: str, node: str, external_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The TS SDK without a token fails to connect, with the server's 401 in its error."""
+    url = external_server.mcp_url if kind == "http" else external_server.sse_url
+    completed = await anyio.run_process(
+        [node, str(EXTERNAL / "client.mjs"), f"--{kind}", url], cwd=EXTERNAL, env=client_env(None), check=False
+    )
+    assert completed.returncode != 0
+    error = json.loads(completed.stdout.decode().splitlines()[-1])["error"]
+    assert "401" in error or "unauthorized" in error.lower(), error
+    assert session_pids(test_marker=external_server.run_id) == []
 
 
 # -- MCP Inspector CLI (@modelcontextprotocol/inspector-cli 1.0.x, Node 20) ---------------------
 
 
-def inspector(node: str, target: list[str], *method: str) -> dict[str, Any]:
+def inspector(node: str, target: list[str], *method: str, token: str | None = None) -> dict[str, Any]:
     """Run the inspector CLI from its build folder (it reads ../package.json relative to the cwd)."""
+    auth = ["--header", f"Authorization: Bearer {token}"] if token else []
     completed = subprocess.run(
-        [node, str(INSPECTOR_BUILD / "index.js"), *target, *method],
+        [node, str(INSPECTOR_BUILD / "index.js"), *target, *auth, *method],
         cwd=INSPECTOR_BUILD,
         capture_output=True,
         timeout=60,
@@ -208,12 +231,14 @@ def test_inspector_cli_over_stdio(node: str, stdio_run: tuple[str, Path]) -> Non
 
 
 def test_inspector_cli_over_streamable_http(node: str, external_server: ServerProcess) -> None:
-    listed = inspector(node, [external_server.mcp_url], "--method", "tools/list")
+    token = external_server.token
+    listed = inspector(node, [external_server.mcp_url], "--method", "tools/list", token=token)
     assert {"bash_run", *META_TOOLS} <= {tool["name"] for tool in listed["tools"]}
     called = inspector(
         node,
         [external_server.mcp_url],
         *("--method", "tools/call", "--tool-name", "bash_run", "--tool-arg", "command=echo hi"),
+        token=token,
     )
     assert called["structuredContent"]["code"] == 0
     assert called["structuredContent"]["data"]["stdout"] == "hi\n"

@@ -1,13 +1,15 @@
-"""Fixtures for the transport tests; the helpers live in transport_helpers.py (importable by name)."""
+"""Fixtures for the transport tests; the helpers live in tests/support."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transport_helpers import ServerProcess, kill_leftovers, running_http_server, write_manifest
+
+from tests.support import leaks
+from tests.support.manifests import write_manifest
+from tests.support.servers import ServerProcess, running_http_server
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +28,12 @@ def short_ttl_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def run_id() -> Iterator[str]:
-    """A run id for a stdio server's manifest; its leftovers are killed at the end."""
-    value = uuid.uuid4().hex
+    """A per-test marker for a stdio server's manifest; its leftovers are killed at the end."""
+    value = leaks.new_test_marker()
     yield value
-    kill_leftovers(value)
+    leaks.kill_leftovers(test_marker=value)
 
 
 @pytest.fixture
 def stdio_manifest(tmp_path: Path, run_id: str) -> Path:
-    return write_manifest(tmp_path, run_id, session_ttl=30.0)
+    return write_manifest(tmp_path, session_ttl=30.0, test_marker=run_id)

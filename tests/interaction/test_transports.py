@@ -2,7 +2,7 @@
 
 Every server is a real `agentflow-sandbox serve` subprocess; every client is the `mcp`
 package's `Client` (never our `Sandbox`, which always sends a worker key). Process
-checks read /proc (see conftest.py): a session's bash shell and a `sleep 300 &` it
+checks read the process table (tests/support/leaks.py): a session's bash shell and a `sleep 300 &` it
 started must both be gone once the session's owner is.
 
 | kind         | client                                              | protocol   | worker          |
@@ -11,7 +11,9 @@ started must both be gone once the session's owner is.
 | sse          | Client(sse_client(url))                             | 2026-07-28 | the SSE stream  |
 | sse-legacy   | Client(sse_client(url), mode="legacy")              | 2025-11-25 | the SSE stream  |
 | http-legacy  | Client(streamable_http_client(url), mode="legacy")  | 2025-11-25 | Mcp-Session-Id  |
-| http         | Client(url)                                         | 2026-07-28 | `_meta` key/TTL |
+| http         | Client(streamable_http_client(url))                 | 2026-07-28 | `_meta` key/TTL |
+
+HTTP and SSE clients send the server's bearer token (`ServerProcess.headers`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +34,15 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import TextContent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from transport_helpers import (
-    PROBE,
-    WORKER_META_KEY,
-    ServerProcess,
-    envelope,
-    kill_leftovers,
-    ok,
-    parse_probe,
-    pid_alive,
-    running_http_server,
-    server_command,
-    session_pids,
-    wait_for,
-    wait_gone,
-)
+
+from tests.support import leaks
+from tests.support.envelopes import PROBE, envelope, ok, parse_probe, worker_meta
+from tests.support.leaks import kill_leftovers, session_pids, wait_gone
+from tests.support.polling import eventually
+from tests.support.procs import alive
+from tests.support.servers import ServerProcess, running_http_server, server_command
 
 pytestmark = pytest.mark.slow
 
@@ -81,18 +76,21 @@ async def connect(
     """A plain `mcp.Client` of `kind` (see the module docstring)."""
     legacy = kind.endswith("-legacy")
     mode = "legacy" if legacy else "auto"
-    if kind.startswith("stdio"):
-        assert manifest is not None
-        client = Client(stdio_params(manifest), mode=mode)
-    else:
-        assert server is not None
-        if kind.startswith("sse"):
-            client = Client(sse_client(server.sse_url), mode=mode)
-        elif kind == "http-legacy":
-            client = Client(streamable_http_client(server.mcp_url, terminate_on_close=terminate_on_close), mode=mode)
+    async with AsyncExitStack() as stack:
+        if kind.startswith("stdio"):
+            assert manifest is not None
+            client = Client(stdio_params(manifest), mode=mode)
         else:
-            client = Client(server.mcp_url)
-    async with client:
+            assert server is not None
+            if kind.startswith("sse"):
+                client = Client(sse_client(server.sse_url, headers=server.headers), mode=mode)
+            else:
+                http = await stack.enter_async_context(server.http_client())
+                transport = streamable_http_client(
+                    server.mcp_url, http_client=http, terminate_on_close=terminate_on_close
+                )
+                client = Client(transport, mode=mode)
+        await stack.enter_async_context(client)
         expected = "2025-11-25" if legacy else MODERN
         assert client.protocol_version == expected, (kind, client.protocol_version)
         yield client
@@ -121,14 +119,14 @@ async def test_session_persists_and_dies_with_connection(
             tag, shell_pid, _ = parse_probe(env["data"])
             second = ok(await client.call_tool("bash_run", {"command": STATE_CHECK}))
             assert second["stdout"] == f"/tmp kept-42 {tag} {shell_pid}\n"
-            live = session_pids(run, tag)
+            live = session_pids(tag, test_marker=run)
             assert shell_pid in live
             assert len(live) >= 2, f"expected the shell and its background sleep, got {live}"
             listed = ok(await client.call_tool("list_sessions", {}))["sessions"]
             assert [s["session_id"] for s in listed] == [session_id]
-        await wait_gone(run, tag)
+        await wait_gone(tag, test_marker=run)
         if server is not None:
-            await wait_for(lambda: server.health() is not None, 5, "the server to stay healthy")
+            await eventually(lambda: server.health() is not None, 15, what="the server to stay healthy")
 
 
 @pytest.mark.parametrize("kind", ["stdio", "sse"])
@@ -138,15 +136,15 @@ async def test_worker_key_on_a_connection_still_ends_with_it(
     """With a `_meta` worker key the key names the worker, but the connection still decides its end."""
     server = None if kind.startswith("stdio") else request.getfixturevalue("http_server")
     run = run_id if server is None else server.run_id
-    meta = {WORKER_META_KEY: f"conn-key-{os.urandom(12).hex()}"}
+    meta = worker_meta(f"conn-key-{os.urandom(12).hex()}")
     with anyio.fail_after(60):
         async with connect(kind, server=server, manifest=stdio_manifest) as client:
             ok(await client.call_tool("create_session", {"resource": "bash"}, meta=meta))
             tag, _, _ = parse_probe(ok(await client.call_tool("bash_run", {"command": STATE_COMMAND}, meta=meta)))
             again = ok(await client.call_tool("bash_run", {"command": STATE_CHECK}, meta=meta))
             assert again["stdout"].startswith(f"/tmp kept-42 {tag} ")
-            assert session_pids(run, tag)
-        await wait_gone(run, tag)
+            assert session_pids(tag, test_marker=run)
+        await wait_gone(tag, test_marker=run)
 
 
 async def test_stdio_client_killed_abruptly(stdio_manifest: Path, run_id: str, tmp_path: Path) -> None:
@@ -168,12 +166,13 @@ async def test_stdio_client_killed_abruptly(stdio_manifest: Path, run_id: str, t
             info = json.loads(buffer)
             assert info["meta"]["temporary_session"] is False
             assert info["meta"]["session_id"] == info["session_id"]
-            assert info["shell_pid"] in session_pids(run_id, info["tag"])
-            assert pid_alive(info["server_pid"])
+            assert info["shell_pid"] in session_pids(info["tag"], test_marker=run_id)
+            leaks.note_server(info["server_pid"])
+            assert alive(info["server_pid"])
             process.kill()
             await process.wait()
-            await wait_gone(run_id, info["tag"])
-            await wait_for(lambda: not pid_alive(info["server_pid"]), 15, "the orphaned stdio server to exit")
+            await wait_gone(info["tag"], test_marker=run_id)
+            await eventually(lambda: not alive(info["server_pid"]), 15, what="the orphaned stdio server to exit")
         finally:
             if process.returncode is None:
                 process.kill()
@@ -194,7 +193,7 @@ async def test_stateless_http_without_worker_key(http_server: ServerProcess) -> 
             assert first["meta"]["expires_at"] is None
             tag, _, _ = parse_probe(first["data"])
             # The temporary session (and the sleep it started) is gone before the result arrives.
-            assert session_pids(http_server.run_id, tag) == []
+            assert session_pids(tag, test_marker=http_server.run_id) == []
 
             created = await client.call_tool("create_session", {"resource": "bash"})
             handle = ok(created)["session_id"]
@@ -213,14 +212,14 @@ async def test_stateless_http_without_worker_key(http_server: ServerProcess) -> 
                 handle
             ]
             ok(await other.call_tool("destroy_session", {"session_id": handle}))
-            await wait_gone(http_server.run_id, tag)
+            await wait_gone(tag, test_marker=http_server.run_id)
             gone = envelope(await other.call_tool("bash_run", {"command": "true", "session_id": handle}))
             assert gone["code"] == 1003
 
 
 async def test_stateless_http_worker_key_persists_across_clients_and_expires(short_ttl_server: ServerProcess) -> None:
     """The `_meta` key is the worker across separate stateless clients; idle sessions die by TTL (2 s)."""
-    meta = {WORKER_META_KEY: f"stateless-{os.urandom(8).hex()}"}
+    meta = worker_meta(f"stateless-{os.urandom(8).hex()}")
     run = short_ttl_server.run_id
     with anyio.fail_after(45):
         async with connect("http", server=short_ttl_server) as first:
@@ -231,7 +230,7 @@ async def test_stateless_http_worker_key_persists_across_clients_and_expires(sho
             assert env["meta"]["expires_at"]
             tag, shell_pid, _ = parse_probe(env["data"])
         # Leaving a stateless client is no signal: the session lives on.
-        assert shell_pid in session_pids(run, tag)
+        assert shell_pid in session_pids(tag, test_marker=run)
         async with connect("http", server=short_ttl_server) as second:
             again = envelope(await second.call_tool("bash_run", {"command": STATE_CHECK}, meta=meta))
             assert again["meta"]["session_id"] == created["session_id"]
@@ -241,7 +240,7 @@ async def test_stateless_http_worker_key_persists_across_clients_and_expires(sho
             # Another stateless client without the key sees nothing.
             assert ok(await second.call_tool("list_sessions", {}))["sessions"] == []
         last_call = anyio.current_time()
-        await wait_gone(run, tag, within=15)
+        await wait_gone(tag, test_marker=run, within=15)
         assert anyio.current_time() - last_call >= 1.0, "reaped long before the 2 s TTL"
         async with connect("http", server=short_ttl_server) as third:
             assert ok(await third.call_tool("list_sessions", {}, meta=meta))["sessions"] == []
@@ -256,8 +255,8 @@ async def test_handshake_http_client_vanishing_without_delete_is_reaped(short_tt
         async with connect("http-legacy", server=short_ttl_server, terminate_on_close=False) as client:
             ok(await client.call_tool("create_session", {"resource": "bash"}))
             tag, shell_pid, _ = parse_probe(ok(await client.call_tool("bash_run", {"command": PROBE})))
-        assert shell_pid in session_pids(run, tag)
-        await wait_gone(run, tag, within=15)
+        assert shell_pid in session_pids(tag, test_marker=run)
+        await wait_gone(tag, test_marker=run, within=15)
 
 
 # -- worker isolation ------------------------------------------------------------------------
@@ -266,8 +265,8 @@ async def test_handshake_http_client_vanishing_without_delete_is_reaped(short_tt
 @pytest.mark.parametrize("kind", ["sse", "http-legacy", "http"])
 async def test_worker_isolation_across_connections(kind: str, http_server: ServerProcess) -> None:
     """B cannot list, use or destroy A's session (two connections, or two keys on stateless HTTP)."""
-    meta_a = {WORKER_META_KEY: f"worker-a-{os.urandom(12).hex()}"} if kind == "http" else None
-    meta_b = {WORKER_META_KEY: f"worker-b-{os.urandom(12).hex()}"} if kind == "http" else None
+    meta_a = worker_meta(f"worker-a-{os.urandom(12).hex()}") if kind == "http" else None
+    meta_b = worker_meta(f"worker-b-{os.urandom(12).hex()}") if kind == "http" else None
     with anyio.fail_after(45):
         async with connect(kind, server=http_server) as a, connect(kind, server=http_server) as b:
             created = ok(await a.call_tool("create_session", {"resource": "bash"}, meta=meta_a))
@@ -286,11 +285,11 @@ async def test_worker_isolation_across_connections(kind: str, http_server: Serve
             assert status.get("your_sessions", []) == []
 
             # A's session is untouched.
-            assert shell_pid in session_pids(http_server.run_id, tag)
+            assert shell_pid in session_pids(tag, test_marker=http_server.run_id)
             still = ok(await a.call_tool("bash_run", {"command": STATE_CHECK}, meta=meta_a))
             assert still["stdout"] == f"/tmp kept-42 {tag} {shell_pid}\n"
             ok(await a.call_tool("destroy_session", {"resource": "bash"}, meta=meta_a))
-            await wait_gone(http_server.run_id, tag)
+            await wait_gone(tag, test_marker=http_server.run_id)
 
 
 # -- server shutdown -------------------------------------------------------------------------
@@ -300,18 +299,18 @@ async def test_http_server_sigterm_leaves_no_bash_process(tmp_path: Path) -> Non
     """SIGTERM with live sessions of every HTTP kind (one still connected): afterwards no bash process."""
     with anyio.fail_after(60), running_http_server(tmp_path) as server:
         tags: list[str] = []
-        meta = {WORKER_META_KEY: f"shutdown-{os.urandom(12).hex()}"}
+        meta = worker_meta(f"shutdown-{os.urandom(12).hex()}")
         async with connect("http", server=server) as modern:
             ok(await modern.call_tool("create_session", {"resource": "bash"}, meta=meta))
             tags.append(parse_probe(ok(await modern.call_tool("bash_run", {"command": PROBE}, meta=meta)))[0])
         async with connect("http-legacy", server=server, terminate_on_close=False) as legacy:
             ok(await legacy.call_tool("create_session", {"resource": "bash"}))
             tags.append(parse_probe(ok(await legacy.call_tool("bash_run", {"command": PROBE})))[0])
-        assert all(session_pids(server.run_id, tag) for tag in tags)
-        assert server.health() == {"status": "running", "live_sessions": 2}
+        assert all(session_pids(tag, test_marker=server.run_id) for tag in tags)
+        assert server.health() == {"status": "running"}
 
         returncode = await anyio.to_thread.run_sync(server.stop, signal.SIGTERM, 20.0)
-        leftovers = session_pids(server.run_id)
+        leftovers = session_pids(test_marker=server.run_id)
         assert leftovers == [], (
             f"bash processes survived SIGTERM of the HTTP server (exit status {returncode}): "
             f"{leftovers}\n{server.log()}"
@@ -370,13 +369,13 @@ async def test_stdio_server_shutdown_leaves_no_bash_process(
             assert result["isError"] is False
             tag, shell_pid, server_pid = parse_probe(result["structuredContent"]["data"])
             assert server_pid == process.pid
-            assert shell_pid in session_pids(run_id, tag)
+            assert shell_pid in session_pids(tag, test_marker=run_id)
 
             if how == "stdin-eof":
                 await process.stdin.aclose()
             else:
                 process.send_signal(signal.SIGTERM)
-            await wait_gone(run_id, within=10)
+            await wait_gone(test_marker=run_id, within=10)
             with anyio.move_on_after(10):
                 await process.wait()
             log = stderr_path.read_text(errors="replace")[-3000:]
@@ -388,7 +387,7 @@ async def test_stdio_server_shutdown_leaves_no_bash_process(
                 process.kill()
                 await process.wait()
             await process.aclose()
-            kill_leftovers(run_id)
+            kill_leftovers(test_marker=run_id)
 
 
 # -- tool listing and result shape -----------------------------------------------------------
@@ -420,16 +419,18 @@ async def test_tools_list_and_result_shape(kind: str, request: pytest.FixtureReq
             assert env["meta"]["tool"] in ("run", "bash_run")
             assert env["meta"]["resource_type"] == "bash"
             assert isinstance(env["meta"]["execution_time_ms"], int | float)
-            text = result.content[0].text
-            assert "hi" in text
+            first = result.content[0]
+            assert isinstance(first, TextContent)
+            assert "hi" in first.text
 
-            for name, args, code in [
+            cases: list[tuple[str, dict[str, Any], int]] = [
                 ("bash_nope", {"command": "true"}, 1001),
                 ("bash_run", {}, 1002),
                 ("bash_run", {"command": 7}, 1002),
                 ("create_session", {"resource": "nosuchresource"}, 1005),
                 ("no_such_tool", {}, 1001),
-            ]:
+            ]
+            for name, args, code in cases:
                 bad = await client.call_tool(name, args)
                 env = envelope(bad)
                 assert bad.is_error is True, (name, env)

@@ -9,37 +9,23 @@ the expected session errors, and when the engine is gone nothing it started rema
 from __future__ import annotations
 
 import random
-import tempfile
-import uuid
+from pathlib import Path
 
 import anyio
 import pytest
 
+from backends.base import Runtime
 from backends.bash import BashBackend
+from backends.policy import Policy
 from session.engine import Engine
 from session.errors import SandboxError
-from tests.conftest import marked_pids
+from tests.support.leaks import new_test_marker, session_pids
+from tests.support.manifests import TEST_MARKER_ENV
 
 pytestmark = pytest.mark.slow
 
 ALLOWED_CALL_CODES = {0, 1003, 2002}
-
-
-RUN_ENV = "AGENTFLOW_CHURN_RUN"
-
-
-def run_pids(run_id: str) -> list[int]:
-    """This test's processes only (other test runs may share the machine)."""
-    needle = f"{RUN_ENV}={run_id}".encode()
-    return [pid for pid in marked_pids("bash-") if needle in _environ(pid)]
-
-
-def _environ(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return fh.read().split(b"\0")
-    except OSError:
-        return []
+RUN_ENV = TEST_MARKER_ENV  # this test's shells carry its marker: other runs may share the machine
 
 
 async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int], run_id: str) -> None:
@@ -70,15 +56,18 @@ async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_random_lifecycles_leave_no_process_or_directory(seed, tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the sessions' scratch dirs land here
-    run_id = uuid.uuid4().hex
+async def test_random_lifecycles_leave_no_process_or_directory(
+    seed: int, tmp_path: Path
+) -> None:
+    runtime = Runtime(tmp_path / "agentflow-churn", Runtime.for_process().server_id)  # scratch dirs land here
+    run_id = new_test_marker()
     codes: list[int] = []
-    engine = Engine({"bash": BashBackend("bash", {"env": {RUN_ENV: run_id}})}, session_ttl=0.4)
+    bash = BashBackend("bash", defaults={"env": {RUN_ENV: run_id}}, policy=Policy(isolation="none"), runtime=runtime)
+    engine = Engine({"bash": bash}, session_ttl=0.4, runtime=runtime)
     async with engine, anyio.create_task_group() as tg:
         for n in range(8):
             tg.start_soon(churn, engine, f"w{n}", random.Random(seed * 100 + n), codes, run_id)
     assert codes.count(0) > 20, "the churn made too few successful calls to mean anything"
     assert set(codes) <= ALLOWED_CALL_CODES, sorted(set(codes))
-    assert run_pids(run_id) == []
-    assert list(tmp_path.iterdir()) == []
+    assert session_pids(test_marker=run_id) == []
+    assert [entry async for entry in anyio.Path(tmp_path).iterdir()] == []

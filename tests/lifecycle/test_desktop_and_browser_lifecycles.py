@@ -1,8 +1,9 @@
 """vm and browser through the whole stack: seed snippets unchanged, and no process left behind.
 
-Every test snapshots the process table first and checks, at the end of each lifecycle
+Every test snapshots this run's processes first and checks, at the end of each lifecycle
 (destroy, TTL expiry, disconnect, shutdown), that no Xvfb, window manager, launched app
-or Chromium process it caused is still alive.
+or Chromium process it caused is still alive. Only this run's processes count
+(tests/support/leaks.py): other runs on the machine start their own Xvfb and Chromium.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
 
 from sandbox import Sandbox
-from tests.conftest import eventually, free_port
+from tests.support import leaks, procs
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +32,12 @@ WATCHED = {"Xvfb", "openbox", "xterm", "chromium", "chrome_crashpad", "headless_
 
 
 def watched_pids() -> set[int]:
+    """This run's live desktop and browser processes (sessions' trees and this process's descendants)."""
     found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and (comm in WATCHED or comm.startswith("chrom")):
-            found.add(int(entry.name))
+    for pid in leaks.run_pids():
+        comm = procs.name(pid)
+        if comm in WATCHED or comm.startswith("chrom"):
+            found.add(pid)
     return found
 
 
@@ -149,7 +147,10 @@ async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the
     before = watched_pids()
     port = free_port()
     argv = [sys.executable, "-m", "mcp_server", "serve", "--transport", "http", "--port", str(port)]
-    server = await anyio.open_process([*argv, "--manifest", str(manifest(tmp_path))], stderr=subprocess.DEVNULL)
+    server = await anyio.open_process(
+        [*argv, "--manifest", str(manifest(tmp_path))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    leaks.note_server(server.pid)
     try:
         url = f"http://127.0.0.1:{port}/mcp"
 
@@ -175,13 +176,13 @@ async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the
         assert server.returncode is None
     finally:
         server.terminate()
-        with anyio.fail_after(20):
+        with anyio.move_on_after(60):
             await server.wait()
+        if server.returncode is None:
+            server.kill()
+        await server.aclose()  # reaps it and closes its pipes while this event loop still runs
     await no_new_processes(before)
 
 
 def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+    return procs.name(pid)

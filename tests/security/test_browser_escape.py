@@ -31,7 +31,7 @@ from tests.backends.browser_harness import (
     session,
     session_setup,
 )
-from tests.conftest import eventually
+from tests.support.polling import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -255,13 +255,13 @@ async def test_a_killed_playwright_driver_is_relaunched(scratch: Path, allowed: 
         async def unhealthy() -> bool:
             return await b.health(old.state) is not None
 
-        await eventually(unhealthy)
+        await eventually(unhealthy, what="the dead browser to be noticed")
         assert "reinitialize" in (await b.health(old.state) or "").lower()
         with pytest.raises(SessionError) as caught:
             await old("snapshot")
         assert caught.value.code == 1003
         # The old Chromium dies with its driver (bwrap --die-with-parent, its own PID namespace).
-        await eventually(lambda: not set(first_browser) & set(b.launcher.pids()))
+        await eventually(lambda: not set(first_browser) & set(b.launcher.pids()), what="the old Chromium to die")
 
         async with session(b, "new", allow=[allowed.allow]) as new:
             assert (await new("navigate", url=f"{allowed.url}/next"))["title"] == "Next"

@@ -12,8 +12,8 @@ from session.engine import Engine, Limits
 from session.errors import PermissionDenied, ResourceUnavailable, SessionError
 from session.models import Caller
 from session.tool_calls import RESULT_BUDGET
-from tests.conftest import eventually
 from tests.fakes import FakeBackend
+from tests.support.polling import eventually
 
 ALICE = Caller("alice", "w-alice")
 ALICE_OTHER_CONNECTION = Caller("alice", "w-alice-2")
@@ -197,3 +197,49 @@ async def test_a_call_by_handle_holds_the_session_against_the_ttl():
             await eventually(lambda: any(s.active_calls for s in engine.sessions.values()), 5)
         assert engine.sessions  # survived a call longer than the TTL
         await eventually(lambda: not backend.live, 10)
+
+
+async def test_destroying_all_includes_sessions_adopted_beside_the_default():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=30, disconnect_grace=30) as engine:
+        [(adoptee, _)] = await engine.create_sessions(ALICE, "fake")
+        engine.disconnect(ALICE.worker_key or "")
+        await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")  # its own default
+        await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": adoptee.session_id})
+        assert len(backend.live) == 2
+        destroyed = (await engine.call(ALICE_OTHER_CONNECTION, "destroy_session", {})).envelope
+        assert len(destroyed.data["destroyed"]) == 2
+        assert not backend.live
+
+
+async def test_a_warm_pool_hands_out_ready_sessions_once_and_refills():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, pools={"fake": 2}, limits=Limits(per_worker=1)) as engine:
+        await eventually(lambda: len(engine.warm["fake"].ready) == 2, 10)
+        assert engine.list_sessions(ALICE, everything=True) == []  # pool members are nobody's
+        started = len([e for e in backend.events if e[0] == "initialize"])
+        [(view, _)] = await engine.create_sessions(ALICE, "fake", {"custom_name": "mine"})
+        assert view.session_name == "mine"
+        assert len([e for e in backend.events if e[0] == "initialize"]) == started  # no start on the call path
+        await engine.call(ALICE, "fake_set", {"key": "k", "value": 1})
+        # a temporary call takes a pooled one too, and it is destroyed with the call (never recycled)
+        temporary = (await engine.call(BOB, "fake_get", {"key": "k"})).envelope
+        assert temporary.meta.temporary_session
+        assert temporary.data["value"] is None
+        # a non-default config starts a fresh session
+        [(custom, _)] = await engine.create_sessions(BOB, "fake", {"label": "custom"})
+        assert (await engine.call(BOB, "fake_get", {"key": "k"})).envelope.data["label"] == "custom"
+        assert custom.session_id != view.session_id
+        await eventually(lambda: len(engine.warm["fake"].ready) == 2, 10)
+        assert engine.status()["warm_pools"]["fake"]["taken"] == 2
+    assert not backend.live  # pool members die with the engine
+
+
+async def test_a_capped_caller_leaves_the_pool_member_in_the_pool():
+    async with Engine({"fake": FakeBackend()}, pools={"fake": 1}, limits=Limits(per_principal=1)) as engine:
+        await eventually(lambda: len(engine.warm["fake"].ready) == 1, 10)
+        await engine.create_sessions(ALICE, "fake")
+        await eventually(lambda: len(engine.warm["fake"].ready) == 1, 10)
+        with pytest.raises(ResourceUnavailable):
+            await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")
+        assert len(engine.warm["fake"].ready) == 1
