@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import psutil
 from anyio.abc import SocketListener
 from playwright.async_api import Browser, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
@@ -435,9 +436,8 @@ def _link_x11_socket(display: Display, source_dir: Path, target_dir: Path) -> Pa
 def _running(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -450,20 +450,12 @@ def _driver_pid(manager: Any) -> int | None:
 
 def _driver_children() -> set[int]:
     """Our child processes running a Playwright driver (`run-driver`)."""
-    me = os.getpid()
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in psutil.Process().children():
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[-1].split()[1])
-            if ppid != me:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"run-driver" in f.read().split(b"\0"):
-                    found.add(int(entry))
-        except (OSError, ValueError, IndexError):
+            if "run-driver" in child.cmdline():
+                found.add(child.pid)
+        except psutil.Error:
             continue
     return found
 
@@ -479,10 +471,12 @@ def _copy_owned(source: Path, target: Path, uid: int | None) -> None:
 def _profile_dir(tag: str) -> str | None:
     """The `--user-data-dir` Playwright gave the Chromium launched with marker `tag`."""
     for pid in pids_with_marker(tag):
-        with contextlib.suppress(OSError):
-            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            for word in words:
-                if word.startswith(b"--user-data-dir="):
-                    return word.split(b"=", 1)[1].decode(errors="replace")
+        try:
+            words = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue
+        for word in words:
+            if word.startswith("--user-data-dir="):
+                return word.split("=", 1)[1]
     log.warning("could not find the profile directory of Chromium %s", tag)
     return None
