@@ -32,6 +32,7 @@ from anyio.abc import SocketListener
 from playwright.async_api import Browser, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
+from backends.browser import seccomp
 from backends.browser.models import CHROMIUM_ARGS, BrowserSettings
 from backends.browser.proxy import EgressProxy
 from backends.browser.sandbox import (
@@ -292,6 +293,7 @@ class Launcher:
                 own_network=own_network,
                 executable=self.settings.executable_path,
                 tag=tag,
+                seccomp=seccomp.supported(),
                 display=display.display if display else None,
                 xauthority=launch_dir / "Xauthority" if display and display.xauthority else None,
                 x11_socket_dir=x11_dir,

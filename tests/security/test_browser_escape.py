@@ -8,6 +8,7 @@ Each attempt must fail *and* the target must never see a connection.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +18,7 @@ import anyio
 import pytest
 import pytest_asyncio
 
-from backends.browser import BrowserBackend
+from backends.browser import BrowserBackend, seccomp
 from backends.browser.proxy import EgressProxy, system_resolver
 from backends.policy import Policy
 from session.errors import BackendError, PermissionDenied, SessionError
@@ -202,8 +203,9 @@ async def test_chromium_runs_unprivileged_with_its_own_sandbox(backend: BrowserB
             assert 0 not in uids, f"pid {pid} runs as root: {cmdline[:100]!r}"
             assert b"--no-sandbox" not in cmdline
             assert fields["NoNewPrivs"].strip() == "1"
-            if not cmdline.startswith(b"bwrap"):  # bwrap's outer process stays outside to supervise
+            if not cmdline.startswith(b"bwrap"):  # bwrap's own processes supervise from outside
                 assert netns != own_netns, "Chromium shares the server's network namespace"
+                assert fields["Seccomp"].strip() == "2", f"pid {pid} runs without a seccomp filter"
             if b"--type=renderer" in cmdline:
                 renderers += 1
                 assert fields["Seccomp"].strip() == "2", "a renderer runs without Chromium's seccomp sandbox"
@@ -272,3 +274,52 @@ async def test_a_killed_playwright_driver_is_relaunched(scratch: Path, allowed: 
     assert b.launcher.live_driver_pids() == []
     assert b.launcher.pids() == []
     assert pids_under(b.runtime.scratch_root) == []
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="the browser's seccomp filter is written for x86_64")
+async def test_the_browser_sandbox_filter_denies_escape_syscalls_but_not_user_namespaces(tmp_path: Path) -> None:
+    """What code that escaped Chromium's renderer sandbox finds: no ptrace, bpf, keyrings, mounts."""
+    filter_file = tmp_path / "filter.bpf"
+    filter_file.write_bytes(seccomp.program())
+    probe = (
+        "import ctypes, json, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "out = {}\n"
+        "for name, nr, args in (('ptrace', 101, (0, 0, 0, 0)), ('bpf', 321, (0, 0, 0)), ('keyctl', 250, (0, 0)),"
+        " ('mount', 165, (0, 0, 0, 0, 0)), ('perf_event_open', 298, (0, 0, 0, 0, 0)), ('userfaultfd', 323, (0,))):\n"
+        "    rc = libc.syscall(nr, *args)\n"
+        "    out[name] = ctypes.get_errno() if rc == -1 else 0\n"
+        "out['unshare_user'] = 0 if os.system('unshare -U true') == 0 else 1\n"
+        "print(json.dumps(out))\n"
+    )
+    argv = [
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--unshare-all",
+        "--die-with-parent",
+        "--seccomp",
+        "{fd}",
+        "--",
+        "/usr/bin/python3",
+        "-c",
+        probe,
+    ]
+    fd = os.open(filter_file, os.O_RDONLY)
+    argv = [str(fd) if word == "{fd}" else word for word in argv]
+    try:
+        uid = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        result = await anyio.run_process([*uid, *argv], pass_fds=[fd], check=False)
+    finally:
+        os.close(fd)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert {k: v for k, v in outcome.items() if k != "unshare_user"} == dict.fromkeys(
+        ("ptrace", "bpf", "keyctl", "mount", "perf_event_open", "userfaultfd"), 1
+    ), outcome  # errno 1 = EPERM
+    assert outcome["unshare_user"] == 0, "Chromium's own sandbox needs new user namespaces"
