@@ -56,6 +56,7 @@ from backends.browser.models import (
 )
 from backends.browser.pages import (
     OPENS_TAB,
+    URL_CHARS,
     active_page,
     after_action,
     check_url,
@@ -66,6 +67,7 @@ from backends.browser.pages import (
     jsonable,
     moved,
     page_fields,
+    shown_url,
     tab_index,
     title,
     wait_for_new_tab,
@@ -418,12 +420,24 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         items, dropped = state.recent_console(300, args.clear)
         if args.errors_only:
             items = [m for m in items if m["type"] in ("error", "pageerror", "crash")]
-        return ConsoleResult(
+        items = items[-args.limit :]
+        # Keep the newest messages that fit the result budget (each is capped, 300 of them are not).
+        kept, size = [], 0
+        for item in reversed(items):
+            size += len(item["text"]) + len(item.get("url") or "") + 100
+            if size > RESULT_CHARS:
+                break
+            kept.append(item)
+        kept.reverse()
+        result = ConsoleResult(
             **await info(state),
-            messages=items[-args.limit :],
-            older_dropped=dropped,
-            downloads=list(state.downloads),
+            messages=kept,
+            older_dropped=dropped + len(items) - len(kept),
+            downloads=list(state.downloads)[-100:],
         )
+        if len(kept) < len(items):
+            result.note = f"only the newest {len(kept)} messages fit in one result"
+        return result
 
     # -- acting ------------------------------------------------------------------------
 
@@ -576,7 +590,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
                 if not state.pages:
                     await state.new_page()
         listing = [
-            {"index": i, "url": p.url, "title": await title(p), "active": i == state.active}
+            {"index": i, "url": shown_url(p.url), "title": (await title(p))[:URL_CHARS], "active": i == state.active}
             for i, p in enumerate(state.pages)
         ]
         return TabsResult(**await info(state), tabs=listing)

@@ -248,7 +248,8 @@ class Launcher:
 
     async def _serve(self, sock: socket.socket) -> None:
         listener = await SocketListener.from_socket(sock)
-        await self.proxy.serve(listener)
+        async with listener:
+            await self.proxy.serve(listener)
 
     def _serve_on(self, sock: socket.socket) -> Future[Any]:
         return self._start_portal().start_task_soon(self._serve, sock)

@@ -53,6 +53,15 @@ async def active_page(ctx: Ctx) -> tuple[BrowserSession, Page]:
     return state, await state.page()
 
 
+#: Longest URL or title a result repeats (a data: URL can be megabytes).
+URL_CHARS = 2_000
+
+
+def shown_url(url: str) -> str:
+    """`url`, cut to `URL_CHARS` with a marker if longer."""
+    return url if len(url) <= URL_CHARS else url[:URL_CHARS] + f"...[{len(url) - URL_CHARS} more chars]"
+
+
 async def title(page: Page) -> str:
     with contextlib.suppress(Exception), anyio.move_on_after(2):
         return await page.title()
@@ -64,7 +73,7 @@ async def info(state: BrowserSession) -> dict[str, Any]:
     if not state.pages:
         return {"url": None, "title": None}
     page = state.pages[state.active]
-    data: dict[str, Any] = {"url": page.url, "title": await title(page)}
+    data: dict[str, Any] = {"url": shown_url(page.url), "title": (await title(page))[:URL_CHARS]}
     if len(state.pages) > 1:
         data["tab"] = state.active
         data["tab_count"] = len(state.pages)

@@ -44,6 +44,8 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 MAX_HEAD = 64 * 1024
 CONNECT_TIMEOUT = 15.0
+#: A connection that has not sent its request head by then is dropped.
+HEAD_TIMEOUT = 60.0
 REALM = "agentflow-browser"
 #: Header on the proxy's own answers, so a tool can tell them from the origin's.
 MARK = "X-Agentflow-Proxy"
@@ -210,7 +212,13 @@ class EgressProxy:
         async with client:
             try:
                 await self._handle_request(client)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except (
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                TimeoutError,
+            ):
                 pass
             except anyio.DelimiterNotFound:
                 await _reply(client, 431, "request head too large")
@@ -219,7 +227,8 @@ class EgressProxy:
 
     async def _handle_request(self, client: anyio.abc.SocketStream) -> None:
         reader = BufferedByteReceiveStream(client)
-        head = await reader.receive_until(b"\r\n\r\n", MAX_HEAD)
+        with anyio.fail_after(HEAD_TIMEOUT):
+            head = await reader.receive_until(b"\r\n\r\n", MAX_HEAD)
         lines = head.decode("latin-1").split("\r\n")
         try:
             method, target, version = lines[0].split(" ")

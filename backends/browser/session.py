@@ -159,7 +159,7 @@ class BrowserSession:
 
     def _log(self, page: Page, kind: str, text: str, **extra: Any) -> None:
         self.console_seen += 1
-        entry = {"type": kind, "text": text[:MESSAGE_CHARS], "url": page.url, "time": round(time.time(), 3)}
+        entry = {"type": kind, "text": text[:MESSAGE_CHARS], "url": page.url[:500], "time": round(time.time(), 3)}
         entry.update(extra)
         self.console.append(entry)
 
