@@ -333,8 +333,11 @@ class Launcher:
             browser = await driver.chromium.launch(**options)
         except PlaywrightError as exc:
             await self._sweep(tag)
-            first = exc.message.splitlines()[0] if exc.message else repr(exc)
-            raise BackendError(f"could not launch Chromium ({self.settings.executable_path}): {first}") from exc
+            lines = (exc.message or repr(exc)).splitlines()
+            # The browser's (or the sandbox wrapper's) own complaint says more than Playwright's summary.
+            said = [line.split("[err]", 1)[1].strip() for line in lines if "[err]" in line]
+            reason = (said[0] if said else lines[0])[:300]
+            raise BackendError(f"could not launch Chromium ({self.settings.executable_path}): {reason}") from exc
         handle = BrowserHandle(
             browser=browser,
             tag=tag,

@@ -318,6 +318,25 @@ async def test_concurrent_sessions_run_in_parallel(backend: BrowserBackend, site
     assert titles == ["Next"] * 6
 
 
+async def test_results_stay_bounded(backend: BrowserBackend, site: str) -> None:
+    """Nothing a page holds can push a result past the client's 1 MiB event limit."""
+    async with session(backend) as s:
+        await s("navigate", url=f"{site}/next")
+        big = await s("evaluate", expression="() => 'x'.repeat(5_000_000)", max_chars=200_000)
+        assert big["truncated"] is True
+        assert len(big["result"]) <= 200_000
+        spam = "() => { for (let i = 0; i < 400; i++) console.log(String(i).padEnd(5000, 'y')); }"
+        await s("evaluate", expression=spam)
+        await s("wait_for", seconds=0.2)
+        logged = await s("console", limit=300)
+        assert len(json.dumps(logged)) < 900 * 1024
+        long_url = "data:text/html,<title>long</title>" + "z" * 90_000
+        nav = await s("navigate", url=long_url, timeout_ms=10_000)  # the old millisecond name still works
+        assert nav["title"] == "long"
+        assert len(nav["url"]) < 3_000
+        assert len(json.dumps(await s("tabs"))) < 10_000
+
+
 # -- bad input ------------------------------------------------------------------------
 
 
@@ -396,6 +415,27 @@ async def test_config_is_validated(backend: BrowserBackend) -> None:
             async with session(backend, headless=False, display=display):
                 pass
         assert denied.value.code == 1006
+
+
+async def test_without_root_the_proxy_alone_enforces_the_policy(
+    site_server: Site, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback when the server cannot switch uids: Chromium shares the host's network, and
+    the egress proxy (on the host's loopback) is what keeps pages off private addresses."""
+    monkeypatch.setattr("backends.browser.launcher.can_confine", lambda: False)
+    forbidden = Site()
+    b = make_backend(scratch / "no-root")
+    try:
+        assert not b.launcher.own_network
+        async with open_session(b, allow=[site_server.allow]) as s:
+            assert (await s("navigate", url=f"{site_server.url}/next"))["title"] == "Next"
+            with pytest.raises(PermissionDenied):
+                await s("navigate", url=f"{forbidden.url}/next")
+            assert s.state.handle.proxy_server.startswith("http://127.0.0.1:")
+    finally:
+        await b.shutdown()
+        forbidden.close()
+    assert forbidden.hits == []
 
 
 async def test_settings_are_backend_wide_and_checked(scratch: Path) -> None:
