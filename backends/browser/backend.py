@@ -248,7 +248,10 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         context.set_default_navigation_timeout(config.navigation_timeout * 1000)
         state = BrowserSession(setup.label, config, self.launcher, handle, context, download_dir, grant)
         try:
-            await state.wire()
+            private: tuple[str, ...] = ()
+            if setup.policy.allow_file_urls:
+                private = tuple(p for p in (str(self.launcher.root), self.launcher.profile_of(handle)) if p)
+            await state.wire(private)
             await state.new_page()
         except BaseException:
             with anyio.CancelScope(shield=True):

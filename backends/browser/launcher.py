@@ -159,6 +159,10 @@ class Launcher:
             found.update(descendants(pid))
         return sorted(found)
 
+    def profile_of(self, handle: BrowserHandle) -> str | None:
+        """The profile directory (`--user-data-dir`) of `handle`'s Chromium, if known."""
+        return self._profiles.get(handle.tag)
+
     def live_driver_pids(self) -> list[int]:
         return [pid for pid in self.driver_pids if _running(pid)]
 

@@ -135,6 +135,12 @@ async def goto(page: Page, url: str, wait_until: Any, wait: float) -> Response |
             interrupted = re.search(r'interrupted by another navigation to "([^"]*)"', exc.message)
             if attempt == 1 and interrupted and interrupted.group(1) in (url, "chrome-error://chromewebdata/"):
                 continue
+            if interrupted and interrupted.group(1) == url:
+                # Chromium restarts some navigations itself (file:// directory listings): the
+                # restarted one is the page we asked for; wait for it instead of failing.
+                await page.wait_for_load_state(wait_until if wait_until != "commit" else "load", timeout=wait * 1000)
+                if page.url == url:
+                    return None
             raise
     return None
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import posixpath
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 from playwright.async_api import BrowserContext, ConsoleMessage, Dialog, Download, Page, Route
@@ -26,6 +28,14 @@ from backends.browser.proxy import Grant
 from session.errors import BackendError, SessionError
 
 log = logging.getLogger(__name__)
+
+
+def is_private_file(url: str, private_paths: tuple[str, ...]) -> bool:
+    """Whether a file:// URL points into one of `private_paths` (or /proc, which leads anywhere)."""
+    path = posixpath.normpath(unquote(urlsplit(url).path) or "/")
+    roots = (*private_paths, "/proc")
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
 
 CONSOLE_KEEP = 300
 MESSAGE_CHARS = 2_000
@@ -56,22 +66,32 @@ class BrowserSession:
 
     # -- wiring ------------------------------------------------------------------------
 
-    async def wire(self) -> None:
-        """Follow the context's events and install URL blocking. Call once, before opening a page."""
+    async def wire(self, private_paths: tuple[str, ...] = ()) -> None:
+        """Follow the context's events and install URL blocking. Call once, before opening a page.
+
+        `private_paths`: with file URLs allowed, directories no page may read through file://
+        (the shared browser's own profile and launch dirs, where other sessions' downloads land).
+        Routes see every request (links, iframes, subresources), not only `navigate`'s.
+        """
         self.context.on("page", self.adopt)
         self.context.on("close", lambda _c: self._on_context_close())
         if self.config.block:
             patterns = [p.strip() for p in self.config.block if p.strip()]
-            blocked = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+            self.blocked = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+        if self.blocked is None and not private_paths:
+            return
+        blocked = self.blocked
 
-            async def route(route: Route) -> None:
-                if blocked.match(route.request.url):
-                    await route.abort("blockedbyclient")
-                else:
-                    await route.fallback()
+        async def route(route: Route) -> None:
+            url = route.request.url
+            if blocked is not None and blocked.match(url):
+                await route.abort("blockedbyclient")
+            elif private_paths and url.startswith("file:") and is_private_file(url, private_paths):
+                await route.abort("accessdenied")
+            else:
+                await route.fallback()
 
-            self.blocked = blocked
-            await self.context.route("**/*", route)
+        await self.context.route("**/*", route)
 
     def adopt(self, page: Page) -> None:
         """Track a tab (opened by us, by a link with target=_blank, or by window.open); make it active."""

@@ -181,6 +181,16 @@ async def test_file_urls_need_the_operator_policy(backend: BrowserBackend, allow
             for path in ("/etc/shadow", "/root/", str(other_downloads / "secret.txt"), str(other_downloads)):
                 with pytest.raises(BackendError, match=r"ERR_FILE_NOT_FOUND|ERR_ACCESS_DENIED"):
                     await f("navigate", url=f"file://{path}")
+            # The shared browser's own directories (profile; downloads of every session land in its
+            # launch dir before they are copied out) and /proc are refused for every request.
+            profile = backend.launcher.profile_of(f.state.handle)
+            assert profile is not None
+            for path in (f"{backend.launcher.root}/", f"{profile}/", "/proc/self/environ", "/proc/1/root/etc/passwd"):
+                with pytest.raises(BackendError, match="ERR_ACCESS_DENIED"):
+                    await f("navigate", url=f"file://{path}")
+            await f("navigate", url="file:///tmp/")  # a listing: links into private dirs fail too
+            with pytest.raises(BackendError, match="ERR_ACCESS_DENIED"):
+                await f("navigate", url=f"file://{profile}/../{profile.rsplit('/', 1)[1]}/Default/")
 
 
 @needs_root
