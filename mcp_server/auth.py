@@ -44,7 +44,7 @@ def principal_of(scope: Scope) -> str | None:
 
 
 class BearerAuth:
-    """ASGI middleware: authenticate every HTTP/websocket request but `GET /health`.
+    """ASGI middleware: authenticate every HTTP request but `GET /health`; refuse websockets.
 
     `tokens` maps principal name to token. With `tokens=None` (`serve --no-auth`) every
     request is let through as principal "default".
@@ -78,15 +78,9 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         address = _client_address(scope)
-        if scope["type"] == "websocket":
-            principal = self._match(_bearer(scope) or b"")
-            if principal is None:
-                self._refuse_log(scope, address, "websocket without a valid bearer token")
-                await receive()
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            _admit(scope, principal)
-            await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # no MCP endpoint speaks websocket: refuse before any work
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
             return
         if self._limiter.limited(address):
             self._refuse_log(scope, address, "too many refused requests")
@@ -131,7 +125,7 @@ def _client_address(scope: Scope) -> str:
 
 def _bearer(scope: Scope) -> bytes | None:
     """The token of the request's single `Authorization: Bearer` header, else None."""
-    values = [value for name, value in scope.get("headers", ()) if name.lower() == b"authorization"]
+    values: list[bytes] = [bytes(v) for name, v in scope.get("headers", ()) if name.lower() == b"authorization"]
     if len(values) != 1:
         return None
     scheme, _, token = values[0].strip().partition(b" ")

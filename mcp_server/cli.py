@@ -18,7 +18,7 @@ from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
 from mcp_server.factory import engine_from_manifest
 from mcp_server.tokens import resolve_credentials
-from mcp_server.transports import MCP_PATH, SSE_PATH, HttpOptions, is_loopback, serve_http, serve_stdio
+from mcp_server.transports import MCP_PATH, SSE_PATH, HttpListener, HttpOptions, serve_http, serve_stdio
 from session.errors import ConfigurationError
 
 log = logging.getLogger("agentflow_sandbox")
@@ -85,13 +85,9 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = None
+    listener: HttpListener | None = None
+    options: HttpOptions | None = None
     if transport != "stdio":
-        if args.no_auth and not is_loopback(host):
-            raise ConfigurationError(
-                f"--no-auth is refused on {host}: only a loopback bind (127.0.0.1, ::1, localhost) may run "
-                "without tokens"
-            )
         credentials = None if args.no_auth else resolve_credentials(settings.token_map())
         options = HttpOptions(
             tokens=None if credentials is None else credentials.tokens,
@@ -108,17 +104,24 @@ def _serve(manifest: Manifest, args: argparse.Namespace) -> int:
             len(orphans),
             len(dirs),
         )
+    if options is not None:
+        listener = HttpListener.open(host, port, options)
 
     async def run() -> None:
         async with engine:
             server = build_server(engine)
-            if options is None:
+            if listener is None:
                 await serve_stdio(engine, server)
             else:
-                log.info("serving MCP on http://%s:%d%s (streamable HTTP) and %s (SSE)", host, port, MCP_PATH, SSE_PATH)
-                await serve_http(engine, server, host=host, port=port, log_level=level, options=options)
+                url = f"http://{f'[{host}]' if ':' in host else host}:{listener.port}"
+                log.info("serving MCP on %s%s (streamable HTTP) and %s%s (SSE)", url, MCP_PATH, url, SSE_PATH)
+                await serve_http(engine, server, listener=listener, log_level=level)
 
-    anyio.run(run)
+    try:
+        anyio.run(run)
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 

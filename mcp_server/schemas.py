@@ -12,9 +12,11 @@ pydantic's JSON Schema is valid Draft 2020-12, but clients apply narrower rules:
   fill, or makes the whole tool fall back to a non-strict schema.
 
 `portable_schema` rewrites one schema into that common subset without losing what a model
-needs (descriptions, defaults, enums, bounds). `config_union_schema` and
-`config_map_schema` replace the open `config` objects of `create_session` and
+needs (descriptions, defaults, enums, bounds). `config_union_schema`, `config_map_schema`
+and `with_session_configs` replace the open `config` objects of `create_session` and
 `reinitialize` by the resources' own config schemas, so a model sees the fields.
+`arrays_without_items`, `untyped_schemas` and `free_form_maps` find what a client would
+refuse or a strict conversion cannot express (the tests use them over the whole catalog).
 The server still validates every call with the original pydantic model, so a schema that
 advertises a little less than pydantic checks (an exclusive bound shown as inclusive) only
 moves an error from the client to the server's 1002 answer.
@@ -45,13 +47,16 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
 
     What changes (the input is not modified):
 
-    - every `$ref` is inlined and `$defs` dropped (a recursive reference, which no target
-      can express, becomes an object described as recursive);
+    - every `$ref` is inlined (definitions are found at any depth) and `$defs` dropped; a
+      recursive reference, which no target can express, becomes an object described as
+      recursive, and an unresolvable one an untyped schema that `untyped_schemas` reports;
     - `prefixItems` (a pydantic tuple) becomes `items` (the common item schema, or an
       `anyOf` of the distinct ones) with `minItems`/`maxItems` fixing the length, and an
       array without `items` gets `items: {}`;
-    - `const: v` becomes `enum: [v]`; `oneOf` becomes `anyOf`; a one-member `allOf`
-      (pydantic's way to describe a `$ref`) is merged into its parent;
+    - `const: v` becomes `enum: [v]`, and an `enum` without `type` gets the type of its
+      values (OpenAI's strict mode refuses any schema without `type`); `oneOf` becomes
+      `anyOf`; a one-member `allOf` (pydantic's way to describe a `$ref`) is merged into
+      its parent;
     - `exclusiveMinimum`/`exclusiveMaximum` become `minimum`/`maximum`, and the
       description says the bound is exclusive;
     - nested `anyOf`s are flattened; `anyOf: [X, {"type": "null"}]` is kept as such,
@@ -68,8 +73,7 @@ def portable_schema(schema: Mapping[str, Any], *, keep_titles: bool = False) -> 
     express, so such tools fall back to non-strict rather than being emptied).
     """
     root = copy.deepcopy(dict(schema))
-    defs: dict[str, Any] = {**root.get("definitions", {}), **root.get("$defs", {})}
-    out = _Rewriter(defs, keep_titles=keep_titles).rewrite(root)
+    out = _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite_schema(root)
     if out.get("type") != "object":
         out["type"] = "object"
     out.setdefault("properties", {})
@@ -156,8 +160,7 @@ def config_map_schema(
 def portable_schema_fragment(schema: Mapping[str, Any], *, keep_titles: bool = False) -> Schema:
     """`portable_schema` for a property's schema (no root object forced on it)."""
     root = copy.deepcopy(dict(schema))
-    defs: dict[str, Any] = {**root.get("definitions", {}), **root.get("$defs", {})}
-    return _Rewriter(defs, keep_titles=keep_titles).rewrite(root)
+    return _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite_schema(root)
 
 
 def arrays_without_items(schema: Any, path: str = "#") -> list[str]:
@@ -206,6 +209,69 @@ def free_form_maps(schema: Any, path: str = "#") -> list[str]:
     return found
 
 
+def untyped_schemas(schema: Any, path: str = "#") -> list[str]:
+    """JSON pointers of subschemas with neither `type` nor `anyOf` (`{}`, a bare description).
+
+    OpenAI's strict mode answers such a schema with 400 "schema must have a 'type' key" and
+    refuses the whole request, every tool with it; `portable_schema` cannot invent a type,
+    so the model behind the schema must declare one.
+    """
+    found: list[str] = []
+    if isinstance(schema, dict):
+        if "type" not in schema and "anyOf" not in schema:
+            found.append(path)
+        for key, value in schema.items():
+            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                for name, sub in value.items():
+                    found += untyped_schemas(sub, f"{path}/{key}/{name}")
+            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+                for index, sub in enumerate(value):
+                    found += untyped_schemas(sub, f"{path}/{key}/{index}")
+            elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
+                found += untyped_schemas(value, f"{path}/{key}")
+    return found
+
+
+def _collect_defs(schema: Any, found: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every `$defs`/`definitions` entry in the document, the outermost first.
+
+    Nested ones count too: a schema assembled from several pydantic models (a union of config
+    schemas) carries each model's definitions where that model's schema was pasted in.
+    """
+    found = {} if found is None else found
+    if isinstance(schema, dict):
+        for key in ("$defs", "definitions"):
+            if isinstance(schema.get(key), dict):
+                for name, definition in schema[key].items():
+                    found.setdefault(name, definition)
+        for value in schema.values():
+            _collect_defs(value, found)
+    elif isinstance(schema, list):
+        for value in schema:
+            _collect_defs(value, found)
+    return found
+
+
+def _enum_type(values: Any) -> str | None:
+    if not isinstance(values, list) or not values:
+        return None
+    kinds = set()
+    for value in values:
+        if isinstance(value, bool):
+            kinds.add("boolean")
+        elif isinstance(value, int):
+            kinds.add("integer")
+        elif isinstance(value, float):
+            kinds.add("number")
+        elif isinstance(value, str):
+            kinds.add("string")
+        else:
+            return None  # null or structured values: leave it to the author
+    if kinds == {"integer", "number"}:
+        return "number"
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 class _Rewriter:
     def __init__(self, defs: Mapping[str, Any], *, keep_titles: bool) -> None:
         self._defs = defs
@@ -213,8 +279,10 @@ class _Rewriter:
         self._resolving: list[str] = []
 
     def rewrite(self, schema: Any) -> Any:
-        if not isinstance(schema, dict):
-            return schema  # booleans (`true` = anything) are valid schemas; keep them
+        # Booleans (`true` = anything) are valid schemas too; they stay as they are.
+        return self.rewrite_schema(schema) if isinstance(schema, dict) else schema
+
+    def rewrite_schema(self, schema: Schema) -> Schema:
         schema = self._inline(schema)
         out: Schema = {}
         for key, value in schema.items():
@@ -236,6 +304,10 @@ class _Rewriter:
         if "const" in out:
             out.setdefault("enum", [out["const"]])
             del out["const"]
+        if "enum" in out and "type" not in out:
+            inferred = _enum_type(out["enum"])
+            if inferred is not None:
+                out["type"] = inferred
         if "format" in out and out["format"] not in _KEPT_FORMATS:
             del out["format"]
         self._exclusive_bounds(out)
@@ -249,13 +321,16 @@ class _Rewriter:
         name = ref.rsplit("/", 1)[-1]
         target = self._defs.get(name)
         siblings = {k: v for k, v in schema.items() if k != "$ref"}
-        if target is None or name in self._resolving:
+        if target is None:
+            # Left untyped on purpose, so `untyped_schemas` (and a strict client) reports it.
+            return {**siblings, "description": siblings.get("description", f"(unresolved reference {ref})")}
+        if name in self._resolving:
             # No target can express recursion: say what it is and accept any object.
-            reason = "recursive" if target is not None else "unresolved"
-            return {"type": "object", **siblings, "description": siblings.get("description", f"({reason} {name})")}
+            return {"type": "object", **siblings, "description": siblings.get("description", f"(recursive {name})")}
         self._resolving.append(name)
         try:
-            inlined = self.rewrite(copy.deepcopy(target))
+            # A boolean definition (`true`) constrains nothing: only the siblings remain.
+            inlined = self.rewrite_schema(copy.deepcopy(target)) if isinstance(target, dict) else {}
         finally:
             self._resolving.pop()
         # Keywords beside the $ref (a field's description, default) win over the definition's.

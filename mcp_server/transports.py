@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -178,40 +179,57 @@ def _quiet_floods() -> None:
                 handler.addFilter(flood_filter)
 
 
-async def serve_http(
-    engine: Engine, server: Server[Any], *, host: str, port: int, log_level: str, options: HttpOptions
-) -> None:
-    """Serve until SIGTERM/SIGINT (uvicorn handles both), then return so the engine can clean up.
+@dataclass
+class HttpListener:
+    """A bound socket, and the token file published for its port (if the token was generated).
 
-    Raises:
-        ConfigurationError: `--no-auth` on a non-loopback address, or the port cannot be bound.
+    Opened before the engine starts, so a busy port or a refused `--no-auth` is a plain
+    configuration error and a generated token file is written only by the server that
+    owns the port.
     """
-    if options.tokens is None:
-        if not is_loopback(host):
-            raise ConfigurationError(
-                f"--no-auth is refused on {host}: without a token anyone who can reach that address may call "
-                "every tool; bind 127.0.0.1 (or ::1) or configure tokens"
-            )
-        log.warning("--no-auth: HTTP and SSE accept every local caller without a token (principal 'default')")
-    sock = _listen(host, port)
-    bound_port = int(sock.getsockname()[1])
-    token_path = None
-    generated = options.token_source is TokenSource.GENERATED and options.tokens is not None
-    if generated:
-        assert options.tokens is not None
-        token_path = write_token_file(bound_port, options.tokens[DEFAULT_PRINCIPAL])
-        # WARNING so that it shows at every log level: clients need this path to connect.
-        log.warning(
-            "no token configured: generated one in %s (mode 0600); Sandbox(url) on this machine reads it, "
-            "other clients send it as 'Authorization: Bearer <token>'",
-            token_path,
-        )
-    elif options.tokens is not None:
-        log.info("bearer tokens from the %s: principals %s", options.token_source, ", ".join(sorted(options.tokens)))
+
+    sock: socket.socket
+    host: str
+    port: int
+    options: HttpOptions
+    token_path: Path | None
+
+    @classmethod
+    def open(cls, host: str, port: int, options: HttpOptions) -> HttpListener:
+        """Bind `host:port` (0 = any free port) and publish a generated token.
+
+        Raises:
+            ConfigurationError: `--no-auth` on a non-loopback address, a busy port, an unwritable token file.
+        """
+        if options.tokens is None:
+            if not is_loopback(host):
+                raise ConfigurationError(
+                    f"--no-auth is refused on {host}: without a token anyone who can reach that address may "
+                    "call every tool; bind a loopback address (127.0.0.1, ::1, localhost) or configure tokens"
+                )
+            log.warning("--no-auth: HTTP and SSE accept every local caller without a token (principal 'default')")
+        sock = _listen(host, port)
+        bound = int(sock.getsockname()[1])
+        try:
+            token_path = _publish_token(options, bound)
+        except ConfigurationError:
+            sock.close()
+            raise
+        return cls(sock, host, bound, options, token_path)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.token_path is not None and self.options.tokens is not None:
+            remove_token_file(self.port, self.options.tokens[DEFAULT_PRINCIPAL])
+
+
+async def serve_http(engine: Engine, server: Server[Any], *, listener: HttpListener, log_level: str) -> None:
+    """Serve on `listener` until SIGTERM/SIGINT (uvicorn handles both), then return so the engine can clean up."""
+    options = listener.options
     config = uvicorn.Config(
-        authenticated_app(http_app(engine, server, host=host), options.tokens),
-        host=host,
-        port=bound_port,
+        authenticated_app(http_app(engine, server, host=listener.host), options.tokens),
+        host=listener.host,
+        port=listener.port,
         log_level=log_level.lower(),
         lifespan="on",
         # One line per request is a flood under attack; refusals have their own rate-limited line.
@@ -223,9 +241,27 @@ async def serve_http(
         http=guarded_protocol(options.header_timeout, hard_connection_limit=2 * options.max_connections),
     )
     _quiet_floods()
+    await _UvicornServer(config).serve(sockets=[listener.sock])
+
+
+def _publish_token(options: HttpOptions, port: int) -> Path | None:
+    """Write a generated token to the port's token file and log its path (never the token)."""
+    if options.tokens is None:
+        return None
+    if options.token_source is not TokenSource.GENERATED:
+        log.info("bearer tokens from the %s: principals %s", options.token_source, ", ".join(sorted(options.tokens)))
+        return None
     try:
-        await _UvicornServer(config).serve(sockets=[sock])
-    finally:
-        sock.close()
-        if token_path is not None and options.tokens is not None:
-            remove_token_file(bound_port, options.tokens[DEFAULT_PRINCIPAL])
+        path = write_token_file(port, options.tokens[DEFAULT_PRINCIPAL])
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write the generated token file ({exc.strerror}: {exc.filename}); set "
+            "AGENTFLOW_SANDBOX_TOKEN or server.tokens instead"
+        ) from None
+    # WARNING so that it shows at every log level: clients need this path to connect.
+    log.warning(
+        "no token configured: generated one in %s (mode 0600); Sandbox(url) on this machine reads it, "
+        "other clients send it as 'Authorization: Bearer <token>'",
+        path,
+    )
+    return path

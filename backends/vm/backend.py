@@ -1,14 +1,15 @@
 """The `vm` backend: a virtual desktop per session, seen through screenshots, driven by mouse and keyboard.
 
-A session owns a `Desktop` (from a `DisplayProvider`; today a local Xvfb and openbox),
-an XTEST input connection and an mss screenshot connection to it. X calls block, so
-they run in a worker thread, one at a time per session (`VMState.x`).
+A session owns a `Desktop` (from a `DisplayProvider`; today Xvfb and openbox, inside the
+session's sandbox unless the operator's policy says `none`) and one X connection to it
+for XTEST input and screenshots. X calls block, so they run in a worker thread, one at a
+time per session (`VMState.x`). The backend instance owns what its desktops share: the
+display numbers and the providers; each desktop keeps its own cookie.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,46 +17,74 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.to_thread
-import mss
+from pydantic import BaseModel
 from Xlib import error as xerror
 
-from backends.base import Backend, Image, SessionInfo, ToolContext, ToolResult, tool
+from backends.base import Backend, Image, Runtime, SessionSetup, ToolContext, ToolResult, tool
+from backends.policy import Policy
+from backends.vm.allocator import DisplayAllocator
 from backends.vm.capture import Geometry, ScreenCapture, encode_screenshot
-from backends.vm.display import Desktop, DesktopSpec, DisplayProvider, LaunchedApp, XvfbProvider
+from backends.vm.display import (
+    OUTPUT_ECHO_CHARS,
+    Desktop,
+    DesktopSpec,
+    DisplayProvider,
+    LaunchedApp,
+    XvfbProvider,
+    prepare_dirs,
+)
 from backends.vm.input import BUTTONS, SCROLL_BUTTONS, XInput
 from backends.vm.keys import parse_combo, parse_key, split_combo
 from backends.vm.models import (
     ClickArgs,
-    Config,
+    ClickResult,
     DragArgs,
+    DragResult,
     HotkeyArgs,
+    HotkeyResult,
     KeyArgs,
+    KeyResult,
     LaunchArgs,
+    LaunchResult,
     MoveArgs,
     PointArgs,
+    PointResult,
+    ScreenshotResult,
     ScrollArgs,
+    ScrollResult,
     TypeArgs,
+    TypeResult,
     WaitArgs,
+    WaitResult,
+    WindowInfo,
 )
-from session.errors import BackendError, ParameterError, SandboxError, SessionError
+from backends.vm.models import Config as VMConfig
+from backends.vm.models import Settings as VMSettings
+from backends.vm.runner import HostPaths, Runner
+from session.errors import BackendError, ConfigurationError, ParameterError, SandboxError, SessionError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MAX_TYPE_CHARS = 20_000
-_CONNECTION_ERRORS = (xerror.ConnectionClosedError, xerror.DisplayError, ConnectionError, mss.ScreenShotError)
+_CONNECTION_ERRORS = (xerror.ConnectionClosedError, xerror.DisplayError, ConnectionError)  # incl. GrabError
 STARTUP_WINDOW_WAIT = 5.0
 #: After a launched program exits (code 0), how long a window from its children is awaited.
 EXITED_WINDOW_GRACE = 2.0
+JPEG_NOTE = "a PNG of this screen would be too large to send; this is a JPEG (same coordinates)"
+#: A launch result echoes at most this many arguments of the command.
+ECHO_ARGS = 20
 
 #: Provider factories by `Config.provider`; a new provider is one entry here.
-PROVIDERS: dict[str, Callable[[], DisplayProvider]] = {"xvfb": XvfbProvider}
+PROVIDERS: dict[str, Callable[[VMSettings, DisplayAllocator], DisplayProvider]] = {
+    "xvfb": lambda settings, allocator: XvfbProvider(allocator, xvfb=settings.xvfb),
+}
 
 
 @dataclass(slots=True)
 class VMState:
-    """One session's desktop and its X connections."""
+    """One session's desktop and its X connection."""
 
     desktop: Desktop
     input: XInput
@@ -79,50 +108,74 @@ class VMState:
         except SandboxError:
             raise
         except _CONNECTION_ERRORS as exc:
-            problem = self.desktop.problem()
-            if problem or not isinstance(exc, mss.ScreenShotError):
-                raise SessionError(problem or f"lost the connection to the X server: {exc}") from exc
-            raise BackendError(f"screenshot failed: {exc}") from exc
+            raise SessionError(self.desktop.problem() or f"lost the connection to the X server: {exc}") from exc
         except xerror.XError as exc:
             raise BackendError(f"X server error: {exc}") from exc
 
     def close_connections(self) -> None:
-        self.input.close()
         self.capture.close()
+        self.input.close()
 
 
-class VMBackend(Backend[Config, VMState]):
+VMContext = ToolContext[VMConfig, VMState]
+
+
+class VMBackend(Backend[VMConfig, VMState]):
     """Virtual desktops (X displays) driven by mouse, keyboard and screenshots."""
 
     description: ClassVar[str] = (
         "A virtual Linux desktop per session: take screenshots to see it, then click, type and press "
         "keys. Coordinates are screenshot pixels, (0, 0) at the top-left. Start programs with launch."
     )
-    Config: ClassVar[type[Config]] = Config
+    Config: ClassVar[type[BaseModel]] = VMConfig
+    Settings: ClassVar[type[BaseModel]] = VMSettings
+    #: The server's own XTEST/screenshot connection must reach the X socket, which gVisor's
+    #: separate kernel does not share with the host: desktops run in the `sandbox` tier.
+    isolation_tiers: ClassVar[frozenset[str]] = frozenset({"none", "sandbox"})
 
-    def __init__(self, name: str, defaults: dict[str, Any] | None = None) -> None:
-        super().__init__(name, defaults)
+    settings: VMSettings
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        settings: dict[str, Any] | None = None,
+        defaults: dict[str, Any] | None = None,
+        policy: Policy | None = None,
+        runtime: Runtime,
+    ) -> None:
+        super().__init__(name, settings=settings, defaults=defaults, policy=policy, runtime=runtime)
+        self.displays = DisplayAllocator(self.settings.display_base, self.settings.display_count)
         self._providers: dict[str, DisplayProvider] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def initialize(self, worker_id: str, config: Config) -> VMState:
+    async def initialize(self, setup: SessionSetup[VMConfig]) -> VMState:
+        config = setup.config
+        paths = HostPaths.under(setup.scratch)
+        await anyio.to_thread.run_sync(prepare_dirs, paths)
+        runner = await self._runner(setup, paths)
         width, height = config.screen_size
         spec = DesktopSpec(
             width=width,
             height=height,
             window_manager=None if config.window_manager == "none" else config.window_manager,
             env=dict(config.env),
-            label=re.sub(r"[^A-Za-z0-9_.-]", "_", worker_id)[:32] or "worker",
+            label=setup.label,
             start_timeout=config.start_timeout,
         )
-        desktop = await self._provider(config.provider).start(spec)
+        try:
+            desktop = await self._provider(config.provider).start(spec, runner, paths)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await runner.aclose()
+            raise
         input_conn: XInput | None = None
         capture: ScreenCapture | None = None
         try:
-            input_conn = await anyio.to_thread.run_sync(XInput, desktop.display_name)
+            input_conn = await anyio.to_thread.run_sync(XInput, desktop.endpoint)
             capture = await anyio.to_thread.run_sync(
-                lambda: ScreenCapture(desktop.display_name, with_cursor=config.show_cursor)
+                lambda: ScreenCapture(desktop.endpoint, input_conn.display, with_cursor=config.show_cursor)
             )
             state = VMState(
                 desktop=desktop,
@@ -132,18 +185,20 @@ class VMBackend(Backend[Config, VMState]):
                 png_level=config.png_compression,
             )
             for command in config.startup:
-                await self._launch(state, _argv(command), wait_for_window=True, window_wait=STARTUP_WINDOW_WAIT)
+                # A startup program gets as long as the desktop itself to show its window: on a
+                # loaded machine an xterm can take seconds, and keys typed before it maps are lost.
+                wait = max(STARTUP_WINDOW_WAIT, config.start_timeout)
+                await self._launch(state, _argv(command), wait_for_window=True, window_wait=wait)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                for conn in (input_conn, capture):
+                await desktop.aclose()
+                for conn in (capture, input_conn):
                     if conn is not None:
                         await anyio.to_thread.run_sync(conn.close)
-                await desktop.aclose()
             raise
         return state
 
-    async def cleanup(self, worker_id: str, session_info: SessionInfo) -> None:
-        state: VMState = session_info.state
+    async def cleanup(self, setup: SessionSetup[VMConfig], state: VMState) -> None:
         with anyio.CancelScope(shield=True):
             # Stop the display first: closing a connection to a hung server could block.
             try:
@@ -157,20 +212,44 @@ class VMBackend(Backend[Config, VMState]):
             "display": desktop.display_name,
             "pids": desktop.pids(),
             "screen_size": [state.geometry.screen_width, state.geometry.screen_height],
+            "screenshots": state.capture.method,
+            "sandbox": desktop.describe(),
         }
+
+    def export(self, state: VMState) -> dict[str, str]:
+        """What a browser session needs to show its windows on this desktop (headed mode).
+
+        `display` is the name inside a sandbox that binds `x11_socket_dir` at /tmp/.X11-unix;
+        `xauthority` is the desktop's cookie file. Only the engine may hand these to a session
+        of the same principal: holding them is holding the desktop.
+        """
+        return state.desktop.export()
 
     async def health(self, state: VMState) -> str | None:
         return state.desktop.problem()
 
+    def status(self) -> dict[str, Any]:
+        return {"live_displays": len(self.displays.live), "isolation_tiers": sorted(self.isolation_tiers)}
+
+    async def _runner(self, setup: SessionSetup[VMConfig], paths: HostPaths) -> Runner:
+        if setup.policy.isolation not in self.isolation_tiers:
+            raise ConfigurationError(
+                f"vm desktops cannot run under isolation {setup.policy.isolation!r}: the server's own X "
+                f"connection must reach the desktop's socket; this backend provides {sorted(self.isolation_tiers)}"
+            )
+        return await Runner.create(
+            label=setup.label, policy=setup.policy, server_id=self.runtime.server_id, paths=paths
+        )
+
     def _provider(self, name: str) -> DisplayProvider:
         if name not in self._providers:
-            self._providers[name] = PROVIDERS[name]()
+            self._providers[name] = PROVIDERS[name](self.settings, self.displays)
         return self._providers[name]
 
     # -- seeing ----------------------------------------------------------------------------
 
     @tool(read_only=True)
-    async def screenshot(self, ctx: ToolContext[VMState]) -> ToolResult:
+    async def screenshot(self, ctx: VMContext) -> ToolResult[ScreenshotResult]:
         """Capture the whole screen as a PNG image.
 
         Returns the image plus width/height (the coordinate space every other tool uses),
@@ -180,16 +259,16 @@ class VMBackend(Backend[Config, VMState]):
         return await _screenshot(ctx.state)
 
     @tool(read_only=True)
-    async def cursor_position(self, ctx: ToolContext[VMState]) -> dict[str, Any]:
+    async def cursor_position(self, ctx: VMContext) -> PointResult:
         """Where the mouse pointer is, in screenshot pixels."""
         state = ctx.state
         x, y = state.geometry.to_model(*await state.x(state.input.pointer))
-        return {"x": x, "y": y}
+        return PointResult(x=x, y=y)
 
     # -- mouse -----------------------------------------------------------------------------
 
     @tool()
-    async def click(self, ctx: ToolContext[VMState], args: ClickArgs) -> dict[str, Any]:
+    async def click(self, ctx: VMContext, args: ClickArgs) -> ClickResult:
         """Click a mouse button at (x, y) in screenshot pixels.
 
         Omitting x or y keeps the pointer's current position on that axis. `clicks=2`
@@ -198,25 +277,25 @@ class VMBackend(Backend[Config, VMState]):
         return await _click(ctx.state, args.x, args.y, args.button, args.clicks, args.hold_keys)
 
     @tool()
-    async def double_click(self, ctx: ToolContext[VMState], args: PointArgs) -> dict[str, Any]:
+    async def double_click(self, ctx: VMContext, args: PointArgs) -> ClickResult:
         """Double-click the left button at (x, y) in screenshot pixels (e.g. to open a file)."""
         return await _click(ctx.state, args.x, args.y, "left", 2, args.hold_keys)
 
     @tool()
-    async def right_click(self, ctx: ToolContext[VMState], args: PointArgs) -> dict[str, Any]:
+    async def right_click(self, ctx: VMContext, args: PointArgs) -> ClickResult:
         """Right-click at (x, y) in screenshot pixels, usually to open a context menu."""
         return await _click(ctx.state, args.x, args.y, "right", 1, args.hold_keys)
 
     @tool()
-    async def move(self, ctx: ToolContext[VMState], args: MoveArgs) -> dict[str, Any]:
+    async def move(self, ctx: VMContext, args: MoveArgs) -> PointResult:
         """Move the mouse pointer to (x, y) in screenshot pixels without clicking (e.g. to hover)."""
         state = ctx.state
         sx, sy = state.geometry.to_screen(args.x, args.y)
         await state.x(state.input.move, sx, sy)
-        return {"x": args.x, "y": args.y}
+        return PointResult(x=args.x, y=args.y)
 
     @tool()
-    async def drag(self, ctx: ToolContext[VMState], args: DragArgs) -> dict[str, Any]:
+    async def drag(self, ctx: VMContext, args: DragArgs) -> DragResult:
         """Press a mouse button at `from`, move to `to`, release there (drag and drop, select, resize)."""
         state = ctx.state
         x0, y0 = state.geometry.to_screen(*args.start)
@@ -226,22 +305,22 @@ class VMBackend(Backend[Config, VMState]):
             for i in range(args.steps + 1)
         ]
         await state.x(state.input.drag, path, BUTTONS[args.button], 0.01)
-        return {"from": list(args.start), "to": list(args.end), "button": args.button}
+        return DragResult(start=args.start, end=args.end, button=args.button)
 
     @tool()
-    async def scroll(self, ctx: ToolContext[VMState], args: ScrollArgs) -> dict[str, Any]:
+    async def scroll(self, ctx: VMContext, args: ScrollArgs) -> ScrollResult:
         """Scroll the mouse wheel at (x, y) in screenshot pixels (omitted: where the pointer is)."""
         state = ctx.state
         hold = [parse_key(k, in_combo=True) for k in args.hold_keys]
         sx, sy = await _target(state, args.x, args.y)
         await state.x(state.input.scroll, sx, sy, SCROLL_BUTTONS[args.direction], args.amount, hold)
         x, y = state.geometry.to_model(sx, sy)
-        return {"x": x, "y": y, "direction": args.direction, "amount": args.amount}
+        return ScrollResult(x=x, y=y, direction=args.direction, amount=args.amount)
 
     # -- keyboard --------------------------------------------------------------------------
 
     @tool(name="type")
-    async def type_(self, ctx: ToolContext[VMState], args: TypeArgs) -> dict[str, Any]:
+    async def type_(self, ctx: VMContext, args: TypeArgs) -> TypeResult:
         """Type text into the focused window, as if on a keyboard.
 
         Click the target field first. Any Unicode works; '\\n' presses Enter. For
@@ -259,65 +338,61 @@ class VMBackend(Backend[Config, VMState]):
                     "remove it, or use the key tool (e.g. 'esc')"
                 )
         await ctx.state.x(ctx.state.input.type_text, text.replace("\r\n", "\n"))
-        return {"typed": len(text)}
+        return TypeResult(typed=len(text))
 
     @tool()
-    async def hotkey(self, ctx: ToolContext[VMState], args: HotkeyArgs) -> dict[str, Any]:
+    async def hotkey(self, ctx: VMContext, args: HotkeyArgs) -> HotkeyResult:
         """Press a key combination: modifiers held in order, the last key tapped, all released.
 
         E.g. ['ctrl', 'l'], ['ctrl', 'shift', 't'], ['alt', 'f4'], or 'ctrl+c'.
         """
         keysyms = parse_combo(args.keys)
         await ctx.state.x(ctx.state.input.press_combo, keysyms)
-        return {"keys": split_combo(args.keys)}
+        return HotkeyResult(keys=split_combo(args.keys))
 
     @tool()
-    async def key(self, ctx: ToolContext[VMState], args: KeyArgs) -> dict[str, Any]:
+    async def key(self, ctx: VMContext, args: KeyArgs) -> KeyResult:
         """Press and release one key ('enter', 'esc', 'tab', 'f5', 'pagedown') or a combination ('ctrl+a')."""
         keysyms = parse_combo(args.name)
         await ctx.state.x(ctx.state.input.press_combo, keysyms, args.repeat)
-        return {"key": args.name, "repeat": args.repeat}
+        return KeyResult(key=args.name, repeat=args.repeat)
 
     # -- programs and time -----------------------------------------------------------------
 
     @tool(open_world=True)
-    async def launch(self, ctx: ToolContext[VMState], args: LaunchArgs) -> dict[str, Any]:
+    async def launch(self, ctx: VMContext, args: LaunchArgs) -> LaunchResult:
         """Start a program on the desktop (e.g. 'xterm'), and by default wait for its window.
 
         Returns the process id and the new window's title. The program runs until the
-        session ends or it exits.
+        session ends or it exits. It starts with a minimal environment (PATH, HOME,
+        DISPLAY, LANG, ...) plus the session's `env` config.
         """
         return await self._launch(ctx.state, _argv(args.command), args.wait_for_window, args.timeout)
 
     @tool(read_only=True)
-    async def wait(self, ctx: ToolContext[VMState], args: WaitArgs) -> dict[str, Any] | ToolResult:
+    async def wait(self, ctx: VMContext, args: WaitArgs) -> ToolResult[WaitResult]:
         """Wait some seconds (e.g. for a program to load), optionally taking a screenshot afterwards."""
         await anyio.sleep(args.seconds)
-        if args.screenshot:
-            result = await _screenshot(ctx.state)
-            assert isinstance(result.data, dict)
-            result.data["waited"] = args.seconds
-            return result
-        return {"waited": args.seconds}
+        if not args.screenshot:
+            return ToolResult(WaitResult(waited=args.seconds))
+        shot = await _screenshot(ctx.state)
+        return ToolResult(WaitResult(waited=args.seconds, screenshot=shot.data), images=shot.images)
 
-    async def _launch(
-        self, state: VMState, argv: list[str], wait_for_window: bool, window_wait: float
-    ) -> dict[str, Any]:
+    async def _launch(self, state: VMState, argv: list[str], wait_for_window: bool, window_wait: float) -> LaunchResult:
         before = set(await state.x(state.input.client_windows)) if wait_for_window else set()
         app = await state.desktop.launch(argv)
-        result: dict[str, Any] = {"pid": app.pid, "command": argv, "window": None}
+        result = LaunchResult(pid=app.pid, command=_echo(argv), window=None)
         if not wait_for_window:
             return result
         window = await _new_window(state, app, before, window_wait)
         if window is None and app.returncode is not None:
-            result["exit_code"] = app.returncode
-            result["note"] = f"the program exited (code {app.returncode}) without opening a window"
-            if app.log_tail():
-                result["output"] = app.log_tail()
+            result.exit_code = app.returncode
+            result.note = f"the program exited (code {app.returncode}) without opening a window"
+            result.output = app.output() or None
         elif window is None:
-            result["note"] = f"no new window appeared within {window_wait:g} s; the program is still running"
+            result.note = f"no new window appeared within {window_wait:g} s; the program is still running"
         else:
-            result["window"] = {"id": window, "title": await state.x(state.input.window_title, window)}
+            result.window = WindowInfo(id=window, title=await state.x(state.input.window_title, window))
         return result
 
 
@@ -329,18 +404,35 @@ def _argv(command: str | list[str]) -> list[str]:
         try:
             argv = shlex.split(command)
         except ValueError as exc:
-            raise ParameterError(f"cannot parse command {command!r}: {exc}") from None
+            raise ParameterError(f"cannot parse command {command[:OUTPUT_ECHO_CHARS]!r}: {exc}") from None
     else:
         argv = [str(a) for a in command]
     if not argv or not argv[0]:
         raise ParameterError("command is empty: give a program to start, e.g. 'xterm'")
+    if any("\0" in a for a in argv):
+        raise ParameterError("command arguments must not contain NUL characters")
     return argv
 
 
-def _check_exit(app: LaunchedApp) -> None:
+def _echo(argv: list[str]) -> list[str]:
+    """The command as a result shows it: a bounded prefix of each of the first arguments."""
+    shown = [a[:OUTPUT_ECHO_CHARS] for a in argv[:ECHO_ARGS]]
+    if len(argv) > ECHO_ARGS:
+        shown.append(f"... ({len(argv) - ECHO_ARGS} more)")
+    return shown
+
+
+def _check_exit(app: LaunchedApp, limits: str = "") -> None:
     code = app.returncode
     if code is not None and code != 0:
-        raise BackendError(f"{app.argv[0]} exited with code {code}: {app.log_tail() or 'no output'}")
+        output = app.output()
+        if output.startswith("bwrap: execvp"):
+            # The sandbox could not start it: a missing or non-executable program, the caller's mistake.
+            raise ParameterError(f"program {app.argv[0][:OUTPUT_ECHO_CHARS]!r} could not be started: {output}")
+        reason = f" ({limits})" if limits else ""
+        raise BackendError(
+            f"{app.argv[0][:OUTPUT_ECHO_CHARS]} exited with code {code}{reason}: {output or 'no output'}"
+        )
 
 
 async def _target(state: VMState, x: int | None, y: int | None) -> tuple[int, int]:
@@ -355,15 +447,15 @@ async def _target(state: VMState, x: int | None, y: int | None) -> tuple[int, in
 
 async def _click(
     state: VMState, x: int | None, y: int | None, button: str, clicks: int, hold_keys: list[str]
-) -> dict[str, Any]:
+) -> ClickResult:
     hold = [parse_key(k, in_combo=True) for k in hold_keys]
     sx, sy = await _target(state, x, y)
     await state.x(state.input.click, sx, sy, BUTTONS[button], clicks, hold)
     mx, my = state.geometry.to_model(sx, sy)
-    return {"x": mx, "y": my, "button": button, "clicks": clicks}
+    return ClickResult(x=mx, y=my, button=button, clicks=clicks)
 
 
-async def _screenshot(state: VMState) -> ToolResult:
+async def _screenshot(state: VMState) -> ToolResult[ScreenshotResult]:
     geometry = state.geometry
 
     def capture() -> tuple[bytes, str, tuple[int, int], str | None]:
@@ -372,19 +464,18 @@ async def _screenshot(state: VMState) -> ToolResult:
 
     encoded, fmt, pointer, title = await state.x(capture)
     cx, cy = geometry.to_model(*pointer)
-    data = {
-        "width": geometry.width,
-        "height": geometry.height,
-        "scale": round(geometry.scale, 6),
-        "screen_width": geometry.screen_width,
-        "screen_height": geometry.screen_height,
-        "cursor": {"x": cx, "y": cy},
-        "active_window": title,
-        "format": fmt,
-        "bytes": len(encoded),
-    }
-    if fmt != "png":
-        data["note"] = "a PNG of this screen would be too large to send; this is a JPEG (same coordinates)"
+    data = ScreenshotResult(
+        width=geometry.width,
+        height=geometry.height,
+        scale=round(geometry.scale, 6),
+        screen_width=geometry.screen_width,
+        screen_height=geometry.screen_height,
+        cursor=PointResult(x=cx, y=cy),
+        active_window=title[:OUTPUT_ECHO_CHARS] if title else title,
+        format="png" if fmt == "png" else "jpeg",
+        bytes=len(encoded),
+        note=None if fmt == "png" else JPEG_NOTE,
+    )
     return ToolResult(data=data, images=[Image(encoded, f"image/{fmt}")])
 
 
@@ -403,7 +494,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
             if new:
                 window = new[-1]
                 break
-            _check_exit(app)
+            _check_exit(app, state.desktop.limits_hit())
             if app.returncode == 0:
                 # A launcher may exit at once and leave a window to a child: give it a moment.
                 exited_at = exited_at or anyio.current_time()
@@ -411,7 +502,7 @@ async def _new_window(state: VMState, app: LaunchedApp, before: set[int], window
                     break
             await anyio.sleep(0.05)
     if window is None:
-        _check_exit(app)
+        _check_exit(app, state.desktop.limits_hit())
         return None
     # On a busy machine the window manager may take a while to focus it.
     with anyio.move_on_after(max(1.0, min(5.0, deadline - anyio.current_time()))):

@@ -1,4 +1,4 @@
-"""Screenshots (mss grab + Pillow PNG) and the mapping between screen and model coordinates.
+"""Screenshots (X GetImage + Pillow PNG) and the mapping between screen and model coordinates.
 
 A session may ask for screenshots scaled down to fit a maximum size (`scale_to`), as
 computer-use models expect; `Geometry` maps the model's coordinates back to the
@@ -7,14 +7,18 @@ screen and checks they are on it.
 
 from __future__ import annotations
 
+import array
 import io
 import logging
 from dataclasses import dataclass
+from typing import cast
 
-import mss
 from PIL import Image as PILImage
+from Xlib import display as xdisplay
 
-from session.errors import ParameterError
+from backends.vm.xconnect import XEndpoint
+from backends.vm.xgrab import RootGrabber
+from session.errors import BackendError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +86,55 @@ class Geometry:
 
 
 class ScreenCapture:
-    """Grabs one display through mss (XCB, MIT-SHM when available) and encodes PNG."""
+    """Grabs one desktop's screen and draws the pointer in if asked.
 
-    def __init__(self, display_name: str, *, with_cursor: bool = False) -> None:
-        self.display_name = display_name
-        self._mss = mss.MSS(display=display_name, with_cursor=with_cursor)
+    Pixels come over a connection of their own (`RootGrabber`: core GetImage, which needs
+    no shared memory, so it works across a sandbox's IPC namespace); the pointer image
+    comes from XFIXES on the session's python-xlib connection.
+    """
+
+    def __init__(self, endpoint: XEndpoint, display: xdisplay.Display, *, with_cursor: bool = False) -> None:
+        self.display = display
+        self.root = display.screen().root
+        self.with_cursor = with_cursor and display.has_extension("XFIXES")
+        if self.with_cursor:
+            display.xfixes_query_version()  # the extension answers nothing before this
+        self._grabber = RootGrabber(endpoint)
+
+    @property
+    def method(self) -> str:
+        """How pixels are read: 'mit-shm' (shared memory) or 'getimage' (copied over the socket)."""
+        return "mit-shm" if self._grabber.shared_memory else "getimage"
 
     def close(self) -> None:
-        try:
-            self._mss.close()
-        except Exception:  # the server may already be gone
-            log.debug("closing screenshot connection", exc_info=True)
+        self._grabber.close()
 
     def grab(self, geometry: Geometry) -> PILImage.Image:
-        """The whole screen as an RGB image, scaled to the shown size."""
-        region = {"left": 0, "top": 0, "width": geometry.screen_width, "height": geometry.screen_height}
-        shot = self._mss.grab(region)
-        # `raw` is the grabbed buffer as is; `bgra` would copy it byte by byte (~15 ms at 1080p).
-        image = PILImage.frombuffer("RGB", shot.size, shot.raw, "raw", "BGRX", 0, 1)
+        """The whole screen as an RGB image, scaled to the shown size.
+
+        Raises:
+            BackendError: the screen's pixel format is not 24-bit colour in 32-bit pixels.
+        """
+        size = (geometry.screen_width, geometry.screen_height)
+        data = self._grabber.grab(*size)
+        if len(data) != size[0] * size[1] * 4:
+            raise BackendError(f"unsupported screen format (depth {self._grabber.depth}, {len(data)} bytes)")
+        # Unpacking BGRX into RGB copies, so shared memory the next grab reuses is not kept.
+        image = PILImage.frombuffer("RGB", size, cast(bytes, data), "raw", "BGRX", 0, 1)
+        if self.with_cursor:
+            self._draw_cursor(image)
         if geometry.scaled:
             image = image.resize((geometry.width, geometry.height), PILImage.Resampling.LANCZOS, reducing_gap=2.0)
         return image
 
-    def png(self, geometry: Geometry, compress_level: int) -> bytes:
-        return encode_png(self.grab(geometry), compress_level)
+    def _draw_cursor(self, image: PILImage.Image) -> None:
+        cursor = self.display.xfixes_get_cursor_image(self.root)
+        if not cursor.width or not cursor.height:
+            return
+        # Premultiplied ARGB words; little-endian bytes are B, G, R, A.
+        pixels = array.array("I", cursor.cursor_image).tobytes()
+        sprite = PILImage.frombuffer("RGBA", (cursor.width, cursor.height), pixels, "raw", "BGRa", 0, 1)
+        image.paste(sprite, (cursor.x - cursor.xhot, cursor.y - cursor.yhot), sprite)
 
 
 def encode_png(image: PILImage.Image, compress_level: int) -> bytes:
@@ -114,9 +143,10 @@ def encode_png(image: PILImage.Image, compress_level: int) -> bytes:
     return out.getvalue()
 
 
-#: Largest encoded screenshot sent as is. Base64 adds a third, and the official MCP
-#: client refuses a streamable-HTTP event over 1 MiB, so busy large screens go JPEG.
-MAX_IMAGE_BYTES = 700 * 1024
+#: Largest encoded screenshot sent as is. Base64 adds a third and the engine keeps a whole
+#: result under 900 KiB (the official MCP client refuses an event over 1 MiB), so a busy
+#: large screen goes JPEG rather than being dropped.
+MAX_IMAGE_BYTES = 640 * 1024
 
 
 def encode_screenshot(image: PILImage.Image, compress_level: int, limit: int = MAX_IMAGE_BYTES) -> tuple[bytes, str]:

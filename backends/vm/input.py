@@ -13,11 +13,11 @@ from collections.abc import Iterable, Sequence
 
 import Xlib.XK as XK
 from Xlib import X, Xatom
-from Xlib import display as xdisplay
 from Xlib import error as xerror
 from Xlib.ext import xtest
 
 from backends.vm.keys import MODIFIER_KEYSYMS, Keymap, char_to_keysym
+from backends.vm.xconnect import XEndpoint, open_display
 from session.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,13 @@ SETTLE_TIMEOUT = 2.0
 class XInput:
     """XTEST input and a few window queries on a private connection to one display."""
 
-    def __init__(self, display_name: str) -> None:
-        self.display = xdisplay.Display(display_name)
+    def __init__(self, endpoint: XEndpoint) -> None:
+        self.display = open_display(endpoint)
         self._errors: list[xerror.XError] = []
         self.display.set_error_handler(self._on_error)
         if not self.display.has_extension("XTEST"):
             self.display.close()
-            raise BackendError(f"X server {display_name} lacks the XTEST extension needed for input")
+            raise BackendError(f"X server {endpoint.display} lacks the XTEST extension needed for input")
         self.root = self.display.screen().root
         self.keymap = Keymap(self.display)
         self._atoms: dict[str, int] = {}
@@ -169,7 +169,7 @@ class XInput:
             return True  # no window manager: input goes to the window under the pointer
         # The property is absent until the window manager first focuses something.
         active = self._window_property(self.root, "_NET_ACTIVE_WINDOW", Xatom.WINDOW)
-        return bool(active) and active[0] == window_id
+        return active is not None and len(active) > 0 and active[0] == window_id
 
     def client_windows(self) -> list[int]:
         """Top-level windows the window manager manages (`_NET_CLIENT_LIST`), else mapped root children."""

@@ -104,7 +104,7 @@ ALIASES.update({f"f{n}": f"F{n}" for n in range(1, 25)})
 VENDOR_KEYSYM_BIT = 0x10000000
 
 #: Control characters `type` accepts, as the key that produces them.
-TEXT_CONTROL = {"\n": XK.XK_Return, "\r": XK.XK_Return, "\t": XK.XK_Tab, "\b": XK.XK_BackSpace}
+TEXT_CONTROL: dict[str, int] = {"\n": XK.XK_Return, "\r": XK.XK_Return, "\t": XK.XK_Tab, "\b": XK.XK_BackSpace}
 
 MODIFIER_KEYSYMS = frozenset(
     XK.string_to_keysym(n)

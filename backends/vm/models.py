@@ -1,7 +1,11 @@
-"""The vm backend's session config and tool argument models (their schemas are what an LLM reads)."""
+"""The vm backend's models: session config, backend-wide settings, tool arguments and results.
+
+Their JSON Schemas are what an LLM reads.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,6 +14,9 @@ MIN_SIZE = (320, 200)
 MAX_SIZE = (7680, 4320)
 
 Point = tuple[int, int]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: Variables the desktop sets itself: a session changing them would only lose its display.
+_RESERVED_ENV = frozenset({"DISPLAY", "XAUTHORITY"})
 
 
 def _check_size(value: tuple[int, int], what: str) -> tuple[int, int]:
@@ -43,7 +50,11 @@ class Config(BaseModel):
     window_manager: Literal["openbox", "none"] = Field(
         "openbox", description="Window manager giving windows focus and decorations."
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for launched programs.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment for launched programs (they start from a minimal one: "
+        "PATH, HOME, DISPLAY, XAUTHORITY, LANG, TMPDIR, XDG dirs).",
+    )
     png_compression: int = Field(
         3, ge=0, le=9, description="PNG compression level of screenshots: 1 fastest, 9 smallest."
     )
@@ -56,10 +67,34 @@ class Config(BaseModel):
     def _screen_size(cls, value: tuple[int, int]) -> tuple[int, int]:
         return _check_size(value, "screen_size")
 
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name[:40]!r} is not valid (letters, digits, '_')")
+            if name in _RESERVED_ENV:
+                raise ValueError(f"{name} is set by the desktop itself and cannot be changed")
+            if "\0" in text or len(text) > 8192:
+                raise ValueError(f"environment variable {name} must be at most 8192 characters, without NUL")
+        return value
+
     @field_validator("scale_to")
     @classmethod
     def _scale_to(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
         return None if value is None else _check_size(value, "scale_to")
+
+
+class Settings(BaseModel):
+    """Backend-wide settings of `vm` (manifest `resources.vm.settings`; clients cannot change them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    xvfb: str = Field("Xvfb", description="The Xvfb program (name on PATH or absolute path).")
+    display_base: int = Field(
+        100, ge=1, le=30000, description="First X display number given to desktops (numbers below stay free)."
+    )
+    display_count: int = Field(1000, ge=1, le=30000, description="How many display numbers desktops may use.")
 
 
 _X = "Horizontal position in screenshot pixels (0 = left edge). Omit to keep the pointer's current x."
@@ -136,7 +171,88 @@ class LaunchArgs(_Args):
     wait_for_window: bool = Field(True, description="Wait until the program opens a window.")
     timeout: float = Field(10.0, ge=0, le=120, description="Seconds to wait for the window.")
 
+    @field_validator("command")
+    @classmethod
+    def _bounded(cls, value: str | list[str]) -> str | list[str]:
+        size = len(value) if isinstance(value, str) else sum(len(a) for a in value)
+        if size > 65536:
+            raise ValueError(f"command is {size} characters; at most 65536")
+        return value
+
 
 class WaitArgs(_Args):
     seconds: float = Field(1.0, ge=0, le=60, description="Seconds to wait (e.g. for a program to load).")
     screenshot: bool = Field(False, description="Take a screenshot after waiting.")
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PointResult(_Result):
+    x: int = Field(description="Horizontal position in screenshot pixels.")
+    y: int = Field(description="Vertical position in screenshot pixels.")
+
+
+class ClickResult(PointResult):
+    button: str
+    clicks: int
+
+
+class DragResult(_Result):
+    start: Point = Field(alias="from", serialization_alias="from")
+    end: Point = Field(alias="to", serialization_alias="to")
+    button: str
+
+
+class ScrollResult(PointResult):
+    direction: str
+    amount: int
+
+
+class TypeResult(_Result):
+    typed: int = Field(description="Characters typed.")
+
+
+class HotkeyResult(_Result):
+    keys: list[str]
+
+
+class KeyResult(_Result):
+    key: str
+    repeat: int
+
+
+class ScreenshotResult(_Result):
+    width: int = Field(description="Screenshot width: the x range every tool takes.")
+    height: int = Field(description="Screenshot height: the y range every tool takes.")
+    scale: float = Field(description="Screenshot pixels per screen pixel (1.0 unless scale_to is set).")
+    screen_width: int
+    screen_height: int
+    cursor: PointResult
+    active_window: str | None = Field(description="Title of the focused window.")
+    format: Literal["png", "jpeg"]
+    bytes: int
+    note: str | None = None
+
+
+class WindowInfo(_Result):
+    id: int
+    title: str | None
+
+
+class LaunchResult(_Result):
+    pid: int = Field(description="Host process id of the program (of its sandbox wrapper when sandboxed).")
+    command: list[str]
+    window: WindowInfo | None = Field(description="The window it opened, if it was awaited and appeared.")
+    exit_code: int | None = None
+    output: str | None = Field(None, description="The start of what the program printed (at most 200 characters).")
+    note: str | None = None
+
+
+class WaitResult(_Result):
+    waited: float = Field(description="Seconds waited.")
+    screenshot: ScreenshotResult | None = None

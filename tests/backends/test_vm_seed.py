@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import anyio
@@ -14,7 +12,8 @@ import pytest
 from PIL import Image as PILImage
 
 from sandbox import Sandbox
-from tests.support.leaks import session_pids
+from session.errors import ConfigurationError, PermissionDenied
+from tests.backends.vm_harness import alive
 from tests.support.manifests import write_manifest
 
 pytestmark = [
@@ -33,25 +32,24 @@ def _size(result: dict) -> tuple[int, int]:
     return image.size
 
 
-def _vm_pids(worker: str) -> list[int]:
-    """Live processes of this worker's vm sessions.
-
-    The server names a `_meta`-keyed worker `key:<id>`; the vm tags its processes
-    `vm-<that, made filename-safe>-...`.
-    """
-    return session_pids(tag_prefix=f"vm-key_{worker}")
+async def _desktop_pids(sandbox: Sandbox) -> list[int]:
+    """Live processes of this client's vm sessions, as the server reports them (sandbox membership)."""
+    sessions = (await sandbox.list_sessions())["sessions"]
+    return [pid for s in sessions if s["resource_type"] == "vm" for pid in s["details"]["pids"] if alive(pid)]
 
 
-def _worker() -> str:
-    """A worker id whose processes are recognisable (the vm tags processes `vm-<worker>-...`)."""
-    return f"seedvm{uuid.uuid4().hex[:12]}"
+async def _gone(pids: list[int]) -> bool:
+    with anyio.fail_after(15):
+        while [p for p in pids if alive(p)]:  # noqa: ASYNC110 - nothing to wait on for another's exit
+            await anyio.sleep(0.05)
+    return True
 
 
 async def test_seed_vm_session_explicit_mode_and_reinitialize(vm_manifest: Path) -> None:
-    worker = _worker()
-    async with Sandbox(manifest=vm_manifest, worker_id=worker) as sandbox:
+    async with Sandbox(manifest=vm_manifest) as sandbox:
         await sandbox.create_session("vm", {"screen_size": [1920, 1080], "custom_name": "my_vm"})
-        assert len(_vm_pids(worker)) >= 2  # Xvfb and the window manager
+        first = await _desktop_pids(sandbox)
+        assert len(first) >= 2  # Xvfb and the window manager (and their sandbox wrappers)
         shot = await sandbox.execute("vm:screenshot", {})
         assert shot["code"] == 0, shot
         assert _size(shot) == (1920, 1080)
@@ -66,40 +64,53 @@ async def test_seed_vm_session_explicit_mode_and_reinitialize(vm_manifest: Path)
         result = await sandbox.reinitialize("vm", {"screen_size": [2560, 1440]})
         assert result["old_session_id"] != result["new_session_id"]
         assert _size(await sandbox.execute("vm:screenshot", {})) == (2560, 1440)
+        assert await _gone(first)
 
         off = await sandbox.execute("vm:click", {"x": 5000, "y": 10})
         assert off["code"] == 1002
         assert "2560x1440" in off["message"]
+        second = await _desktop_pids(sandbox)
         await sandbox.destroy_session("vm")
-        assert _vm_pids(worker) == []
+        assert await _gone(second)
 
 
-async def test_seed_vm_temporary_screenshot_leaves_nothing(vm_manifest: Path) -> None:
-    worker = _worker()
-    async with Sandbox(manifest=vm_manifest, worker_id=worker) as sandbox:
+async def test_seed_vm_temporary_screenshot(vm_manifest: Path) -> None:
+    async with Sandbox(manifest=vm_manifest) as sandbox:
         shot = await sandbox.execute("vm:screenshot", {})
         assert shot["code"] == 0, shot
         assert shot["meta"]["temporary_session"] is True
         assert _size(shot) == (1280, 800)
-        assert _vm_pids(worker) == []
+        assert await _desktop_pids(sandbox) == []
 
 
 async def test_closing_the_client_destroys_its_desktop(vm_manifest: Path) -> None:
-    worker = _worker()
-    async with Sandbox(manifest=vm_manifest, worker_id=worker) as sandbox:
+    async with Sandbox(manifest=vm_manifest) as sandbox:
         await sandbox.create_session("vm", {"startup": ["xterm"]})
-        assert len(_vm_pids(worker)) >= 3  # Xvfb, window manager, xterm
-    assert _vm_pids(worker) == []
+        pids = await _desktop_pids(sandbox)
+        assert len(pids) >= 3  # Xvfb, window manager, xterm
+    assert await _gone(pids)
 
 
-async def test_a_desktop_refuses_clients_without_its_cookie(vm_manifest: Path) -> None:
-    """Another session's apps (or any local process) cannot reach this desktop."""
+async def test_a_desktop_is_not_reachable_by_its_display_name_from_the_host(vm_manifest: Path) -> None:
+    """Its socket is in the session's own directory, never /tmp/.X11-unix or an abstract socket."""
     async with Sandbox(manifest=vm_manifest) as sandbox:
         await sandbox.create_session("vm")
-        display = (await sandbox.list_sessions())["sessions"][0]["details"]["display"]
-        stranger = {k: v for k, v in os.environ.items() if k != "XAUTHORITY"} | {"XAUTHORITY": "/dev/null"}
-        refused = await anyio.run_process(["xdpyinfo", "-display", display], env=stranger, check=False)
-        assert refused.returncode != 0
-        assert b"Authorization required" in refused.stderr
+        details = (await sandbox.list_sessions())["sessions"][0]["details"]
+        assert details["sandbox"]["tier"] == "sandbox"
         launched = await sandbox.execute("vm:launch", {"command": "xterm -T own-app"})
         assert launched["code"] == 0, launched  # the session's own apps hold the cookie
+        assert launched["data"]["window"]["title"] == "own-app"
+        stranger = {"PATH": "/usr/bin:/bin", "XAUTHORITY": "/dev/null", "DISPLAY": details["display"]}
+        refused = await anyio.run_process(["xdpyinfo"], env=stranger, check=False)
+        assert refused.returncode != 0
+
+
+async def test_policy_requests_a_desktop_cannot_honour_or_may_not_get_are_refused(vm_manifest: Path) -> None:
+    async with Sandbox(manifest=vm_manifest) as sandbox:
+        with pytest.raises(ConfigurationError, match="gvisor") as gvisor:
+            await sandbox.create_session("vm", {"isolation": "gvisor"})  # tighter, but no X socket under runsc
+        assert gvisor.value.code == 5001
+        with pytest.raises(PermissionDenied, match="isolation") as looser:
+            await sandbox.create_session("vm", {"isolation": "none"})  # looser than the operator's policy
+        assert looser.value.code == 1006
+        assert (await sandbox.list_sessions())["sessions"] == []

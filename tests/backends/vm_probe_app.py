@@ -1,6 +1,6 @@
 """A tiny X program for the vm tests: one window that records what reaches it.
 
-Usage: python vm_probe_app.py LOG_PATH [TITLE]
+Usage: python vm_probe_app.py LOG_PATH [TITLE]   (LOG_PATH '-' is standard output)
 
 Writes JSON lines to LOG_PATH: `{"event": "geometry", "x", "y", "width", "height"}`
 (window position on the screen) whenever it is exposed or moved, `{"event": "button",
@@ -35,7 +35,7 @@ def main(log_path: str, title: str = "vm-probe") -> None:
     window.set_wm_name(title)
     window.map()
     display.flush()
-    with open(log_path, "a", buffering=1) as log:
+    with open(1 if log_path == "-" else log_path, "a", buffering=1) as log:
 
         def write(**record: object) -> None:
             log.write(json.dumps(record) + "\n")

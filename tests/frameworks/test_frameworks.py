@@ -3,7 +3,8 @@
 - fastmcp `Client(url)`, default mode: negotiates 2026-07-28 (no MCP session at all);
 - openai-agents `MCPServerStreamableHttp` (2026-07-28 with mcp 2), through the FunctionTools an
   Agent gets, strict schema conversion on;
-- langchain-mcp-adapters `MultiServerMCPClient.get_tools()` (mcp<2): a new MCP connection per call.
+- langchain-mcp-adapters `MultiServerMCPClient.get_tools()` (mcp<2): a new MCP connection per call
+  (over stdio a new server process per call: there a handle gets a 1003 that says why).
 
 For each, one probe run (tests/frameworks/clients) against a fresh server gives the results
 these tests check: the tools are listed; a call without a session runs in a temporary one and
@@ -15,6 +16,7 @@ process of the run is left.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +29,13 @@ from tests.frameworks.helpers import (
     GONE_TIMEOUT,
     SESSION_TTL,
     SandboxServer,
+    framework_manifest,
     run_probe,
     sandbox_server,
-    server_descendants,
-    session_pids,
-    wait_for,
 )
+from tests.support import leaks
+from tests.support.polling import eventually, eventually_sync
+from tests.support.servers import server_command
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +45,7 @@ FRAMEWORKS = {
     "openai-agents": ("openai-agents", "openai_agents_probe.py"),
     "langchain-mcp-adapters": ("langchain", "langchain_probe.py"),
 }
+README = Path(__file__).resolve().parents[2] / "README.md"
 # 128 bits in base64url is 22 characters; hex would be 32.
 MIN_HANDLE_LENGTH = 22
 
@@ -54,7 +58,7 @@ class Run:
         # Taken right after the probe exits: the session outlives it by the grace or the TTL,
         # so the leak check below is about processes that really existed.
         self.session_tag = _session_tag(result)
-        self.alive_after_close = session_pids(server.run_id, self.session_tag) if self.session_tag else []
+        self.alive_after_close = server.session_pids(self.session_tag) if self.session_tag else []
 
     def outcome(self, step: str) -> dict[str, Any]:
         value = self.result.get(step)
@@ -126,16 +130,45 @@ async def test_nothing_is_left_after_close_grace_and_ttl(run: Run) -> None:
     within = SESSION_TTL + DISCONNECT_GRACE + GONE_TIMEOUT
     assert run.session_tag is not None, "no session was created, so there is nothing to see go"
     assert run.alive_after_close, f"{run.framework}: the session's shell was already gone when the probe exited"
-    await wait_for(
-        lambda: not session_pids(run.server.run_id),
+    await eventually(
+        lambda: not run.server.session_pids(),
         within,
-        f"{run.framework}: the run's bash processes to exit: {session_pids(run.server.run_id)}",
+        what=lambda: f"{run.framework}: the server's bash processes to exit: {run.server.session_pids()}",
     )
-    await wait_for(
-        lambda: not server_descendants(run.server.pid),
+    await eventually(
+        lambda: not run.server.descendants(),
         within,
-        f"{run.framework}: the server's children to exit: {server_descendants(run.server.pid)}",
+        what=lambda: f"{run.framework}: the server's children to exit: {run.server.descendants()}",
     )
+
+
+def test_langchain_stdio_handles_of_an_earlier_process_get_a_1003_that_says_why(
+    framework_venvs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`get_tools()` over stdio starts a server per call: the handle's session died with its process."""
+    marker = leaks.new_test_marker()
+    manifest = framework_manifest(tmp_path, marker, resources=("bash",))
+    argv = [*server_command(), "serve", "--transport", "stdio", "--manifest", str(manifest)]
+    try:
+        result = run_probe(framework_venvs["langchain"], "langchain_stdio_probe.py", json.dumps(argv), "")
+        assert _succeeded(result["create"]), result["create"]["text"]
+        assert result["session_id"], result["create"]["text"]
+        refused = result["by_handle"]
+        assert refused["is_error"] is True, refused["text"]
+        assert "error 1003" in refused["text"]
+        assert "earlier server process" in refused["text"]
+        assert "Use it from your agent framework" in refused["text"]
+        readme = README.read_text()
+        assert "## Use it from your agent framework" in readme
+        assert "client.session(" in readme
+        # Each call's server has exited with its stdin; none may leave a shell behind.
+        eventually_sync(
+            lambda: not leaks.session_pids(test_marker=marker),
+            GONE_TIMEOUT,
+            what=lambda: f"the stdio servers' shells to exit: {leaks.session_pids(test_marker=marker)}",
+        )
+    finally:
+        leaks.kill_leftovers(test_marker=marker)
 
 
 def _succeeded(outcome: dict[str, Any]) -> bool:

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator, Draft202012Validator
 
 from manifests import load_manifest
 from mcp_server.cli import cli_logic
 from mcp_server.factory import engine_from_manifest
-from mcp_server.schemas import arrays_without_items, free_form_maps, portable_schema
+from mcp_server.schemas import arrays_without_items, free_form_maps, portable_schema, untyped_schemas
 from tests.frameworks.helpers import run_probe
 
 pytestmark = pytest.mark.slow
@@ -86,10 +86,22 @@ def test_the_listing_serves_the_portable_schemas(catalog, raw_catalog):
         assert schema == portable_schema(schema), f"{name} is listed without portable_schema"
 
 
+def test_every_tool_that_takes_a_handle_declares_it(catalog):
+    without_handle = {"create_session", "list_sessions", "warmup", "get_status"}
+    for name, schema in catalog.items():
+        if name not in without_handle:
+            handle = schema["properties"].get("session_id")
+            assert handle is not None, f"{name} does not declare session_id"
+            assert handle.get("type") == "string" or {"type": "string"} in handle.get("anyOf", []), (name, handle)
+            assert "session_id" not in schema.get("required", []), name
+
+
 def test_every_listed_schema_is_valid_with_items_on_every_array(catalog):
     for name, schema in catalog.items():
         Draft202012Validator.check_schema(schema)
+        Draft7Validator.check_schema(schema)  # what VS Code's JSON language service speaks
         assert arrays_without_items(schema) == [], name
+        assert untyped_schemas(schema) == [], f"{name}: OpenAI strict refuses untyped {untyped_schemas(schema)}"
         assert schema["type"] == "object", name
 
 

@@ -103,6 +103,7 @@ async def test_no_token_is_401_with_bearer_challenge(auth_server: ServerProcess,
     ],
 )
 async def test_wrong_token_is_401(auth_server: ServerProcess, authorization: str) -> None:
+    assert auth_server.token is not None
     header = authorization.format(token=auth_server.token)
     for path, method in (("/mcp", "POST"), ("/sse", "GET")):
         response = await raw_request(auth_server, method, path, {"Authorization": header})
@@ -133,6 +134,7 @@ async def test_two_principals_each_work(tmp_path: Path) -> None:
     alice, bob = new_token(), new_token()
     settings = {"tokens": {"alice": alice, "bob": bob}}
     with anyio.fail_after(60), running_http_server(tmp_path, token=None, server_settings=settings) as server:
+        assert server.state_home is not None
         assert not (server.state_home / "agentflow-sandbox").exists(), "no token file when tokens are configured"
         for token in (alice, bob):
             for url in (server.mcp_url, server.sse_url):
@@ -147,6 +149,17 @@ async def test_two_principals_each_work(tmp_path: Path) -> None:
         log = server.log()
         assert alice not in log
         assert bob not in log
+
+
+async def test_environment_token_overrides_manifest_tokens(tmp_path: Path) -> None:
+    """AGENTFLOW_SANDBOX_TOKEN wins over `server.tokens`: it alone is accepted (principal "default")."""
+    manifest_token, env_token = new_token(), new_token()
+    settings = {"tokens": {"alice": manifest_token}}
+    with anyio.fail_after(60), running_http_server(tmp_path, token=env_token, server_settings=settings) as server:
+        accepted = await raw_request(server, "POST", "/mcp", {"Authorization": f"Bearer {env_token}"})
+        assert accepted.status_code == 200
+        refused = await raw_request(server, "POST", "/mcp", {"Authorization": f"Bearer {manifest_token}"})
+        assert refused.status_code == 401
 
 
 async def test_principal_name_reaches_request_state() -> None:
@@ -181,6 +194,7 @@ async def test_generated_token_file_is_private_and_sandbox_finds_it(
 ) -> None:
     """No variable, no manifest tokens: a token is generated into a 0600 file named by port; Sandbox(url) reads it."""
     with anyio.fail_after(60), running_http_server(tmp_path, token=None) as server:
+        assert server.state_home is not None
         token_dir = server.state_home / "agentflow-sandbox"
         token_file = token_dir / f"token-{server.port}"
         assert token_file.exists()
@@ -191,6 +205,15 @@ async def test_generated_token_file_is_private_and_sandbox_finds_it(
         log = server.log_path.read_text()
         assert str(token_file) in log
         assert token not in log
+
+        # A second server on the same port is refused before it could overwrite the token file.
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        env["XDG_STATE_HOME"] = str(server.state_home)
+        second = serve_and_wait(["--host", "127.0.0.1", "--port", str(server.port)], env, tmp_path)
+        assert second.returncode == 2
+        assert "cannot listen" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert token_file.read_text().strip() == token
 
         monkeypatch.delenv(TOKEN_ENV, raising=False)
         monkeypatch.setenv("XDG_STATE_HOME", str(server.state_home))
@@ -326,6 +349,16 @@ async def test_connection_cap_refuses_excess_cleanly(tmp_path: Path) -> None:
             assert refused.status_code == 503
             # The workers already connected are unaffected.
             assert http_get_on(held[0], "/health").startswith(b"HTTP/1.1 200")
+            # A flood of connections that send nothing: past twice the cap each is answered 503 and
+            # closed at once, before the server reads a byte.
+            held += [open_idle_connection(server.port) for _ in range(cap)]
+            flooding = open_idle_connection(server.port)
+            held.append(flooding)
+            answer = b""
+            while chunk := flooding.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+            assert b"too many open connections" in answer
         finally:
             for sock in held:
                 sock.close()
@@ -343,11 +376,16 @@ async def test_connection_cap_refuses_excess_cleanly(tmp_path: Path) -> None:
 
 async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_path: Path) -> None:
     """Header deadline 1 s, idle timeout 1 s: a client trickling its headers is disconnected, while a
-    4 s tool call on another connection completes and an SSE stream opened before stays usable."""
+    4 s tool call on another connection completes and an SSE stream and a handshake HTTP client's
+    listen stream, opened before, stay usable with their sessions."""
     settings = {"header_timeout": 1.0, "keep_alive_timeout": 1.0}
     with anyio.fail_after(90), running_http_server(tmp_path, server_settings=settings) as server:
-        async with Sandbox(url=server.sse_url, token=server.token) as sse_worker:
+        async with (
+            Sandbox(url=server.sse_url, token=server.token) as sse_worker,
+            Sandbox(url=server.mcp_url, token=server.token, mode="legacy") as listening_worker,
+        ):
             await sse_worker.create_session("bash")
+            await listening_worker.create_session("bash")
             call_done = anyio.Event()
             result: dict[str, Any] = {}
 
@@ -380,9 +418,12 @@ async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_p
                 await call_done.wait()
             assert result["code"] == 0, result
             assert result["data"]["stdout"] == "finished\n"
-            # The SSE stream outlived both timeouts and still carries calls.
-            again = await sse_worker.execute("bash:run", {"command": "echo still-here"})
-            assert again["data"]["stdout"] == "still-here\n"
+            # The SSE stream and the handshake client's listen stream outlived both timeouts.
+            for worker in (sse_worker, listening_worker):
+                again = await worker.execute("bash:run", {"command": "echo still-here"})
+                assert again["code"] == 0, again
+                assert again["meta"]["temporary_session"] is False
+                assert again["data"]["stdout"] == "still-here\n"
         await eventually(lambda: not session_pids(test_marker=server.run_id), 15, what="the sessions to end")
         assert "Traceback" not in server.log()
 
@@ -416,3 +457,25 @@ async def test_transport_sessions_belong_to_their_principal(tmp_path: Path) -> N
                 for who, expected in ((as_bob, 404), (as_alice, 202)):
                     posted = await http.post(endpoint, headers=who, content=ping)
                     assert posted.status_code == expected, (who == as_bob, posted.status_code, posted.text)
+
+
+async def test_garbage_requests_do_not_flood_the_log(tmp_path: Path) -> None:
+    """Bytes that are not HTTP get a 400 each; uvicorn's warning about them is rate limited in the log."""
+    with anyio.fail_after(60), running_http_server(tmp_path) as server:
+        started = anyio.current_time()
+
+        def send_garbage() -> list[bytes]:
+            answers = []
+            for _ in range(60):
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                    sock.sendall(b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+                    answers.append(sock.recv(64))
+            return answers
+
+        answers = await anyio.to_thread.run_sync(send_garbage)
+        elapsed = anyio.current_time() - started
+        assert all(answer.startswith(b"HTTP/1.1 400") for answer in answers), set(answers)
+        lines = [line for line in server.log_path.read_text().splitlines() if "Invalid HTTP request" in line]
+        assert 1 <= len(lines) <= 6 + elapsed, lines
+        assert "Traceback" not in server.log()
+        assert server.health() == {"status": "running"}

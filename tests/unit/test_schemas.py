@@ -17,6 +17,7 @@ from mcp_server.schemas import (
     config_map_schema,
     config_union_schema,
     portable_schema,
+    untyped_schemas,
     with_session_configs,
 )
 from session.engine import Engine
@@ -77,6 +78,7 @@ def test_every_tool_schema_becomes_a_valid_schema_with_items_on_every_array(cata
         portable = portable_schema(schema)
         Draft202012Validator.check_schema(portable)
         assert arrays_without_items(portable) == [], name
+        assert untyped_schemas(portable) == [], f"{name}: OpenAI strict refuses untyped {untyped_schemas(portable)}"
         assert portable["type"] == "object", name
         assert "properties" in portable, name
 
@@ -182,6 +184,39 @@ def test_refs_are_inlined_const_becomes_enum_and_recursion_terminates():
     assert Draft202012Validator(portable).is_valid(
         {"start": {"x": 1, "y": 2}, "path": [], "tree": {"name": "a", "children": [{"name": "b"}]}}
     )
+
+
+def test_an_untyped_enum_gets_the_type_of_its_values_and_untyped_nodes_are_reported():
+    raw = {
+        "type": "object",
+        "properties": {
+            "size": {"const": 3},
+            "mode": {"enum": ["a", "b"]},
+            "ratio": {"enum": [1, 1.5]},
+            "mixed": {"enum": ["a", 1]},
+            "anything": {"description": "no type at all"},
+        },
+    }
+    portable = portable_schema(raw)
+    props = portable["properties"]
+    assert props["size"] == {"enum": [3], "type": "integer"}
+    assert props["mode"]["type"] == "string"
+    assert props["ratio"]["type"] == "number"
+    assert "type" not in props["mixed"]
+    assert untyped_schemas(portable) == ["#/properties/mixed", "#/properties/anything"]
+
+
+def test_definitions_pasted_into_a_union_are_found_and_a_dangling_ref_is_reported():
+    pasted = _Args.model_json_schema()  # carries its own $defs, as a config schema in a union does
+    raw = {
+        "type": "object",
+        "properties": {"config": {"anyOf": [pasted, {"type": "null"}]}, "dangling": {"$ref": "#/$defs/Nope"}},
+    }
+    portable = portable_schema(raw)
+    config = portable["properties"]["config"]["anyOf"][0]
+    assert config["properties"]["start"]["properties"]["x"]["type"] == "integer"
+    assert "$ref" not in json.dumps(portable)
+    assert untyped_schemas(portable) == ["#/properties/dangling"]
 
 
 def test_one_of_and_single_all_of_are_rewritten():

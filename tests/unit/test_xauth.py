@@ -1,28 +1,29 @@
-"""The server's X authority file: per-display cookies, inherited entries kept, environment restored."""
+"""A desktop's authority file: one cookie both libXau (wildcard) and python-xlib (local, by host name) find."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 from Xlib import xauth
 
-from backends.vm.xauth import ServerAuthority, encode_entry
+from backends.vm.xauth import FAMILY_LOCAL, FAMILY_WILD, desktop_entries, write_authority
 
 
-def test_entries_come_and_go_and_the_previous_xauthority_returns(tmp_path: Path, monkeypatch):
-    original = tmp_path / "original"
-    original.write_bytes(encode_entry("0", b"u" * 16))  # the embedding program's own display
-    monkeypatch.setenv("XAUTHORITY", str(original))
-    authority = ServerAuthority()
-    authority.add(5, b"a" * 16)
-    authority.add(6, b"b" * 16)
-    ours = Path(os.environ["XAUTHORITY"])
-    assert ours != original
-    cookies = {entry[2]: entry[4] for entry in xauth.Xauthority(str(ours)).entries}
-    assert cookies == {b"0": b"u" * 16, b"5": b"a" * 16, b"6": b"b" * 16}
-    authority.remove(5)
-    assert {entry[2] for entry in xauth.Xauthority(str(ours)).entries} == {b"0", b"6"}
-    authority.remove(6)
-    assert os.environ["XAUTHORITY"] == str(original)
-    assert not ours.parent.exists()
+def test_python_xlib_finds_the_cookie_for_any_display_of_the_named_host(tmp_path: Path) -> None:
+    path = tmp_path / "Xauthority"
+    write_authority(path, desktop_entries(b"c" * 16, "sandbox"))
+    assert path.stat().st_mode & 0o777 == 0o600
+    # python-xlib's stubs type the family and display number as bytes; they are ints.
+    authority: Any = xauth.Xauthority(str(path))
+    assert {entry[0] for entry in authority.entries} == {FAMILY_WILD, FAMILY_LOCAL}
+    assert authority.get_best_auth(FAMILY_LOCAL, b"sandbox", 123) == (b"MIT-MAGIC-COOKIE-1", b"c" * 16)
+
+
+def test_rewriting_replaces_the_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "Xauthority"
+    write_authority(path, desktop_entries(b"a" * 16, "h"))
+    write_authority(path, desktop_entries(b"b" * 16, "h"))
+    cookies = {entry[4] for entry in xauth.Xauthority(str(path)).entries}
+    assert cookies == {b"b" * 16}
+    assert [p.name for p in tmp_path.iterdir()] == ["Xauthority"]

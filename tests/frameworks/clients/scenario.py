@@ -55,6 +55,9 @@ async def guarded(call: Call, name: str, arguments: dict[str, Any]) -> Outcome:
 async def run(list_tools: Callable[[], Awaitable[list[str]]], call: Call) -> dict[str, Any]:
     result: dict[str, Any] = {"tools": sorted(await list_tools())}
     result["temporary"] = await guarded(call, "bash_run", {"command": "pwd"})
+    result["screenshot"] = await guarded(call, "vm_screenshot", {})
+    result["bad_argument"] = await guarded(call, "bash_run", {"command": "true", "timeout": -1})
+    # The session comes last: the caller checks its processes right after the probe exits, well within the TTL or grace.
     result["create"] = await guarded(call, "create_session", {"resource": "bash"})
     handle = session_handle(result["create"])
     result["session_id"] = handle
@@ -63,8 +66,6 @@ async def run(list_tools: Callable[[], Awaitable[list[str]]], call: Call) -> dic
         result["pwd"] = await guarded(
             call, "bash_run", {"command": 'pwd; echo "$AGENTFLOW_SESSION"', "session_id": handle}
         )
-    result["screenshot"] = await guarded(call, "vm_screenshot", {})
-    result["bad_argument"] = await guarded(call, "bash_run", {"command": "true", "timeout": -1})
     return result
 
 

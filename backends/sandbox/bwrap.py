@@ -1,0 +1,138 @@
+"""The `sandbox` tier's command line: bubblewrap, unprivileged, in fresh namespaces, under seccomp.
+
+Threat: hostile code reading or changing the host, other sessions or the server. The session
+runs as its own non-root uid (outside, via `setpriv`; bwrap is then unprivileged and must build
+a user namespace, so it cannot hand out more than that uid has), in new user, pid, ipc, uts,
+cgroup, mount and (unless the policy says `host`) network namespaces, with every capability
+dropped, no further user namespaces (`--disable-userns` plus the seccomp filter), a new terminal
+session (no TIOCSTI into the server's tty) and death with its parent.
+
+The filesystem is built from nothing: read-only /usr, /etc (minus password hashes) and the
+merged-/usr links, a private /proc and /dev, the session's own home and /tmp (host tmpfs mounts
+owned by its uid) and the binds the operator granted. Not visible: /root, /home, /run, /var,
+/srv, /opt, the server's scratch root, other sessions' directories, the host's /proc.
+
+Options, including every `--setenv`, travel through a memfd (`--args FD`), so the session's
+environment never appears on a host command line or in a host process's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from backends.sandbox.spec import HOME_INSIDE, Bind
+from session.errors import ParameterError
+
+#: Host paths shown read-only in every sandbox (when they exist).
+RO_DIRS = ("/usr", "/etc")
+#: Top-level names that are symlinks into /usr on merged-/usr hosts, else read-only binds.
+USR_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Files in /etc replaced by /dev/null: hashes are useless to a session and tempting to crack.
+HIDDEN_ETC = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
+TMP_INSIDE = "/tmp"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The session environment, refused if a name or value could confuse the option parser."""
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise ParameterError(f"environment variable name {key!r} is not valid")
+        if not isinstance(value, str) or "\0" in value:
+            raise ParameterError(f"environment variable {key!r} must be a string without NUL bytes")
+    return dict(env)
+
+
+def base_layout() -> list[str]:
+    """The read-only host view every sandbox starts from."""
+    args: list[str] = []
+    for path in RO_DIRS:
+        if os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in USR_LINKS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in HIDDEN_ETC:
+        if os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    return args
+
+
+def bind_args(binds: Sequence[Bind], fds: list[int]) -> list[str]:
+    """Binds by open descriptor: the unprivileged bwrap could not walk a root-only path (the
+    server's 0700 scratch root) to reach them, and a descriptor also pins what was checked."""
+    args: list[str] = []
+    for bind in binds:
+        fd = os.open(bind.host, os.O_PATH | os.O_CLOEXEC)
+        fds.append(fd)
+        args += ["--bind-fd" if bind.writable else "--ro-bind-fd", str(fd), bind.inside]
+    return args
+
+
+def options(
+    *,
+    home: Path,
+    tmp: Path | None,
+    tmp_size_mb: int,
+    binds: Sequence[Bind],
+    share_net: bool,
+    hostname: str,
+    env: Mapping[str, str],
+    cwd: str,
+    seccomp_fd: int,
+    fds: list[int],
+) -> list[str]:
+    """Every bwrap option for one process of a session (the command goes after `--`).
+
+    Descriptors opened for binds are appended to `fds`; the caller passes them on and closes them.
+    """
+    args = [
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        hostname,
+        *base_layout(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        # /dev/shm would otherwise be an uncapped tmpfs.
+        "--size",
+        str(tmp_size_mb << 20),
+        "--tmpfs",
+        "/dev/shm",
+    ]
+    if share_net:
+        args.append("--share-net")
+    own = [Bind(home, HOME_INSIDE, writable=True)]
+    if tmp is not None:
+        own.append(Bind(tmp, TMP_INSIDE, writable=True))
+    else:
+        args += ["--size", str(tmp_size_mb << 20), "--tmpfs", TMP_INSIDE]
+    args += bind_args([*own, *binds], fds)
+    args += ["--symlink", TMP_INSIDE, "/var/tmp"]
+    # bwrap's root is a private tmpfs: read-only, so nothing lands outside home and /tmp.
+    args += ["--remount-ro", "/"]
+    args += ["--seccomp", str(seccomp_fd), "--clearenv"]
+    for key, value in check_env(env).items():
+        args += ["--setenv", key, value]
+    args += ["--chdir", cwd]
+    return args
+
+
+def encode_args(args: Sequence[str]) -> bytes:
+    """The `--args FD` format: NUL-terminated arguments."""
+    for arg in args:
+        if "\0" in arg:
+            raise ParameterError("sandbox arguments must not contain NUL bytes")
+    return b"".join(os.fsencode(a) + b"\0" for a in args)

@@ -1,0 +1,490 @@
+"""`SessionSandbox`: one session's processes, inside the isolation tier its policy asks for.
+
+What it owns for a session: a unique uid (tiers `sandbox`/`gvisor`), its cgroups (limits and
+membership), its size-capped home and /tmp, and every process it spawned with everything
+those forked. `aclose` is the single place that ends all of it: the threat it answers is a
+hostile process that tries to outlive its session (setsid, double fork, dropped tags), so
+members are found by cgroup (else by uid, else by pid namespace), never by environment.
+
+The environment a caller passes is the *complete* environment inside; host-side helper
+processes (sh, setpriv, bwrap, runsc) run with a fixed minimal one, so nothing a session
+chose reaches the host's dynamic loader (the LD_PRELOAD-through-config escape).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+from anyio.abc import Process
+
+from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
+from backends.sandbox.host import host_mechanisms
+from backends.sandbox.network import check_network
+from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec
+from session.errors import ConfigurationError, ParameterError
+
+log = logging.getLogger(__name__)
+
+#: The whole environment of host-side helpers (never the server's, never the session's).
+HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+SETPRIV = "/usr/bin/setpriv"
+_Stream = int | IO[Any] | None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except FileNotFoundError:
+        if os.path.exists(f"/proc/{pid}"):
+            return _children_by_scan(pid)  # kernel without CONFIG_PROC_CHILDREN
+        return []
+    except (OSError, ValueError):
+        return []
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return sorted(found)
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    found.append(int(entry))
+    return found
+
+
+def _pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _pids_in_ns(namespaces: set[str]) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _pid_ns(int(entry)) in namespaces:
+            found.append(int(entry))
+    return found
+
+
+def _write_oom_score_adj(pid: int, value: int) -> bool:
+    try:
+        Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
+    except OSError:
+        return False
+    return True
+
+
+class SessionSandbox:
+    """One session's sandbox. Make it with `await SessionSandbox.create(spec)`."""
+
+    def __init__(self, spec: SandboxSpec, *, tier: str, uid: int, lease: uids.UidLease | None) -> None:
+        self.spec = spec
+        self.tier = tier
+        self.uid = uid
+        self._lease = lease
+        self._cgroup: cgroups.SessionCgroup | None = None
+        self._rlimit_prefix: list[str] = []
+        self._storage = hostfs.SessionStorage(spec.server_id, spec.label, spec.home, uid)
+        self._processes: list[Process] = []
+        self._namespaces: set[str] = set()
+        self._containers: list[str] = []
+        self._counter = itertools.count(1)
+        self._gvisor_state: Path | None = None
+        self._closed = False
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, spec: SandboxSpec) -> SessionSandbox:
+        """Allocate the session's uid, cgroups and storage.
+
+        Raises:
+            ConfigurationError: the tier or network the policy asks for cannot be provided
+                here (5001, with the reason); nothing is downgraded.
+        """
+        tier = spec.policy.isolation
+        await anyio.to_thread.run_sync(_check_tier, tier, spec.policy.network)
+        root = os.geteuid() == 0
+        lease = None
+        if tier != "none" and root:
+            try:
+                lease = await anyio.to_thread.run_sync(uids.allocate)
+            except OSError as exc:
+                raise ConfigurationError(f"cannot give the session its own uid: {exc}") from None
+        uid = lease.uid if lease else os.geteuid()
+        box = cls(spec, tier=tier, uid=uid, lease=lease)
+        try:
+            await anyio.to_thread.run_sync(box._setup)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await box.aclose()
+            raise
+        return box
+
+    def _setup(self) -> None:
+        limits = self.spec.policy.limits
+        host = cgroups.probe()
+        if host.version is not None:
+            cgroup = cgroups.SessionCgroup(host, self.spec.server_id, self.spec.label)
+            host_limits = limits
+            if self.tier == "gvisor":
+                host_limits = limits.model_copy(update={"pids": limits.pids + gvisor.PIDS_OVERHEAD})
+            try:
+                cgroup.create(host_limits)
+            except OSError as exc:
+                raise ConfigurationError(f"cannot create the session's cgroups under {cgroup.primary}: {exc}") from None
+            self._cgroup = cgroup
+        else:
+            self._rlimit_prefix = [
+                "prlimit",
+                f"--nproc={limits.pids}",
+                f"--as={limits.memory_mb << 20}",
+                f"--fsize={limits.disk_mb << 20}",
+                "--",
+            ]
+        try:
+            self._storage.prepare(limits.disk_mb, self._binds(), private_tmp=self.tier != "none")
+        except OSError as exc:
+            raise ConfigurationError(f"cannot prepare the session's home {self.spec.home}: {exc}") from None
+        if self.tier == "gvisor":
+            # One runsc state root per session: removing it forgets every container of the session
+            # without a `runsc delete` per container (a Go binary start, ~1 s here, each).
+            server_state = gvisor.STATE_ROOT / self.spec.server_id
+            server_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._gvisor_state = server_state / self.spec.label
+            self._gvisor_state.mkdir(mode=0o700)
+            (self._gvisor_state / "bundles").mkdir(mode=0o700)
+
+    # -- running ----------------------------------------------------------------------
+
+    @property
+    def home_path(self) -> str:
+        """Where the session sees its home (set HOME to this)."""
+        return str(self.spec.home) if self.tier == "none" else HOME_INSIDE
+
+    def _binds(self) -> list[Bind]:
+        granted = [Bind(Path(m.host), m.path or m.host, m.mode == "rw") for m in self.spec.policy.mounts]
+        return [*granted, *self.spec.binds]
+
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None = None,
+        stdin: _Stream = None,
+        stdout: _Stream = None,
+        stderr: _Stream = None,
+        pass_fds: Sequence[int] = (),
+    ) -> Process:
+        """Start `argv` inside the session's sandbox; `env` is its complete environment.
+
+        Raises:
+            ParameterError: argv is empty, or an environment name or value is malformed (1002).
+            RuntimeError: the sandbox is already closed (a backend bug, not a client error).
+        """
+        if self._closed:
+            raise RuntimeError("the session sandbox is closed")
+        if not argv:
+            raise ParameterError("argv must not be empty")
+        env = bwrap.check_env(env)
+        prefix = self._cgroup.enter_prefix() if self._cgroup else []
+        extra_fds: list[int] = []
+        host_cwd = "/"
+        try:
+            if self.tier == "sandbox":
+                command = await anyio.to_thread.run_sync(self._bwrap_command, argv, env, cwd, extra_fds)
+            elif self.tier == "gvisor":
+                command = await anyio.to_thread.run_sync(self._gvisor_command, argv, env, cwd)
+            else:
+                command = self._plain_command(argv)
+                host_cwd = cwd or str(self.spec.home)
+            process = await anyio.open_process(
+                [*prefix, *self._rlimit_prefix, *command],
+                env=env if self.tier == "none" else HOST_ENV,
+                cwd=host_cwd,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+                pass_fds=(*pass_fds, *extra_fds),
+            )
+        finally:
+            for fd in extra_fds:
+                os.close(fd)
+        self._processes.append(process)
+        return process
+
+    def _setpriv(self) -> list[str]:
+        if self._lease is None:
+            return []
+        uid = str(self.uid)
+        return [SETPRIV, "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+
+    def _bwrap_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, fds: list[int]) -> list[str]:
+        seccomp_fd = seccomp.filter_fd()
+        fds.append(seccomp_fd)
+        options = bwrap.options(
+            home=self._storage.home_source,
+            tmp=self._storage.tmp_source,
+            tmp_size_mb=self.spec.policy.limits.disk_mb,
+            binds=self._storage.binds,
+            share_net=self.spec.policy.network == "host",
+            hostname=self.spec.hostname,
+            env=env,
+            cwd=cwd or HOME_INSIDE,
+            seccomp_fd=seccomp_fd,
+            fds=fds,
+        )
+        args_fd = os.memfd_create("agentflow-bwrap-args", os.MFD_CLOEXEC)
+        fds.append(args_fd)
+        os.write(args_fd, bwrap.encode_args(options))
+        os.lseek(args_fd, 0, os.SEEK_SET)
+        bwrap_path = shutil.which("bwrap") or "/usr/bin/bwrap"
+        return [*self._setpriv(), bwrap_path, "--args", str(args_fd), "--", *argv]
+
+    def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
+        assert self._gvisor_state is not None
+        assert self._storage.tmp_source is not None
+        container_id = f"{self.spec.label}-{next(self._counter)}"
+        bundle = self._gvisor_state / "bundles" / container_id
+        bundle.mkdir(mode=0o700)
+        gvisor.write_bundle(
+            bundle,
+            argv=argv,
+            env=env,
+            cwd=cwd or HOME_INSIDE,
+            uid=self.uid,
+            pids=self.spec.policy.limits.pids,
+            home=self._storage.home_source,
+            tmp=self._storage.tmp_source,
+            binds=self._storage.binds,
+            hostname=self.spec.hostname,
+            host_network=self.spec.policy.network == "host",
+        )
+        self._containers.append(container_id)
+        network = "host" if self.spec.policy.network == "host" else "none"
+        return gvisor.run_argv(self._gvisor_state, bundle, container_id, network=network)
+
+    def _plain_command(self, argv: Sequence[str]) -> list[str]:
+        if self.spec.policy.network == "none":
+            # No other namespace in this tier, but the policy's network still holds.
+            if os.geteuid() == 0:
+                return ["unshare", "--net", "--", *argv]
+            return ["unshare", "--user", "--map-current-user", "--net", "--", *argv]
+        return list(argv)
+
+    # -- membership -----------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """Every live process of the session (cgroup members, else same uid, else same pid namespace).
+
+        Processes just spawned count too: they join their cgroup a moment after `spawn` returns.
+        """
+        alive = [p.pid for p in self._processes if p.returncode is None and os.path.exists(f"/proc/{p.pid}")]
+        if self._cgroup is not None:
+            return sorted(set(alive) | set(self._cgroup.pids()))
+        if self._lease is not None:
+            return sorted(set(alive) | set(_pids_of_uid(self.uid)))
+        if self.tier == "sandbox":
+            self._refresh_namespaces()
+            return sorted(set(alive) | set(_pids_in_ns(self._namespaces)))
+        return alive
+
+    def _refresh_namespaces(self) -> None:
+        for process in self._processes:
+            inner = self.inner_pid(process)
+            if inner is not None and (ns := _pid_ns(inner)):
+                self._namespaces.add(ns)
+
+    def inner_pid(self, process: Process) -> int | None:
+        """Host pid of the real program under the wrappers (signal this one), None if not started yet.
+
+        `gvisor`: the runsc process itself, which forwards signals to the container's program.
+        """
+        if self.tier != "sandbox":
+            return process.pid
+        init = _children(process.pid)
+        if not init:
+            return None
+        program = _children(init[0])
+        return program[0] if program else None
+
+    async def wait_inner_pid(self, process: Process, within: float = 10.0) -> int | None:
+        """`inner_pid`, polled until the sandbox has started the program (None if it never does)."""
+        with anyio.move_on_after(within):
+            while process.returncode is None:
+                pid = self.inner_pid(process)
+                if pid is not None:
+                    return pid
+                await anyio.sleep(0.001)
+        return None
+
+    async def protect(self, process: Process) -> bool:
+        """Keep the OOM killer off the session's wrapper processes (bwrap and its pid-1 reaper).
+
+        Returns False when the scores could not be set (lowering one needs CAP_SYS_RESOURCE,
+        which some hosts withhold even from root). The program itself keeps the default score:
+        `oom_score_adj` is inherited on fork, so lowering it for a shell would shield every
+        command the shell runs and leave the memory cgroup with nothing to kill. With equal
+        scores the kernel kills the largest process, which is the one that hit the limit; the
+        tests check the shell survives that.
+        """
+        if self.tier != "sandbox" or await self.wait_inner_pid(process) is None:
+            return False
+        wrappers = [process.pid, *_children(process.pid)[:1]]
+        return all(_write_oom_score_adj(pid, -1000) for pid in wrappers)
+
+    def limit_hits(self) -> dict[str, int]:
+        """How often each limit was hit so far (for a 2001 message naming the limit)."""
+        if self._cgroup is None:
+            return {}
+        hits = {"memory_oom_kills": self._cgroup.oom_kills()}
+        pids_events = self._cgroup.dirs.get("pids")
+        if pids_events is not None:
+            with contextlib.suppress(OSError, ValueError):
+                text = (pids_events / "pids.events").read_text().split()
+                hits["pids_max"] = int(text[text.index("max") + 1])
+        return hits
+
+    # -- teardown ---------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Kill every process of the session, remove its cgroups and storage, free its uid.
+
+        Idempotent, shielded from cancellation, and never raises (failures are logged).
+        """
+        if self._closed and self._lease is None and self._cgroup is None and self._storage.stage is None:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._kill_everything()
+            except Exception:
+                log.exception("sandbox %s: killing its processes failed", self.spec.label)
+            try:
+                await anyio.to_thread.run_sync(self._release)
+            except Exception:
+                log.exception("sandbox %s: releasing its resources failed", self.spec.label)
+
+    async def _kill_everything(self) -> None:
+        for process in self._processes:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            # gVisor's Sentry runs everything of the session; killing it cannot be raced by a fork.
+            await self._cgroup.kill_all(freeze=self.tier != "gvisor")
+        else:
+            with anyio.move_on_after(10):
+                while members := self.pids():
+                    for pid in members:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
+                    await anyio.sleep(0.005)
+        for process in self._processes:
+            with anyio.move_on_after(5):
+                await process.wait()
+        if self._cgroup is not None and self._cgroup.pids():
+            await self._cgroup.kill_all()
+
+    def _release(self) -> None:
+        if self._gvisor_state is not None:
+            # Every runsc process is dead (cgroup), so its state is just files now.
+            shutil.rmtree(self._gvisor_state, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._gvisor_state.parent.rmdir()
+            self._gvisor_state = None
+            self._containers.clear()
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
+        self._storage.release()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    # -- reporting --------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Tier, uid, cgroup, mechanisms and limits in force (for list_sessions / get_status)."""
+        limits = self.spec.policy.limits
+        mech = host_mechanisms()
+        info: dict[str, Any] = {
+            "tier": self.tier,
+            "uid": self.uid,
+            "uid_private": self._lease is not None,
+            "network": self.spec.policy.network,
+            "home": self.home_path,
+            "limits": limits.model_dump(),
+            "disk": (
+                f"home and /tmp are tmpfs mounts of {limits.disk_mb} MB each (counted as memory)"
+                if self._storage.capped
+                else "not capped (server is not root: no tmpfs mounts)"
+            ),
+        }
+        if self._cgroup is not None:
+            info["cgroup"] = {
+                "version": self._cgroup.host.version,
+                "paths": {k: str(v) for k, v in self._cgroup.dirs.items()},
+                "limits_in_force": dict(self._cgroup.limits_in_force),
+            }
+            info["limits_mechanism"] = f"cgroup v{self._cgroup.host.version}"
+        else:
+            info["limits_mechanism"] = "rlimits (best effort: per process/uid)" if self._rlimit_prefix else "none"
+        if self.tier == "sandbox":
+            info["mechanisms"] = [
+                "bubblewrap",
+                "user+pid+ipc+uts+mount+cgroup namespaces",
+                "network namespace" if self.spec.policy.network == "none" else "host network",
+                "seccomp",
+                "no capabilities",
+                "--disable-userns" if mech["bwrap"]["disable_userns"] else "seccomp-only userns block",
+            ]
+        elif self.tier == "gvisor":
+            info["mechanisms"] = ["gVisor (runsc, OCI bundle)", f"runsc {gvisor.runsc_version()}"]
+        else:
+            netns = ["network namespace"] if self.spec.policy.network == "none" else []
+            info["mechanisms"] = ["process group", *netns]
+        return info
+
+
+def _check_tier(tier: str, network: str) -> None:
+    mech = host_mechanisms()
+    if tier == "sandbox":
+        if not mech["bwrap"]["path"]:
+            raise ConfigurationError("isolation 'sandbox' is unavailable: bubblewrap (bwrap) is not installed")
+        if not mech["userns"]["available"]:
+            raise ConfigurationError(f"isolation 'sandbox' is unavailable: {mech['userns']['reason']}")
+        if os.geteuid() == 0 and not os.path.exists(SETPRIV):
+            raise ConfigurationError("isolation 'sandbox' is unavailable: setpriv (util-linux) is missing")
+    elif tier == "gvisor":
+        if not mech["runsc"]["path"]:
+            raise ConfigurationError("isolation 'gvisor' is unavailable: runsc is not installed (apt install runsc)")
+        if os.geteuid() != 0:
+            raise ConfigurationError("isolation 'gvisor' is unavailable: runsc here needs the server to run as root")
+        gvisor.shim_dir()
+    check_network(network, tier)

@@ -1,0 +1,238 @@
+"""A session sandbox runs real programs in each tier, with the environment, home and limits asked for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from backends.policy import Mount, Policy
+from backends.sandbox import Bind, SandboxSpec, SessionSandbox, mechanisms
+from backends.sandbox.spec import HOME_INSIDE
+from session.errors import ConfigurationError, ParameterError
+from tests.sandbox.helpers import (
+    RUN_SERVER_ID,
+    SANDBOXED,
+    TIERS,
+    BoxFactory,
+    has_cap_sys_resource,
+    host_exists,
+    pid_alive,
+    read_proc,
+    run,
+    run_cgroup_dirs,
+)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_environment_home_and_cwd_are_what_was_asked(make_box: BoxFactory, tier: str) -> None:
+    os.environ["AGENTFLOW_TEST_SERVER_SECRET"] = "server-only"
+    try:
+        box = await make_box(tier)
+        status, out = await run(box, 'env | sort; echo "cwd=$(pwd)"; echo hi > ~/f; cat ~/f', env={"MY_KEY": "v 1"})
+    finally:
+        del os.environ["AGENTFLOW_TEST_SERVER_SECRET"]
+    assert status == 0, out
+    assert "MY_KEY=v 1" in out
+    assert "server-only" not in out
+    assert f"cwd={box.home_path}" in out
+    assert out.rstrip().endswith("hi")
+    assert (Path(box.spec.home) / "f").read_text() == "hi\n"
+
+
+@pytest.mark.parametrize("tier", SANDBOXED)
+async def test_shell_basics_work(make_box: BoxFactory, tier: str) -> None:
+    box = await make_box(tier)
+    script = (
+        "set -e; ls / >/dev/null; ls -la ~ >/dev/null; stat / >/dev/null; echo one > /tmp/a; cat /tmp/a >> ~/b; "
+        "cp ~/b ~/c; mv ~/c ~/d; find ~ -name d | wc -l; python3 -c 'print(6*7)'; echo done"
+    )
+    status, out = await run(box, script)
+    assert status == 0, out
+    assert out.split() == ["1", "42", "done"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_describe_names_tier_uid_and_limits(make_box: BoxFactory, tier: str) -> None:
+    box = await make_box(tier, pids=100, memory_mb=300)
+    info = box.describe()
+    assert info["tier"] == tier
+    assert info["uid"] == box.uid
+    assert info["limits"]["pids"] == 100
+    if mechanisms()["cgroup"]["version"] == 1:
+        # gVisor's own Sentry and gofer threads need room beyond the session's 100 (enforced inside).
+        overhead = 256 if tier == "gvisor" else 0
+        assert info["cgroup"]["limits_in_force"]["pids.max"] == str(100 + overhead)
+        assert info["cgroup"]["limits_in_force"]["memory.limit_in_bytes"] == str(300 << 20)
+        assert all(RUN_SERVER_ID in path for path in info["cgroup"]["paths"].values())
+
+
+def test_mechanisms_report_what_the_host_has() -> None:
+    mech = mechanisms()
+    assert set(mech["tiers"]) == {"none", "sandbox", "gvisor"}
+    assert "ptrace" in mech["seccomp"]["denied_syscalls"]
+    assert mech["networks"]["internet"].startswith("unavailable")
+    assert mech["limits_mechanism"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_internet_is_refused_not_downgraded(make_box: BoxFactory, tier: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        await make_box(tier, network="internet")
+    assert err.value.code == 5001
+    assert "internet" in err.value.message
+
+
+async def test_bad_environment_and_spec_are_parameter_errors(make_box: BoxFactory, tmp_path: Path) -> None:
+    box = await make_box("sandbox")
+    for env in ({"A=B": "x"}, {"--clearenv": "x"}, {"A": "x\0y"}):
+        with pytest.raises(ParameterError):
+            await box.spawn(["/bin/true"], env=env)
+    for bad in ({"label": "../x"}, {"server_id": "nopid"}, {"hostname": "a b"}):
+        fields = {"label": "ok", "server_id": RUN_SERVER_ID, "hostname": "h", **bad}
+        with pytest.raises(ParameterError):
+            SandboxSpec(policy=Policy(), home=tmp_path, **fields)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError):
+        Bind(tmp_path, "/a/../etc")
+
+
+async def test_aclose_removes_cgroups_mounts_and_is_idempotent(make_box: BoxFactory) -> None:
+    box = await make_box("sandbox")
+    status, _ = await run(box, "true")
+    assert status == 0
+    home = str(box.spec.home)
+    assert any(line.split()[4] == home for line in read_proc("self", "mountinfo").splitlines())
+    await box.aclose()
+    await box.aclose()
+    assert not any(line.split()[4] == home for line in read_proc("self", "mountinfo").splitlines())
+    assert not [p for p in run_cgroup_dirs() for _ in p.glob(box.spec.label)]
+    with pytest.raises(RuntimeError):
+        await box.spawn(["/bin/true"], env={})
+
+
+async def test_inner_pid_is_the_program_and_can_be_signalled(make_box: BoxFactory) -> None:
+    box = await make_box("sandbox")
+    process = await box.spawn(
+        ["/bin/bash", "-c", "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done"],
+        env={"PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    with anyio.fail_after(30):
+        assert b"ready" in await process.stdout.receive()
+    inner = await box.wait_inner_pid(process)
+    assert inner is not None
+    assert inner != process.pid
+    assert read_proc(inner, "cmdline").startswith("/bin/bash")
+    assert os.stat(f"/proc/{inner}").st_uid == box.uid
+    protected = await box.protect(process)
+    # Lowering oom_score_adj needs CAP_SYS_RESOURCE, which some hosts withhold even from root.
+    assert protected == has_cap_sys_resource()
+    if protected:
+        assert read_proc(process.pid, "oom_score_adj").strip() == "-1000"
+    assert read_proc(inner, "oom_score_adj").strip() == "0"
+    os.kill(inner, signal.SIGINT)
+    with anyio.fail_after(30):
+        assert b"got-int" in await process.stdout.receive()
+        assert await process.wait() == 3
+
+
+async def test_pass_fds_reach_the_program(make_box: BoxFactory) -> None:
+    box = await make_box("sandbox")
+    read_end, write_end = os.pipe()
+    try:
+        status, out = await run(box, f"echo through-fd >&{write_end}", pass_fds=(write_end,))
+        os.close(write_end)
+        write_end = -1
+        assert status == 0, out
+        assert os.read(read_end, 100) == b"through-fd\n"
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+@pytest.mark.parametrize("tier", SANDBOXED)
+async def test_binds_are_read_only_unless_writable(make_box: BoxFactory, tmp_path: Path, tier: str) -> None:
+    shared_ro = tmp_path / "ro"
+    shared_rw = tmp_path / "rw"
+    for directory in (shared_ro, shared_rw):
+        directory.mkdir()
+        (directory / "in").write_text("host\n")
+    shared_rw.chmod(0o777)
+    binds = (Bind(shared_ro, "/data/ro"), Bind(shared_rw, "/data/rw", writable=True))
+    box = await make_box(tier, binds=binds)
+    status, out = await run(box, "cat /data/ro/in; echo x > /data/ro/new; echo y > /data/rw/new && echo wrote")
+    assert "host" in out
+    assert "wrote" in out
+    assert not (shared_ro / "new").exists()
+    assert (shared_rw / "new").read_text() == "y\n"
+    assert status == 0, out
+
+
+async def test_operator_mounts_from_the_policy_are_bound(tmp_path: Path) -> None:
+    granted = tmp_path / "granted"
+    granted.mkdir()
+    (granted / "data").write_text("operator\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    policy = Policy(mounts=[Mount(host=str(granted), path="/srv/data", mode="ro")])
+    box = await SessionSandbox.create(SandboxSpec(label="mounts", policy=policy, server_id=RUN_SERVER_ID, home=home))
+    try:
+        _status, out = await run(box, "cat /srv/data/data; echo x > /srv/data/new; echo end")
+    finally:
+        await box.aclose()
+    assert "operator" in out
+    assert out.rstrip().endswith("end")
+    assert not host_exists(granted / "new")
+
+
+async def test_home_inside_is_fixed_and_private(make_box: BoxFactory) -> None:
+    box = await make_box("sandbox")
+    status, out = await run(box, 'echo "$HOME"; stat -c "%a %u" ~ /tmp')
+    assert status == 0, out
+    assert out.split() == [HOME_INSIDE, "700", str(box.uid), "700", str(box.uid)]
+
+
+async def test_two_processes_of_one_session_share_home_and_tmp(make_box: BoxFactory) -> None:
+    box = await make_box("sandbox")
+    assert (await run(box, "echo a > /tmp/shared; echo b > ~/shared"))[0] == 0
+    status, out = await run(box, "cat /tmp/shared ~/shared")
+    assert (status, out.split()) == (0, ["a", "b"])
+
+
+async def test_a_duplicate_label_is_refused_without_harming_the_first(make_box: BoxFactory, tmp_path: Path) -> None:
+    first = await make_box("sandbox")
+    process = await first.spawn(["/bin/sleep", "300"], env={})
+    home = tmp_path / "dup" / "home"
+    home.mkdir(parents=True)
+    spec = SandboxSpec(label=first.spec.label, policy=Policy(), server_id=RUN_SERVER_ID, home=home)
+    with pytest.raises(ConfigurationError):
+        await SessionSandbox.create(spec)
+    assert process.returncode is None
+    assert process.pid in first.pids()
+    assert (await run(first, "echo still-here"))[1].strip() == "still-here"
+
+
+async def test_create_failure_leaves_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    spec = SandboxSpec(label="fail", policy=Policy(network="internet"), server_id=RUN_SERVER_ID, home=home)
+    with pytest.raises(ConfigurationError):
+        await SessionSandbox.create(spec)
+    assert not [p for p in run_cgroup_dirs() for _ in p.glob("fail")]
+
+
+async def test_processes_die_with_the_sandbox_even_after_setsid(make_box: BoxFactory) -> None:
+    box = await make_box("none")
+    status, out = await run(box, "setsid sleep 300 >/dev/null 2>&1 & echo $!")
+    assert status == 0, out
+    orphan = int(out.split()[-1])
+    assert pid_alive(orphan)
+    assert orphan in box.pids()
+    await box.aclose()
+    assert not pid_alive(orphan)
