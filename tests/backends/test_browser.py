@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -599,3 +599,31 @@ async def test_through_the_engine_policy_is_the_operators(tmp_path: Path, site_s
         await sandbox.destroy_session("browser")
         with pytest.raises(PermissionDenied, match="allow_file_urls"):
             await sandbox.create_session("browser", {"allow_file_urls": True})
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb not installed")
+async def test_through_the_engine_a_headed_browser_shows_on_my_vm_desktop(tmp_path: Path) -> None:
+    """`display` names my vm session: the engine links it, the browser window appears on that desktop."""
+    path = tmp_path / "manifest.json"
+    path.write_text(
+        json.dumps({"server": {"session_ttl": 300, "log_level": "WARNING"}, "resources": {"vm": {}, "browser": {}}})
+    )
+    async with Sandbox(manifest=path) as sandbox:
+        vm = await sandbox.create_session("vm")
+        with pytest.raises(ParameterError, match="vm"):
+            await sandbox.create_session("browser", {"headless": False, "display": ":0"})
+        await sandbox.create_session("browser", {"headless": False, "display": vm["session_id"]})
+        page = "data:text/html,<title>on the desktop</title><h1>HELLO</h1>"
+        assert (await sandbox.execute("browser:navigate", {"url": page}))["data"]["title"] == "on the desktop"
+
+        async def window_title() -> str:
+            shot = await sandbox.execute("vm:screenshot", {})
+            return str((shot.get("data") or {}).get("active_window") or "")
+
+        await eventually(
+            lambda: _contains(window_title(), "on the desktop"), what="the browser window on the vm desktop"
+        )
+
+
+async def _contains(title: Awaitable[str], needle: str) -> bool:
+    return needle in await title
