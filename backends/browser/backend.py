@@ -72,7 +72,7 @@ from backends.browser.pages import (
     title,
     wait_for_new_tab,
 )
-from backends.browser.proxy import MARK, EgressProxy
+from backends.browser.proxy import MARK, EgressProxy, Grant
 from backends.browser.session import BrowserSession
 from backends.policy import Policy
 from session.errors import (
@@ -226,7 +226,7 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
         )
 
     async def _open_context(
-        self, setup: SessionSetup[BrowserConfig], display: Display | None, download_dir: Path, grant: Any
+        self, setup: SessionSetup[BrowserConfig], display: Display | None, download_dir: Path, grant: Grant
     ) -> BrowserSession:
         config = setup.config
         options = context_options(config)

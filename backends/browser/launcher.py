@@ -240,10 +240,9 @@ class Launcher:
     def _stop_portal(self) -> None:
         if self._portal is None:
             return
-        for handle_future in [self._host_listener]:
-            if handle_future is not None:
-                handle_future.cancel()
-        self._host_listener = None
+        if self._host_listener is not None:
+            self._host_listener.cancel()
+        self._host_listener = self._host_proxy = None
         with contextlib.suppress(Exception):
             self._portal.call(self._portal.stop, True)
         with contextlib.suppress(Exception):
