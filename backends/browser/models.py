@@ -7,9 +7,12 @@ are still read and converted.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXECUTABLE = "/usr/bin/chromium"
 #: Raw image bytes per screenshot: base64 makes them 4/3 larger, and the whole result must
@@ -65,8 +68,7 @@ class BrowserSettings(_Model):
     max_image_bytes: int = Field(
         MAX_IMAGE_BYTES,
         ge=64 * 1024,
-        le=MAX_IMAGE_BYTES,
-        description="Screenshots above this many bytes are re-encoded as JPEG or clipped.",
+        description=f"Screenshots above this many bytes are re-encoded as JPEG or clipped (at most {MAX_IMAGE_BYTES}).",
     )
     browser_uid: int = Field(
         BROWSER_UID,
@@ -79,6 +81,17 @@ class BrowserSettings(_Model):
     @classmethod
     def _old_names(cls, data: Any) -> Any:
         return _ms_to_seconds(data, {"launch_timeout_ms": "launch_timeout"})
+
+    @field_validator("max_image_bytes")
+    @classmethod
+    def _fits_one_message(cls, value: int) -> int:
+        if value > MAX_IMAGE_BYTES:
+            # Older manifests said 1 MiB: keep them starting, but never send what a client drops.
+            log.warning(
+                "browser max_image_bytes %d exceeds what fits one MCP message; using %d", value, MAX_IMAGE_BYTES
+            )
+            return MAX_IMAGE_BYTES
+        return value
 
     @field_validator("launch_args")
     @classmethod

@@ -439,8 +439,9 @@ async def test_without_root_the_proxy_alone_enforces_the_policy(
 
 
 async def test_settings_are_backend_wide_and_checked(scratch: Path) -> None:
-    moved = make_backend(scratch / "moved", settings={"launch_timeout_ms": 5000})
+    moved = make_backend(scratch / "moved", settings={"launch_timeout_ms": 5000, "max_image_bytes": 1 << 20})
     assert moved.settings.launch_timeout == 5.0
+    assert moved.settings.max_image_bytes == 640 * 1024, "an old 1 MiB setting is held to what fits a message"
     legacy = BrowserBackend(
         "browser",
         defaults={"executable_path": "/usr/bin/chromium", "viewport": [640, 480]},
