@@ -5,7 +5,11 @@ Prints median and p95 (ms) of: warmup (browser launch), session create + destroy
 throughput of 20 concurrent sessions each doing navigate + snapshot + click; and the
 memory of idle contexts (PSS of the browser's process tree, through psutil).
 
-    python bench/bench_browser.py [--rounds N]
+Each figure is measured for every isolation tier asked for (default: `sandbox`, the
+confined Chromium, then `none`, the unconfined one) in the same run; pages go through
+the egress proxy in both (the local site is allowed by the session's policy).
+
+    python bench/bench_browser.py [--rounds N] [--tiers sandbox,none]
 """
 
 from __future__ import annotations
@@ -13,24 +17,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.base import ToolContext
+from backends.base import Runtime, SessionSetup, ToolContext
 from backends.browser import BrowserBackend
-from backends.browser.args import ClickArgs, NavigateArgs, ScreenshotArgs, SnapshotArgs
+from backends.browser.models import ClickArgs, NavigateArgs, ScreenshotArgs, SnapshotArgs
 from backends.browser.session import BrowserSession
+from backends.policy import Policy
 from tests.support import procs
+
+TIER = "sandbox"
+SCRATCH = Path(tempfile.gettempdir())
 
 PAGE = (
     """<!doctype html><title>Bench</title>
@@ -69,20 +78,44 @@ async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def new_backend() -> BrowserBackend:
+    root = SCRATCH / f"bench-{uuid.uuid4().hex[:6]}"
+    root.mkdir(mode=0o711)
+    runtime = Runtime(scratch_root=root, server_id=f"bench-{os.getpid()}")
+    return BrowserBackend("browser", policy=Policy(isolation=TIER, network="internet"), runtime=runtime)
+
+
+async def close_backend(backend: BrowserBackend) -> None:
+    await backend.shutdown()
+    shutil.rmtree(backend.runtime.scratch_root, ignore_errors=True)
+
+
 class Tab:
-    def __init__(self, backend: BrowserBackend, worker: str, state: BrowserSession) -> None:
-        self.b, self.state = backend, state
-        self.ctx = ToolContext(worker_id=worker, session_id=worker, state=state)
+    def __init__(self, backend: BrowserBackend, setup: SessionSetup[Any], state: BrowserSession) -> None:
+        self.b, self.setup, self.state = backend, setup, state
+        self.ctx = ToolContext(config=setup.config, state=state, session=setup)
 
     async def close(self) -> None:
-        info = SimpleNamespace(session_id="s", worker_id="w", resource_type="browser", state=self.state)
-        await self.b.cleanup("w", info)
+        await self.b.cleanup(self.setup, self.state)
+        shutil.rmtree(self.setup.scratch, ignore_errors=True)
 
 
-async def open_tab(backend: BrowserBackend, worker: str) -> Tab:
+async def open_tab(backend: BrowserBackend, label: str) -> Tab:
     # Generous action timeout: on a loaded 2-core machine 20 parallel sessions queue for CPU.
-    config = backend.session_config({"timeout_ms": 60_000})
-    return Tab(backend, worker, await backend.initialize(worker, config))
+    config = backend.session_config({"timeout": 60})
+    scratch = backend.runtime.scratch_root / f"{label}-{uuid.uuid4().hex[:6]}"
+    scratch.mkdir(mode=0o700)
+    policy = Policy(isolation=TIER, network="internet", allow_private_hosts=["127.0.0.1"])
+    setup = SessionSetup(
+        worker_id=label,
+        session_id=f"sid-{label}",
+        label=label,
+        resource="browser",
+        config=config,
+        policy=policy,
+        scratch=scratch,
+    )
+    return Tab(backend, setup, await backend.initialize(setup))
 
 
 def ref_of(snapshot: str, needle: str) -> str:
@@ -93,17 +126,17 @@ def ref_of(snapshot: str, needle: str) -> str:
 async def bench_latencies(site: str, rounds: int) -> None:
     launches, relaunches = [], []
     for _ in range(max(3, rounds // 6)):
-        backend = BrowserBackend("browser", {})
+        backend = new_backend()
         launches.append(await timed(backend.warmup))
         for _ in range(2):  # a relaunch after a crash: the driver is already running
             handle = await backend.launcher.browser()
             await handle.browser.close()
             relaunches.append(await timed(backend.launcher.browser))
-        await backend.shutdown()
+        await close_backend(backend)
     stats("warmup (Playwright driver + Chromium launch)", launches)
     stats("relaunch of Chromium (driver running)", relaunches)
 
-    backend = BrowserBackend("browser", {})
+    backend = new_backend()
     await backend.warmup()
     try:
         create, destroy = [], []
@@ -125,13 +158,13 @@ async def bench_latencies(site: str, rounds: int) -> None:
             snap.append(await timed(lambda: b.snapshot(ctx, SnapshotArgs())))
             shot.append(await timed(lambda: b.screenshot(ctx, ScreenshotArgs())))
             click.append(await timed(lambda: b.click(ctx, ClickArgs(selector="#b"))))
-        text = (await b.snapshot(ctx, SnapshotArgs()))["snapshot"]
+        text = (await b.snapshot(ctx, SnapshotArgs())).snapshot
         ref = ref_of(text, "Press me") if "Press me" in text else ref_of(text, "Clicked")
         click_ref = [await timed(lambda: b.click(ctx, ClickArgs(ref=ref))) for _ in range(rounds)]
         for _ in range(rounds):
             await b.navigate(ctx, NavigateArgs(url=f"{site}/"))
-            link = ref_of((await b.snapshot(ctx, SnapshotArgs()))["snapshot"], "Next page")
-            nav_click.append(await timed(partial(b.click, ctx, ClickArgs(ref=link))))
+            link = ref_of((await b.snapshot(ctx, SnapshotArgs())).snapshot, "Next page")
+            nav_click.append(await timed(lambda link=link: b.click(ctx, ClickArgs(ref=link))))
         await tab.close()
         stats("navigate to a local page", nav)
         stats(f"snapshot ({len(text)} chars)", snap)
@@ -140,11 +173,11 @@ async def bench_latencies(site: str, rounds: int) -> None:
         stats("click (ref, no navigation)", click_ref)
         stats("click (ref, link -> navigation)", nav_click)
     finally:
-        await backend.shutdown()
+        await close_backend(backend)
 
 
 async def bench_throughput(site: str, sessions: int, rounds: int) -> None:
-    backend = BrowserBackend("browser", {})
+    backend = new_backend()
     await backend.warmup()
     try:
         for _ in range(rounds):
@@ -155,7 +188,7 @@ async def bench_throughput(site: str, sessions: int, rounds: int) -> None:
             async def journey(tab: Tab) -> float:
                 t0 = time.perf_counter()
                 await backend.navigate(tab.ctx, NavigateArgs(url=f"{site}/"))
-                text = (await backend.snapshot(tab.ctx, SnapshotArgs()))["snapshot"]
+                text = (await backend.snapshot(tab.ctx, SnapshotArgs())).snapshot
                 await backend.click(tab.ctx, ClickArgs(ref=ref_of(text, "Next page")))
                 return (time.perf_counter() - t0) * 1000
 
@@ -169,11 +202,11 @@ async def bench_throughput(site: str, sessions: int, rounds: int) -> None:
                 f"per journey median {statistics.median(per):.0f} ms, max {max(per):.0f} ms"
             )
     finally:
-        await backend.shutdown()
+        await close_backend(backend)
 
 
 async def bench_memory(site: str, contexts: int) -> None:
-    backend = BrowserBackend("browser", {})
+    backend = new_backend()
     await backend.warmup()
     try:
         await asyncio.sleep(0.5)
@@ -200,7 +233,7 @@ async def bench_memory(site: str, contexts: int) -> None:
         for tab in tabs:
             await tab.close()
     finally:
-        await backend.shutdown()
+        await close_backend(backend)
 
 
 async def main() -> None:
@@ -208,15 +241,20 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="samples per latency figure")
     parser.add_argument("--sessions", type=int, default=20, help="concurrent sessions in the throughput run")
     parser.add_argument("--contexts", type=int, default=10, help="idle contexts in the memory run")
+    parser.add_argument("--tiers", default="sandbox,none", help="isolation tiers to measure, in order")
     options = parser.parse_args()
+    global TIER
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     site = f"http://127.0.0.1:{server.server_address[1]}"
     print(f"browser backend benchmark: {os.cpu_count()} CPUs, Chromium /usr/bin/chromium, pages from {site}")
     try:
-        await bench_latencies(site, options.rounds)
-        await bench_throughput(site, options.sessions, rounds=3)
-        await bench_memory(site, options.contexts)
+        for tier in options.tiers.split(","):
+            TIER = tier.strip()
+            print(f"\n== isolation {TIER!r} ==")
+            await bench_latencies(site, options.rounds)
+            await bench_throughput(site, options.sessions, rounds=3)
+            await bench_memory(site, options.contexts)
     finally:
         server.shutdown()
         server.server_close()

@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
+from backends.browser.snapshot import STALE_HINT
 from session.errors import BackendError, ExecutionTimeout, ParameterError, SandboxError, SessionError
-
-from .snapshot import STALE_HINT
 
 _CLOSED = (
     "has been closed",
@@ -38,17 +37,19 @@ _NET_HINTS = {
     "ERR_CERT": "the TLS certificate is invalid (set ignore_https_errors to accept it)",
     "ERR_UNSAFE_PORT": "Chromium refuses to connect to that port",
     "ERR_ABORTED": "the navigation was aborted (a download, or another navigation replaced it)",
+    "ERR_TUNNEL_CONNECTION_FAILED": "the sandbox's egress proxy refused or could not reach that address",
 }
 
 
 def first_line(message: str) -> str:
     """The message without Playwright's `Api.method:` prefix and call log."""
     line = (message or "").strip().splitlines()[0] if message and message.strip() else "unknown error"
-    return re.sub(r"^[A-Z][A-Za-z]*\.[a-z_A-Z]+: ", "", line)
+    line = re.sub(r"^[A-Z][A-Za-z]*\.[a-z_A-Z]+: ", "", line)
+    return line if len(line) <= 300 else line[:300] + "..."
 
 
 @contextlib.asynccontextmanager
-async def translated(action: str, timeout_ms: float | None = None) -> AsyncIterator[None]:
+async def translated(action: str, wait: float | None = None) -> AsyncIterator[None]:
     """Run a Playwright call, re-raising its failure as the matching `SandboxError`."""
     try:
         yield
@@ -59,7 +60,7 @@ async def translated(action: str, timeout_ms: float | None = None) -> AsyncItera
             # The click/press happened; only the navigation it started is slow. Not a failure:
             # the caller reports where the page is now (and the model can wait_for more).
             return
-        limit = f" after {timeout_ms:g} ms" if timeout_ms else ""
+        limit = f" after {wait:g} s" if wait else ""
         raise ExecutionTimeout(
             f"{action} timed out{limit}: the element was not found, not visible or not enabled, or the page "
             f"is still loading. Wait, use wait_for, or {STALE_HINT}"

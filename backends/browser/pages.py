@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import logging
@@ -16,14 +15,13 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, Response
 
 from backends.base import ToolContext
+from backends.browser.models import BrowserConfig, PageResult
+from backends.browser.session import BrowserSession
 from session.errors import BackendError, ParameterError, PermissionDenied
-
-from .config import BrowserConfig
-from .session import BrowserSession
 
 log = logging.getLogger(__name__)
 
-Ctx = ToolContext[BrowserSession]
+Ctx = ToolContext[BrowserConfig, BrowserSession]
 _SCHEMES = {"http", "https", "about", "data"}
 _BARE_HOST = re.compile(r"^(?:[\w-]+\.)*[\w-]+(?::\d+)?(?:[/?#].*)?$")
 
@@ -55,9 +53,18 @@ async def active_page(ctx: Ctx) -> tuple[BrowserSession, Page]:
     return state, await state.page()
 
 
+#: Longest URL or title a result repeats (a data: URL can be megabytes).
+URL_CHARS = 2_000
+
+
+def shown_url(url: str) -> str:
+    """`url`, cut to `URL_CHARS` with a marker if longer."""
+    return url if len(url) <= URL_CHARS else url[:URL_CHARS] + f"...[{len(url) - URL_CHARS} more chars]"
+
+
 async def title(page: Page) -> str:
-    with contextlib.suppress(Exception):
-        return await asyncio.wait_for(page.title(), 2)
+    with contextlib.suppress(Exception), anyio.move_on_after(2):
+        return await page.title()
     return ""
 
 
@@ -66,7 +73,7 @@ async def info(state: BrowserSession) -> dict[str, Any]:
     if not state.pages:
         return {"url": None, "title": None}
     page = state.pages[state.active]
-    data: dict[str, Any] = {"url": page.url, "title": await title(page)}
+    data: dict[str, Any] = {"url": shown_url(page.url), "title": (await title(page))[:URL_CHARS]}
     if len(state.pages) > 1:
         data["tab"] = state.active
         data["tab_count"] = len(state.pages)
@@ -81,6 +88,11 @@ async def moved(state: BrowserSession, moved: bool, why_not: str) -> dict[str, A
     return data
 
 
+def page_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys a `PageResult` knows (for building subclasses from `info`)."""
+    return {k: v for k, v in data.items() if k in PageResult.model_fields}
+
+
 # Whether clicking an element opens a new tab (a link or form with a target other than this frame).
 OPENS_TAB = """el => {
     const owner = el && el.closest && el.closest('a[target], area[target], form[target]');
@@ -89,24 +101,24 @@ OPENS_TAB = """el => {
 }"""
 
 
-async def wait_for_new_tab(state: BrowserSession, tabs_before: int, seconds: float = 2.0) -> None:
+async def wait_for_new_tab(state: BrowserSession, opened: anyio.Event, tabs_before: int, seconds: float = 2.0) -> None:
     """The tab a click opens shows up a little after the click returns: wait for it (bounded)."""
     if len(state.pages) <= tabs_before:
         with anyio.move_on_after(seconds):
-            await state.tab_opened.wait()
+            await opened.wait()
 
 
 async def after_action(state: BrowserSession, page: Page, tabs_before: int) -> dict[str, Any]:
     """Let a navigation the action started reach DOMContentLoaded, then describe where we are."""
     with contextlib.suppress(Exception):
-        await page.wait_for_load_state("domcontentloaded", timeout=min(5_000, state.config.navigation_timeout_ms))
+        await page.wait_for_load_state("domcontentloaded", timeout=min(5.0, state.config.navigation_timeout) * 1000)
     data = await info(state)
     if len(state.pages) > tabs_before:
         data["note"] = f"a new tab opened and is now active (tab {state.active})"
     return data
 
 
-async def goto(page: Page, url: str, wait_until: Any, timeout_ms: float) -> Response | None:
+async def goto(page: Page, url: str, wait_until: Any, wait: float) -> Response | None:
     """`page.goto`, made robust against Chromium's error page.
 
     After a failed navigation Chromium commits `chrome-error://` a moment later, and the
@@ -116,13 +128,19 @@ async def goto(page: Page, url: str, wait_until: Any, timeout_ms: float) -> Resp
     """
     for attempt in (1, 2):
         try:
-            return await page.goto(url, wait_until=wait_until, timeout=timeout_ms)
+            return await page.goto(url, wait_until=wait_until, timeout=wait * 1000)
         except PlaywrightError as exc:
             if "net::" in exc.message and "ERR_ABORTED" not in exc.message:
                 await error_page_committed(page)
             interrupted = re.search(r'interrupted by another navigation to "([^"]*)"', exc.message)
             if attempt == 1 and interrupted and interrupted.group(1) in (url, "chrome-error://chromewebdata/"):
                 continue
+            if interrupted and interrupted.group(1) == url:
+                # Chromium restarts some navigations itself (file:// directory listings): the
+                # restarted one is the page we asked for; wait for it instead of failing.
+                await page.wait_for_load_state(wait_until if wait_until != "commit" else "load", timeout=wait * 1000)
+                if page.url == url:
+                    return None
             raise
     return None
 
@@ -140,23 +158,26 @@ def check_url(state: BrowserSession, raw: str) -> str:
     url = raw.strip()
     if not url:
         raise ParameterError("the URL is empty; give an absolute URL such as https://example.com/")
+    shown = raw[:200] + ("..." if len(raw) > 200 else "")
     if "://" not in url and not url.startswith(("about:", "data:", "file:", "javascript:")):
         if not _BARE_HOST.match(url):
-            raise ParameterError(f"{raw!r} is not a URL; give an absolute URL such as https://example.com/")
+            raise ParameterError(f"{shown!r} is not a URL; give an absolute URL such as https://example.com/")
         local = url.startswith(("localhost", "127.", "[::1]"))
         url = ("http://" if local else "https://") + url
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "file":
-        if not state.config.allow_file_urls:
-            raise PermissionDenied("file:// URLs are refused in this session (session config allow_file_urls=false)")
+        if not state.allow_file_urls:
+            raise PermissionDenied(
+                "file:// URLs are refused: the operator's policy for this resource does not set allow_file_urls"
+            )
     elif scheme not in _SCHEMES:
         hint = "; use evaluate to run scripts" if scheme == "javascript" else ""
-        raise ParameterError(f"URL scheme {scheme!r} is not supported (http, https, data, about){hint}")
+        raise ParameterError(f"URL scheme {scheme[:50]!r} is not supported (http, https, data, about){hint}")
     elif scheme in ("http", "https") and not parts.hostname:
-        raise ParameterError(f"{raw!r} has no host; give an absolute URL such as https://example.com/")
+        raise ParameterError(f"{shown!r} has no host; give an absolute URL such as https://example.com/")
     if state.is_blocked(url):
-        raise PermissionDenied(f"{url} matches this session's `block` patterns")
+        raise PermissionDenied(f"{shown} matches this session's `block` patterns")
     return url
 
 
@@ -168,13 +189,12 @@ def tab_index(state: BrowserSession, index: int | None) -> int:
 
 async def close_if_stuck(state: BrowserSession, page: Page) -> bool:
     """After a script timed out: close the tab if its JS thread no longer answers; True if closed."""
-    try:
-        await asyncio.wait_for(page.evaluate("1"), 1.0)
+    with contextlib.suppress(Exception), anyio.move_on_after(1.0):
+        await page.evaluate("1")
         return False
-    except Exception:
-        log.warning("closing a tab stuck in a script")
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(page.close(run_before_unload=False), 10)
+    log.warning("closing a tab stuck in a script")
+    with contextlib.suppress(Exception), anyio.move_on_after(10):
+        await page.close(run_before_unload=False)
     if not state.pages:
         with contextlib.suppress(Exception):
             await state.new_page()

@@ -2,30 +2,40 @@
 
 `BrowserSession` is the state `initialize` returns. It follows the context's events (new
 tabs, closed tabs, console messages, page errors, dialogs, downloads) so tools only read
-it. Everything here belongs to one worker; nothing is shared with other sessions.
+it. Everything here belongs to one session; nothing is shared with other sessions.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fnmatch
 import logging
+import posixpath
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
+import anyio
 from playwright.async_api import BrowserContext, ConsoleMessage, Dialog, Download, Page, Route
 
+from backends.browser.launcher import BrowserHandle, Launcher
+from backends.browser.models import BrowserConfig
+from backends.browser.proxy import Grant
 from session.errors import BackendError, SessionError
 
-from .config import BrowserConfig
-from .launcher import BrowserHandle
-
 log = logging.getLogger(__name__)
+
+
+def is_private_file(url: str, private_paths: tuple[str, ...]) -> bool:
+    """Whether a file:// URL points into one of `private_paths` (or /proc, which leads anywhere)."""
+    path = posixpath.normpath(unquote(urlsplit(url).path) or "/")
+    roots = (*private_paths, "/proc")
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
 
 CONSOLE_KEEP = 300
 MESSAGE_CHARS = 2_000
@@ -35,11 +45,13 @@ MESSAGE_CHARS = 2_000
 class BrowserSession:
     """State of one browser session (what tools see as `ctx.state`)."""
 
-    worker_id: str
+    label: str
     config: BrowserConfig
+    launcher: Launcher
     handle: BrowserHandle
     context: BrowserContext
     download_dir: Path
+    grant: Grant
     pages: list[Page] = field(default_factory=list)
     active: int = 0
     console: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=CONSOLE_KEEP))
@@ -49,27 +61,37 @@ class BrowserSession:
     context_closed: bool = False
     closed: bool = False
     blocked: re.Pattern[str] | None = None
-    tab_opened: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    allow_file_urls: bool = False
+    tab_opened: anyio.Event = field(default_factory=anyio.Event, repr=False)
 
     # -- wiring ------------------------------------------------------------------------
 
-    async def wire(self) -> None:
-        """Follow the context's events and install URL blocking. Call once, before opening a page."""
+    async def wire(self, private_paths: tuple[str, ...] = ()) -> None:
+        """Follow the context's events and install URL blocking. Call once, before opening a page.
+
+        `private_paths`: with file URLs allowed, directories no page may read through file://
+        (the shared browser's own profile and launch dirs, where other sessions' downloads land).
+        Routes see every request (links, iframes, subresources), not only `navigate`'s.
+        """
         self.context.on("page", self.adopt)
         self.context.on("close", lambda _c: self._on_context_close())
         if self.config.block:
             patterns = [p.strip() for p in self.config.block if p.strip()]
-            blocked = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+            self.blocked = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+        if self.blocked is None and not private_paths:
+            return
+        blocked = self.blocked
 
-            async def route(route: Route) -> None:
-                if blocked.match(route.request.url):
-                    await route.abort("blockedbyclient")
-                else:
-                    await route.fallback()
+        async def route(route: Route) -> None:
+            url = route.request.url
+            if blocked is not None and blocked.match(url):
+                await route.abort("blockedbyclient")
+            elif private_paths and url.startswith("file:") and is_private_file(url, private_paths):
+                await route.abort("accessdenied")
+            else:
+                await route.fallback()
 
-            self.blocked = blocked
-            await self.context.route("**/*", route)
+        await self.context.route("**/*", route)
 
     def adopt(self, page: Page) -> None:
         """Track a tab (opened by us, by a link with target=_blank, or by window.open); make it active."""
@@ -82,8 +104,21 @@ class BrowserSession:
         page.on("pageerror", lambda err: self._log(page, "pageerror", str(err)))
         page.on("crash", lambda p: self._on_crash(p))
         page.on("close", lambda p: self._on_page_close(p))
-        page.on("dialog", lambda dialog: self._spawn(self._on_dialog(page, dialog)))
-        page.on("download", lambda download: self._spawn(self._on_download(page, download)))
+
+        # Playwright runs coroutine handlers as tasks of its own; they end with the context.
+        async def on_dialog(dialog: Dialog) -> None:
+            await self._on_dialog(page, dialog)
+
+        async def on_download(download: Download) -> None:
+            await self._on_download(page, download)
+
+        page.on("dialog", on_dialog)
+        page.on("download", on_download)
+
+    def expect_tab(self) -> anyio.Event:
+        """A fresh event that the next tab opened in this session sets."""
+        self.tab_opened = anyio.Event()
+        return self.tab_opened
 
     # -- what tools use ----------------------------------------------------------------
 
@@ -96,11 +131,11 @@ class BrowserSession:
     def problem(self) -> str | None:
         if self.closed:
             return "this browser session was closed; create a new one"
-        if self.handle.crashed or not self.handle.alive:
+        if self.handle.crashed or not self.launcher.handle_alive(self.handle):
             return (
-                "the shared browser crashed and has been (or will be) restarted; this session's tabs, "
-                "cookies and storage are lost. Destroy this browser session and create a new one "
-                "(or reinitialize it)"
+                "the shared browser (or its Playwright driver) stopped and is restarted on next use; this "
+                "session's tabs, cookies and storage are lost. Reinitialize this session (or destroy it and "
+                "create a new one)"
             )
         if self.context_closed:
             return "this session's browser context was closed unexpectedly; destroy the session and create a new one"
@@ -135,28 +170,16 @@ class BrowserSession:
     async def close(self) -> None:
         """Close every tab and the context. Never raises."""
         self.closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        if not self.context_closed and self.handle.alive:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.context.close(), 10)
+        if not self.context_closed and self.launcher.handle_alive(self.handle):
+            with contextlib.suppress(Exception), anyio.move_on_after(10):
+                await self.context.close()
         self.pages.clear()
 
     # -- event handlers ----------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and not self.closed:
-            log.debug("browser event handler failed: %r", task.exception())
-
     def _log(self, page: Page, kind: str, text: str, **extra: Any) -> None:
         self.console_seen += 1
-        entry = {"type": kind, "text": text[:MESSAGE_CHARS], "url": page.url, "time": round(time.time(), 3)}
+        entry = {"type": kind, "text": text[:MESSAGE_CHARS], "url": page.url[:500], "time": round(time.time(), 3)}
         entry.update(extra)
         self.console.append(entry)
 
@@ -192,14 +215,14 @@ class BrowserSession:
         name = Path(download.suggested_filename).name or "download"
         target = self.download_dir / name
         stem, suffix, n = target.stem, target.suffix, 1
-        while target.exists():
+        while await anyio.Path(target).exists():
             target = self.download_dir / f"{stem} ({n}){suffix}"
             n += 1
         entry: dict[str, Any] = {"file": target.name, "path": str(target), "url": download.url}
         try:
             await download.save_as(target)
-            entry["size"] = target.stat().st_size
+            entry["size"] = (await anyio.Path(target).stat()).st_size
         except Exception as exc:  # the download failed or was cancelled: say so, keep going
-            entry["error"] = str(exc).splitlines()[0]
+            entry["error"] = (str(exc).splitlines() or ["failed"])[0][:300]
         self.downloads.append(entry)
         self._log(page, "download", f"downloaded {download.url} -> {target.name}")
