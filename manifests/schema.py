@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from mcp_server.tokens import principal_problem, token_problem
+from manifests.credentials import principal_problem, token_problem
 
 RESOURCE_NAME = r"^[a-z][a-z0-9]{0,31}$"
 

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from manifests.credentials import token_problem
 from session.errors import ConfigurationError
 
 TOKEN_ENV = "AGENTFLOW_SANDBOX_TOKEN"
 DEFAULT_PRINCIPAL = "default"
-MIN_TOKEN_LENGTH = 32
 # Visible ASCII only: a token travels in an HTTP header and must survive shells and JSON.
-TOKEN_PATTERN = re.compile(r"^[\x21-\x7e]+$")
-PRINCIPAL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 STATE_DIR_NAME = "agentflow-sandbox"
-GENERATE_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 class TokenSource(StrEnum):
@@ -45,22 +41,8 @@ class Credentials:
         return f"Credentials(principals={sorted(self.tokens)}, source={self.source.value})"
 
 
-def token_problem(token: str) -> str | None:
-    """Why `token` is unacceptable (a message without the token), or None."""
-    if len(token) < MIN_TOKEN_LENGTH:
-        return f"a token must be at least {MIN_TOKEN_LENGTH} characters ({GENERATE_HINT})"
-    if not TOKEN_PATTERN.match(token):
-        return "a token must be printable ASCII without spaces"
-    return None
 
 
-def principal_problem(name: str) -> str | None:
-    if not PRINCIPAL_PATTERN.match(name):
-        return (
-            f"principal name {name!r} must be 1-64 characters: letters, digits and _ . @ -, "
-            "starting with a letter or digit"
-        )
-    return None
 
 
 def resolve_credentials(manifest_tokens: Mapping[str, str], environ: Mapping[str, str] | None = None) -> Credentials:

@@ -38,6 +38,8 @@ from session.envelope import ResultMeta, failure, success
 from session.errors import (
     ConfigurationError,
     ParameterError,
+    PermissionDenied,
+    ResourceUnavailable,
     SandboxError,
     ServiceUnavailable,
     SessionError,
@@ -67,6 +69,8 @@ UNKNOWN_HANDLE = (
 )
 
 Request = str | list[str] | Mapping[str, Mapping[str, Any] | None]
+
+_KEEP_CODE_ON_START = (ConfigurationError, ParameterError, PermissionDenied, ResourceUnavailable, ServiceUnavailable)
 
 
 class Engine:
@@ -496,6 +500,10 @@ class Engine:
             session.failure = str(exc)
             session.ready.set()
             await self._release(session)
+            if isinstance(exc, _KEEP_CODE_ON_START):
+                # What the caller or operator must change (a tier the host lacks, a limit, a
+                # bad value) keeps its own code; anything else means the session is broken.
+                raise type(exc)(f"could not start {session.resource_type!r}: {exc.message}", data=exc.data) from exc
             if isinstance(exc, SandboxError):
                 raise SessionError(f"could not start {session.resource_type!r}: {exc.message}") from exc
             if isinstance(exc, Exception):
@@ -585,6 +593,8 @@ class Engine:
             for session, _ in results:
                 await session.ready.wait()
                 if session.status is not SessionStatus.ACTIVE:
+                    if session.start_error is not None:
+                        raise session.start_error
                     raise SessionError(session.failure or f"the {session.resource_type!r} session was destroyed")
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -604,8 +614,8 @@ class Engine:
         """Start one of several sessions; a failure is recorded on it (the caller reports it)."""
         try:
             await self._start(session)
-        except SessionError as exc:
-            session.failure = exc.message
+        except SandboxError as exc:
+            session.failure, session.start_error = exc.message, exc
             self._forget(session)
 
     def _select(self, caller: Caller, resources: list[str] | None, handle: str | None) -> list[Session]:

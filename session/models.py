@@ -91,6 +91,7 @@ class Session:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     running: set[anyio.CancelScope] = field(default_factory=set)
     failure: str | None = None
+    start_error: Exception | None = None
     grace_until: float | None = None
     setup: SessionSetup[Any] | None = None
     scratch: Path | None = None

@@ -128,7 +128,7 @@ async def test_bad_tool_calls_come_back_as_error_envelopes_and_the_server_stays_
     async with Sandbox() as sandbox:
         cases = [
             ("bash:nope", {}, 1001),
-            ("nowhere:run", {}, 1005),
+            ("nowhere:run", {}, 1001),  # an unknown tool, whatever its prefix (1005 is for create_session)
             ("bash:run", {}, 1002),
             ("bash:run", {"command": 42}, 1002),
             ("bash:run", {"command": "echo", "extra": 1}, 1002),

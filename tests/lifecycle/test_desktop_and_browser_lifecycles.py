@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -24,7 +22,7 @@ from PIL import Image
 from sandbox import Sandbox
 from tests.support import leaks, procs
 from tests.support.polling import eventually
-from tests.support.ports import free_port
+from tests.support.servers import start_http_server
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +48,7 @@ def manifest(tmp_path: Path, ttl: float = 300) -> Path:
     path.write_text(
         json.dumps(
             {
-                "server": {"session_ttl": ttl, "log_level": "WARNING"},
+                "server": {"session_ttl": ttl, "disconnect_grace": 0, "log_level": "WARNING"},
                 "resources": {"bash": {}, "vm": {}, "browser": {}},
             }
         )
@@ -145,25 +143,11 @@ async def test_browser_temporary_mode_and_reinitialize_viewport():
 
 async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the_server_lives(tmp_path):
     before = watched_pids()
-    port = free_port()
-    argv = [sys.executable, "-m", "mcp_server", "serve", "--transport", "http", "--port", str(port)]
-    server = await anyio.open_process(
-        [*argv, "--manifest", str(manifest(tmp_path))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    leaks.note_server(server.pid)
+    server = await anyio.to_thread.run_sync(lambda: start_http_server(tmp_path, manifest=manifest(tmp_path)))
     try:
-        url = f"http://127.0.0.1:{port}/mcp"
-
-        async def serving() -> bool:
-            try:
-                async with Client(streamable_http_client(url), mode="legacy") as probe:
-                    await probe.list_tools()
-            except Exception:
-                return False
-            return True
-
-        await eventually(serving, 30, every=0.2)
-        async with Client(streamable_http_client(url), mode="legacy") as client:  # Mcp-Session-Id
+        async with server.http_client() as http, Client(
+            streamable_http_client(server.mcp_url, http_client=http), mode="legacy"
+        ) as client:  # Mcp-Session-Id
             created = await client.call_tool("create_session", {"resource": ["vm", "browser"]})
             assert not created.is_error, created
             nav = await client.call_tool("browser_navigate", {"url": PAGE})
@@ -173,14 +157,9 @@ async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the
             assert len(watched_pids() - before) >= 3
         # leaving the client sends DELETE: the worker's desktop and context go, the server stays
         await eventually(lambda: not any(_comm(p) in {"Xvfb", "openbox"} for p in watched_pids() - before))
-        assert server.returncode is None
+        assert server.process.poll() is None
     finally:
-        server.terminate()
-        with anyio.move_on_after(60):
-            await server.wait()
-        if server.returncode is None:
-            server.kill()
-        await server.aclose()  # reaps it and closes its pipes while this event loop still runs
+        await anyio.to_thread.run_sync(server.stop)
     await no_new_processes(before)
 
 

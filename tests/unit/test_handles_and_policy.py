@@ -243,3 +243,20 @@ async def test_a_capped_caller_leaves_the_pool_member_in_the_pool():
         with pytest.raises(ResourceUnavailable):
             await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")
         assert len(engine.warm["fake"].ready) == 1
+
+
+async def test_a_tier_the_host_cannot_provide_is_a_configuration_error_not_a_broken_session():
+    from session.errors import ConfigurationError
+
+    class NoTier(FakeBackend):
+        async def initialize(self, setup):  # type: ignore[no-untyped-def]
+            raise ConfigurationError("network 'internet' is not available on this host: pasta cannot filter")
+
+    async with Engine({"fake": NoTier()}) as engine:
+        refused = (await engine.call(ALICE, "create_session", {"resource": "fake"})).envelope
+        assert refused.code == 5001
+        assert "pasta" in refused.message
+        several = (await engine.call(ALICE, "create_session", {"resource": ["fake"]})).envelope
+        assert several.code == 5001
+        temporary = (await engine.call(ALICE, "fake_get", {"key": "k"})).envelope
+        assert temporary.code == 5001
