@@ -366,7 +366,7 @@ class Backend(Generic[ConfigT, StateT]):
     def tools(cls) -> dict[str, ToolSpec]:
         return cls._tools
 
-    def session_config(self, overrides: Mapping[str, Any] | None = None) -> BaseModel:
+    def session_config(self, overrides: Mapping[str, Any] | None = None) -> ConfigT:
         """Validate the manifest defaults merged with a session's own config (policy keys removed).
 
         Raises:
@@ -381,7 +381,7 @@ class Backend(Generic[ConfigT, StateT]):
                 f"manifest (resources.{self.name}.settings); a session cannot change them"
             )
         try:
-            return self.Config.model_validate({**self.defaults, **overrides})
+            return typing.cast(ConfigT, self.Config.model_validate({**self.defaults, **overrides}))
         except ValidationError as exc:
             raise ParameterError(
                 describe_validation_error(exc, f"config of {self.name!r}"),

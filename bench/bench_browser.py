@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import statistics
@@ -164,7 +165,7 @@ async def bench_latencies(site: str, rounds: int) -> None:
         for _ in range(rounds):
             await b.navigate(ctx, NavigateArgs(url=f"{site}/"))
             link = ref_of((await b.snapshot(ctx, SnapshotArgs())).snapshot, "Next page")
-            nav_click.append(await timed(lambda link=link: b.click(ctx, ClickArgs(ref=link))))
+            nav_click.append(await timed(functools.partial(b.click, ctx, ClickArgs(ref=link))))
         await tab.close()
         stats("navigate to a local page", nav)
         stats(f"snapshot ({len(text)} chars)", snap)

@@ -251,7 +251,7 @@ async def test_console_keeps_messages_and_page_errors(backend: BrowserBackend, s
 async def test_context_options_and_storage_state(backend: BrowserBackend, site: str) -> None:
     host = site.split("//")[1].split(":")[0]
     cookie = {"name": "sid", "value": "logged-in", "domain": host, "path": "/"}
-    config = {
+    config: dict[str, Any] = {
         "user_agent": "AgentFlowTest/1.0",
         "locale": "de-DE",
         "timezone": "Asia/Tokyo",

@@ -358,7 +358,7 @@ def _backend(**settings: object) -> VMBackend:
 
 def test_config_and_settings_are_validated() -> None:
     backend = _backend()
-    assert backend.session_config({"screen_size": [1920, 1080]}).screen_size == (1920, 1080)  # type: ignore[attr-defined]
+    assert backend.session_config({"screen_size": [1920, 1080]}).screen_size == (1920, 1080)
     with pytest.raises(ParameterError, match="out of range"):
         backend.session_config({"screen_size": [10, 10]})
     with pytest.raises(ParameterError, match="screen_sise"):

@@ -32,7 +32,7 @@ ALL = TIERS
 HOG = 'x = bytearray(%d << 20); x[::4096] = b"y" * len(x[::4096])'
 
 
-async def start_sleeper(box, marker: str):  # type: ignore[no-untyped-def]
+async def start_sleeper(box, marker: str):
     """A long-running process in `box` whose command line carries `marker`; returns the process."""
     process = await box.spawn(
         ["/bin/bash", "-c", f"exec -a {marker} sleep 300"], env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL

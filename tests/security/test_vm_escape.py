@@ -240,5 +240,5 @@ async def test_gvisor_is_refused_with_the_reason(vm: Desktops) -> None:
         scratch=scratch,
     )
     with pytest.raises(ConfigurationError, match="gvisor") as refused:
-        await backend.initialize(setup)  # type: ignore[arg-type]
+        await backend.initialize(setup)
     assert refused.value.code == 5001

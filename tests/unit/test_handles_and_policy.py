@@ -249,7 +249,7 @@ async def test_a_tier_the_host_cannot_provide_is_a_configuration_error_not_a_bro
     from session.errors import ConfigurationError
 
     class NoTier(FakeBackend):
-        async def initialize(self, setup):  # type: ignore[no-untyped-def]
+        async def initialize(self, setup):
             raise ConfigurationError("network 'internet' is not available on this host: pasta cannot filter")
 
     async with Engine({"fake": NoTier()}) as engine:
