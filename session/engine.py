@@ -441,16 +441,16 @@ class Engine:
             for pool in self.warm.values():
                 while pool.missing() and not self._stopping:
                     member = self._new_session(Caller(), pool.resource, None, temporary=False, pooled=True)
-                    pool.starting += 1
+                    pool.starting.append(member)
                     try:
                         await self._start(member)
-                    except SessionError as exc:
+                    except SandboxError as exc:
                         pool.failures += 1
                         retry_later = True
                         log.warning("could not start a pooled %s session: %s", pool.resource, exc.message)
                         break
                     finally:
-                        pool.starting -= 1
+                        pool.starting.remove(member)
                     if self._stopping:
                         await self._stop(member)
                     else:

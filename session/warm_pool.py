@@ -19,12 +19,12 @@ class WarmPool:
     resource: str
     target: int
     ready: deque[Session] = field(default_factory=deque)
-    starting: int = 0
+    starting: list[Session] = field(default_factory=list)
     failures: int = 0
     taken: int = 0
 
     def missing(self) -> int:
-        return max(self.target - len(self.ready) - self.starting, 0)
+        return max(self.target - len(self.ready) - len(self.starting), 0)
 
     def pop(self) -> Session | None:
         return self.ready.popleft() if self.ready else None
@@ -32,5 +32,13 @@ class WarmPool:
     def put_back(self, session: Session) -> None:
         self.ready.appendleft(session)
 
-    def describe(self) -> dict[str, int]:
-        return {"target": self.target, "ready": len(self.ready), "starting": self.starting, "taken": self.taken}
+    def describe(self) -> dict[str, object]:
+        """Counts, and the members' labels (not secrets: they name cgroups and scratch dirs)."""
+        return {
+            "target": self.target,
+            "ready": len(self.ready),
+            "starting": len(self.starting),
+            "taken": self.taken,
+            "failures": self.failures,
+            "members": [s.label for s in (*self.ready, *self.starting)],
+        }
