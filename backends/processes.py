@@ -49,8 +49,8 @@ def pids_with_marker(tag: str, *, cmdline_token: str | None = None) -> list[int]
     some programs (Chromium's helpers) overwrite their environ area with their process
     title, so a unique argument they all carry is the only trace left.
     Raw /proc reads, not psutil: this runs on every session's cleanup, and matching bytes
-    skips decoding every environment into a dict. Measured on this 2-core machine with
-    ~110 processes: 2.0 ms per scan here vs 3.9 ms with `psutil.Process.environ()`.
+    skips decoding every environment into a dict. Measured (2 cores, 143 processes, median
+    of 200 scans): 0.64 ms per scan here vs 7.8 ms through `psutil.Process.environ()`.
     """
     needle = f"\0{SESSION_ENV_MARKER}={tag}\0".encode()
     token = f"\0{cmdline_token}\0".encode() if cmdline_token else None
