@@ -538,7 +538,7 @@ async def test_headed_context_on_an_x_display(site: str) -> None:
     finally:
         await b.shutdown()
         xvfb.terminate()
-        await xvfb.wait()
+        await xvfb.aclose()  # reaps it and closes its pipes while this event loop still runs
 
 
 # -- pure functions -------------------------------------------------------------------
