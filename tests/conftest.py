@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # the environment) then names its ids, scratch root and cgroups after this run, and the
     # leak checks in tests/support/leaks.py count only what this run made.
     os.environ[leaks.RUN_ID_ENV] = leaks.new_run_id()
+    # Started in the background of a script (`cmd &`, as some CI runners do), this process
+    # inherits SIGINT ignored, and so would every shell the sessions start: a bash that
+    # ignores SIGINT cannot be interrupted, and the timeout and cancel tests then fail for
+    # reasons outside the change. A handled signal is reset to default on exec; an ignored
+    # one is not. (The servers themselves have the same exposure: see the report on issue 8.)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
