@@ -122,5 +122,5 @@ async def test_eventually_returns_the_first_truthy_value_and_fails_naming_the_co
         return "ready" if len(calls) >= 3 else None
 
     assert await eventually(third_time, every=0.001) == "ready"
-    with pytest.raises(pytest.fail.Exception, match="timed out after 0.05s waiting for the impossible"):
+    with pytest.raises(pytest.fail.Exception, match=r"timed out after 0\.05s waiting for the impossible"):
         await eventually(lambda: False, 0.05, 0.01, what=lambda: "the impossible")
