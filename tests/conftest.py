@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -37,10 +38,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Kill whatever session processes of this run survived, so they cannot disturb later runs."""
+    """Remove what this run's sessions left (processes, scratch directories): nothing of it may
+    disturb later runs on the machine. The tests' own leak checks are what fail on a leak."""
     leftovers = leaks.kill_leftovers()
     if leftovers:
         log.warning("run %s left session processes behind (killed): %s", leaks.run_id(), leftovers)
+    for directory in leaks.scratch_dirs():
+        log.warning("run %s left a scratch directory behind (removed): %s", leaks.run_id(), directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
