@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from manifests import build_backends
 from manifests.schema import Manifest
-from session.engine import Engine, Limits
+from session.budget import Limits
+from session.engine import Engine
 
 
 def engine_from_manifest(manifest: Manifest) -> Engine:
