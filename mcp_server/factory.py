@@ -5,7 +5,8 @@ from __future__ import annotations
 from backends.base import Runtime
 from manifests import build_backends
 from manifests.schema import Manifest
-from session.engine import Engine, Limits
+from session.budget import Limits
+from session.engine import Engine
 
 
 def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> Engine:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # the environment) then names its ids, scratch root and cgroups after this run, and the
     # leak checks in tests/support/leaks.py count only what this run made.
     os.environ[leaks.RUN_ID_ENV] = leaks.new_run_id()
+    # (A run started with SIGINT ignored, e.g. `scripts/test &`, is fine: the bash backend
+    # resets SIGINT for its shells; tests/backends/test_bash.py checks that.)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -29,10 +32,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Kill whatever session processes of this run survived, so they cannot disturb later runs."""
+    """Remove what this run's sessions left (processes, scratch directories): nothing of it may
+    disturb later runs on the machine. The tests' own leak checks are what fail on a leak."""
     leftovers = leaks.kill_leftovers()
     if leftovers:
         log.warning("run %s left session processes behind (killed): %s", leaks.run_id(), leftovers)
+    for directory in leaks.scratch_dirs():
+        log.warning("run %s left a scratch directory behind (removed): %s", leaks.run_id(), directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

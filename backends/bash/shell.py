@@ -127,7 +127,7 @@ class PersistentShell:
         if entered.shell_exited or entered.timed_out:
             await self.kill()
             detail = (entered.stderr.strip() or entered.stdout.strip() or "no output")[:300]
-            raise BackendError(f"the shell {self.argv[0][:100]!r} did not start inside the sandbox: {detail}")
+            raise BackendError(f"the shell {shlex.join(self.argv)[:120]!r} did not start inside the sandbox: {detail}")
         if entered.exit_code != 0 and check_cwd:
             await self.kill()
             assert self.cwd is not None

@@ -556,7 +556,7 @@ async def test_headed_context_on_a_linked_vm_display(site: str, scratch: Path) -
     finally:
         await b.shutdown()
         xvfb.terminate()
-        await xvfb.wait()
+        await xvfb.aclose()  # reaps it and closes its pipes while this event loop still runs
 
 
 # -- pure functions -------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import uuid
 
 import anyio
 
@@ -14,6 +16,7 @@ from backends.processes import (
     sweep_orphans,
 )
 from tests.support.polling import eventually
+from tests.support.procs import alive
 
 
 def _pgid(pid: int) -> int | None:
@@ -23,42 +26,43 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def test_aclose_kills_the_group_and_processes_that_left_it():
-    owner = ProcessGroupOwner("test-owner-1", grace=0.5)
+    tag = f"test-owner-{uuid.uuid4().hex[:12]}"  # unique: aclose sweeps every process carrying it
+    owner = ProcessGroupOwner(tag, grace=0.5)
     shell = await owner.spawn(["bash", "-c", "setsid sleep 300 & sleep 301 & wait"])
 
     def escaped() -> list[int]:  # the setsid'd sleep, once it is in a group of its own
-        return [p for p in pids_with_marker("test-owner-1") if _pgid(p) not in (shell.pid, None)]
+        return [p for p in pids_with_marker(tag) if _pgid(p) not in (shell.pid, None)]
 
-    await eventually(lambda: len(pids_with_marker("test-owner-1")) >= 3 and escaped(), 10)
+    await eventually(lambda: len(pids_with_marker(tag)) >= 3 and escaped(), 10)
     left_the_group = escaped()
     await owner.aclose()
-    assert pids_with_marker("test-owner-1") == []
-    assert not any(_alive(p) for p in left_the_group)
+    assert pids_with_marker(tag) == []
+    assert not any(alive(p) for p in left_the_group)
 
 
 async def test_a_dead_servers_processes_are_swept_and_a_live_servers_are_not():
-    dead = await anyio.open_process(["true"])
-    await dead.wait()
-    env = {**os.environ, SESSION_ENV_MARKER: "test-orphan", SERVER_ENV_MARKER: str(dead.pid)}
-    orphan = await anyio.open_process(["sleep", "300"], env=env, start_new_session=True)
-    env_live = {**os.environ, SESSION_ENV_MARKER: "test-kept", SERVER_ENV_MARKER: str(os.getpid())}
-    kept = await anyio.open_process(["sleep", "300"], env=env_live, start_new_session=True)
-    try:
-        swept = sweep_orphans()
-        assert orphan.pid in swept
-        assert kept.pid not in swept
-        with anyio.fail_after(5):
-            await orphan.wait()
-        assert kept.returncode is None
-    finally:
-        kept.kill()
-        await kept.wait()
+    # Every process is closed with `async with` (pipes closed, reaped) while this test's event
+    # loop runs: a transport collected after its loop closed fails a later test.
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    # A server pid that cannot exist (above pid_max): a reaped pid could be reused meanwhile.
+    dead_pid = int(await anyio.Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    marker = uuid.uuid4().hex[:12]
+    env = {**os.environ, SESSION_ENV_MARKER: f"test-orphan-{marker}", SERVER_ENV_MARKER: str(dead_pid)}
+    env_live = {**os.environ, SESSION_ENV_MARKER: f"test-kept-{marker}", SERVER_ENV_MARKER: str(os.getpid())}
+    async with (
+        await anyio.open_process(["sleep", "300"], env=env, start_new_session=True, **quiet) as orphan,
+        await anyio.open_process(["sleep", "300"], env=env_live, start_new_session=True, **quiet) as kept,
+    ):
+        try:
+            swept = sweep_orphans()
+            assert orphan.pid in swept
+            assert kept.pid not in swept
+            with anyio.fail_after(15):
+                await orphan.wait()
+            assert kept.returncode is None
+        finally:
+            for process in (orphan, kept):
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
