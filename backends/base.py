@@ -22,6 +22,7 @@ after `cleanup`), timing and the result envelope. Backends never override that p
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import logging
@@ -201,22 +202,7 @@ class ToolSpec:
         return f"{self.resource}_{self.name}" if self.resource else self.name
 
     def bound(self, resource: str, *, takes_session: bool) -> ToolSpec:
-        return ToolSpec(
-            name=self.name,
-            description=self.description,
-            args_model=self.args_model,
-            handler=self.handler,
-            result_model=self.result_model,
-            read_only=self.read_only,
-            destructive=self.destructive,
-            idempotent=self.idempotent,
-            open_world=self.open_world,
-            takes_args=self.takes_args,
-            owner=self.owner,
-            resource=resource,
-            takes_session=takes_session,
-            schema=self.schema,
-        )
+        return dataclasses.replace(self, resource=resource, takes_session=takes_session)
 
     def input_schema(self) -> dict[str, Any]:
         """The arguments' JSON Schema, with `session_id` declared where the tool takes one."""

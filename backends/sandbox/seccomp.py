@@ -99,9 +99,23 @@ def _errno(value: int) -> int:
     return _RET_ERRNO | (value & 0xFFFF)
 
 
-def build_filter() -> bytes:
-    """The filter as the bytes of a `struct sock_filter[]` (what `bwrap --seccomp` reads)."""
+#: What a sandbox that builds its own nested sandboxes (Chromium's) must keep: joining and
+#: making namespaces. Everything else stays denied.
+NAMESPACE_SYSCALLS = frozenset({"setns"})
+
+
+def build_filter(*, allow_user_namespaces: bool = False) -> bytes:
+    """The filter as the bytes of a `struct sock_filter[]` (what `bwrap --seccomp` reads).
+
+    `allow_user_namespaces` keeps `clone`/`unshare` with CLONE_NEWUSER, `clone3` and `setns`
+    (for the browser's sandbox, where Chromium's own renderer sandbox needs them).
+    """
     eperm = _errno(errno.EPERM)
+    denied = {
+        name: nr
+        for name, nr in DENIED_SYSCALLS.items()
+        if not (allow_user_namespaces and name in NAMESPACE_SYSCALLS)
+    }
     prog = [
         _insn(_LD_W_ABS, _OFF_ARCH),
         _insn(_JEQ_K, _AUDIT_ARCH_X86_64, jt=1, jf=0),
@@ -110,11 +124,12 @@ def build_filter() -> bytes:
         _insn(_JGE_K, _X32_SYSCALL_BIT, jt=0, jf=1),
         _insn(_RET_K, eperm),
     ]
-    for nr in sorted(DENIED_SYSCALLS.values()):
+    for nr in sorted(denied.values()):
         prog += [_insn(_JEQ_K, nr, jt=0, jf=1), _insn(_RET_K, eperm)]
-    prog += [_insn(_JEQ_K, SYS_CLONE3, jt=0, jf=1), _insn(_RET_K, _errno(errno.ENOSYS))]
+    if not allow_user_namespaces:
+        prog += [_insn(_JEQ_K, SYS_CLONE3, jt=0, jf=1), _insn(_RET_K, _errno(errno.ENOSYS))]
     # clone(flags, ...) and unshare(flags): refuse a new user namespace (the flag is in the low word).
-    for nr in (SYS_CLONE, SYS_UNSHARE):
+    for nr in () if allow_user_namespaces else (SYS_CLONE, SYS_UNSHARE):
         prog += [
             _insn(_JEQ_K, nr, jt=0, jf=4),
             _insn(_LD_W_ABS, _OFF_ARG0_LO),

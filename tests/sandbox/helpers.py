@@ -19,6 +19,7 @@ import pytest
 from backends.policy import Policy
 from backends.sandbox import SandboxSpec, SessionSandbox, mechanisms
 from session.errors import ConfigurationError
+from tests.support.procs import pids_of_uid
 
 RUN_SERVER_ID = f"sbxtest-{os.getpid()}-{secrets.token_hex(4)}"
 #: gVisor sessions take ~0.5 s to start: slow, like the other real-component tests.
@@ -64,16 +65,6 @@ def has_cap_sys_resource() -> bool:
     return False
 
 
-def pids_of_uid(uid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid and pid_alive(int(entry)):
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def run_cgroup_dirs() -> list[Path]:

@@ -7,7 +7,6 @@ names this process), so other runs on the machine never disturb the counts.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -66,16 +65,6 @@ def run_pids(label: str = "") -> list[int]:
     return sorted(p for p in pids if pid_alive(p))
 
 
-def pids_of_uid(uid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid and pid_alive(int(entry)):
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def mounts_under(path: Path) -> list[str]:

@@ -21,11 +21,11 @@ from tests.sandbox.helpers import (
     BoxFactory,
     host_exists,
     pid_alive,
-    pids_of_uid,
     read_proc,
     run,
     run_cgroup_dirs,
 )
+from tests.support.procs import pids_of_uid
 
 ALL = TIERS
 #: Touches every page of N MB so the memory is really charged.

@@ -24,12 +24,12 @@ from tests.security.bash_sandbox import (
     bash_engine,
     mounts_under,
     pid_alive,
-    pids_of_uid,
     require_tier,
     run_cgroup_dirs,
     run_pids,
 )
 from tests.support.polling import eventually
+from tests.support.procs import pids_of_uid
 
 pytestmark = pytest.mark.parametrize("tier", ISOLATED_TIERS)
 

@@ -61,6 +61,16 @@ def live_processes() -> Iterator[psutil.Process]:
         yield proc
 
 
+def pids_of_uid(uid: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is `uid` (a session's own uid)."""
+    found = []
+    for process in psutil.process_iter(["uids", "status"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if process.info["uids"].real == uid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid`."""
     try:
