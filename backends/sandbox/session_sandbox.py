@@ -270,7 +270,9 @@ class SessionSandbox:
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
         assert self._storage.tmp_source is not None
-        container_id = f"{self.spec.label}-{next(self._counter)}"
+        # Unique on the host: runsc names its control socket after the container id, so two
+        # servers (or test runs) whose sessions share a label would otherwise collide.
+        container_id = f"{self.spec.server_id}-{self.spec.label}-{next(self._counter)}"
         bundle = self._gvisor_state / "bundles" / container_id
         bundle.mkdir(mode=0o700)
         gvisor.write_bundle(
