@@ -160,8 +160,12 @@ def authenticated_app(app: ASGIApp, tokens: Mapping[str, str] | None) -> ASGIApp
 def _listen(host: str, port: int) -> socket.socket:
     """Bind before anything else, so a generated token file is written only by the server that owns the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets whose proto says TCP, and
+    # accepted sockets inherit it; with proto 0 every keep-alive response waited ~40 ms for
+    # the client's delayed ACK. TCP_NODELAY on the listener is inherited too (belt and braces).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:

@@ -479,3 +479,24 @@ async def test_garbage_requests_do_not_flood_the_log(tmp_path: Path) -> None:
         assert 1 <= len(lines) <= 6 + elapsed, lines
         assert "Traceback" not in server.log()
         assert server.health() == {"status": "running"}
+
+
+def test_the_listener_turns_nagle_off_for_every_connection() -> None:
+    """asyncio disables Nagle only on sockets whose proto is TCP; a proto-0 listener made every
+    keep-alive response wait ~40 ms for the client's delayed ACK."""
+    import socket as socket_module
+
+    from mcp_server.transports import _listen
+
+    listener = _listen("127.0.0.1", 0)
+    try:
+        assert listener.proto == socket_module.IPPROTO_TCP
+        assert listener.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY)
+        listener.listen()
+        client = socket_module.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            assert accepted.proto == socket_module.IPPROTO_TCP
+            assert accepted.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY)
+    finally:
+        listener.close()
