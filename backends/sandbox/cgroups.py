@@ -181,8 +181,7 @@ class SessionCgroup:
         created: list[Path] = []
         try:
             for directory in dict.fromkeys(self.dirs.values()):
-                directory.parent.mkdir(parents=True, exist_ok=True)
-                directory.mkdir()
+                _make_session_dir(directory)
                 created.append(directory)
             if self.host.version == 2:
                 self._limit_v2(limits)
@@ -287,6 +286,22 @@ class SessionCgroup:
             remove_tree(directory)
             with contextlib.suppress(OSError):
                 directory.parent.rmdir()  # the server's dir, if this was its last session
+
+
+def _make_session_dir(directory: Path, attempts: int = 5) -> None:
+    """mkdir a session's cgroup under its server's directory.
+
+    Another session's `remove` may rmdir the server's directory (its last session gone)
+    between our parent mkdir and ours: make the parent again and retry.
+    """
+    for attempt in range(attempts):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir()
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
 
 
 def _tree_pids(directory: Path) -> list[int]:
