@@ -138,7 +138,10 @@ class BrowserSession:
                 "create a new one)"
             )
         if self.context_closed:
-            return "this session's browser context was closed unexpectedly; destroy the session and create a new one"
+            return (
+                "this session's browser context was closed unexpectedly; reinitialize this session "
+                "(or destroy it and create a new one)"
+            )
         return None
 
     async def page(self) -> Page:
