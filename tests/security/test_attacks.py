@@ -41,7 +41,13 @@ async def start_sleeper(box, marker: str):
 
 
 def host_pids_with(marker: str) -> list[int]:
+    """Processes whose command line mentions `marker` (including shells on their way to exec)."""
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and marker in read_proc(p, "cmdline")]
+
+
+def escapees_named(marker: str) -> list[int]:
+    """The escaped sleeps themselves: `exec -a <marker>x` puts the marker first in argv."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and read_proc(p, "cmdline").startswith(marker)]
 
 
 @pytest.mark.parametrize("tier", SANDBOXED)
@@ -282,10 +288,12 @@ async def test_detached_processes_die_with_the_session(make_box: BoxFactory, tie
         assert b"launched" in await process.stdout.receive()
     escapees: list[int] = []
     if tier != "gvisor":  # gVisor's processes live in the Sentry, not in the host process table
+        # Wait for the three sleeps themselves: the shells that launch them also carry the
+        # marker on their command lines, but only until they exec or exit.
         with anyio.fail_after(30):
-            while len(host_pids_with(marker)) < 3:  # noqa: ASYNC110 - no event for another process's start
+            while len(escapees_named(marker)) < 3:  # noqa: ASYNC110 - no event for another process's start
                 await anyio.sleep(0.01)
-        escapees = host_pids_with(marker)
+        escapees = escapees_named(marker)
         assert set(escapees) <= set(box.pids())
     members = box.pids()
     assert members
