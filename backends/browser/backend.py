@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,6 +126,15 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
             raise ConfigurationError(
                 f"resources.{name}.policy.isolation = {self.policy.isolation!r}: the shared browser can run "
                 f"with {sorted(self.isolation_tiers)} only"
+            )
+        if self.policy.isolation == "none" and os.geteuid() == 0:
+            # Unconfined as root, Chromium could only run with `--no-sandbox`, and a renderer
+            # exploit would then own the server's user.
+            raise ConfigurationError(
+                f"resources.{name}.policy.isolation = 'none' needs a server that does not run as root: "
+                "Chromium's own sandbox cannot run as root, and it never runs without it. Use isolation "
+                "'sandbox' (Chromium then runs as an unprivileged uid in its own sandbox) or start the "
+                "server as a non-root user"
             )
         self.proxy = EgressProxy()
         self.launcher = Launcher(

@@ -45,7 +45,7 @@ from backends.browser.sandbox import (
     sandbox_child_pid,
 )
 from backends.processes import descendants, kill_pids, pids_with_marker, session_env
-from session.errors import BackendError
+from session.errors import BackendError, ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -315,11 +315,15 @@ class Launcher:
             downloads = plan.downloads
         else:
             await anyio.Path(launch_dir).mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0 and (plan is None or plan.uid is None):
+            # Chromium's own sandbox refuses to run as root; the backend refuses this at start,
+            # and this keeps any other path from falling back to `--no-sandbox`.
+            raise ConfigurationError("Chromium would run as root, where its own sandbox cannot run; refusing")
         options: dict[str, Any] = {
             "executable_path": executable,
             "headless": display is None,
-            # Chromium's own sandbox needs a non-root uid: as root only the sandboxed tier has one.
-            "chromium_sandbox": (plan is not None and plan.uid is not None) or os.geteuid() != 0,
+            # Never `--no-sandbox` (Playwright adds it unless told otherwise).
+            "chromium_sandbox": True,
             "args": [
                 *CHROMIUM_ARGS,
                 f"--proxy-server={proxy_server}",

@@ -24,11 +24,14 @@ import pytest_asyncio
 
 from backends.base import BackendKind, ToolResult
 from backends.browser import BrowserBackend
+from backends.browser.launcher import Launcher
 from backends.browser.snapshot import compact
+from backends.policy import Policy
 from backends.processes import kill_pids, pids_with_marker
 from sandbox import Sandbox
 from session.errors import (
     BackendError,
+    ConfigurationError,
     ExecutionTimeout,
     ParameterError,
     PermissionDenied,
@@ -421,8 +424,11 @@ async def test_without_root_the_proxy_alone_enforces_the_policy(
     site_server: Site, scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fallback when the server cannot switch uids: Chromium shares the host's network, and
-    the egress proxy (on the host's loopback) is what keeps pages off private addresses."""
-    monkeypatch.setattr("backends.browser.launcher.can_confine", lambda: False)
+    the egress proxy (on the host's loopback) is what keeps pages off private addresses.
+
+    Simulated as root by taking away Chromium's own network namespace only: it still runs as
+    its unprivileged uid with its own sandbox on (it never runs as root with `--no-sandbox`)."""
+    monkeypatch.setattr(Launcher, "own_network", property(lambda self: False))
     forbidden = Site()
     b = make_backend(scratch / "no-root")
     try:
@@ -630,3 +636,12 @@ async def test_through_the_engine_a_headed_browser_shows_on_my_vm_desktop(tmp_pa
 
 async def _contains(title: Awaitable[str], needle: str) -> bool:
     return needle in await title
+
+
+async def test_chromium_never_runs_as_root_without_its_sandbox(scratch: Path) -> None:
+    """Unconfined as root, Chromium could only run with `--no-sandbox`: refused at start (5001)."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root server could run Chromium as root")
+    with pytest.raises(ConfigurationError, match="needs a server that does not run as root") as refused:
+        make_backend(scratch / "unconfined", policy=Policy(isolation="none"))
+    assert refused.value.code == 5001
