@@ -315,29 +315,26 @@ class Engine:
 
         During the grace a call by handle from the same principal adopts a session.
         """
-        worker = self.workers.pop(worker_key, None)
-        if worker is None:
+        if self.workers.pop(worker_key, None) is None:
             return
-        worker.closed = True
         deadline = anyio.current_time() + self.disconnect_grace
-        for session in worker.sessions.values():
-            if session.live and session.owner == worker_key:
-                session.owner = None
-                session.grace_until = deadline
-        worker.sessions.clear()
+        for session in self._owned(worker_key):
+            session.owner = None
+            session.grace_until = deadline
         self._wake_reaper.set()
+
+    def _owned(self, worker_key: str) -> list[Session]:
+        """Every live session `worker_key` owns: its defaults and any it adopted beside them."""
+        return [s for s in self.sessions.values() if s.owner == worker_key and s.live]
 
     async def close_worker(self, caller: Caller | str) -> None:
         """Destroy everything a worker owns now and forget it (explicit close)."""
         caller = Caller.of(caller)
         key = caller.worker_key
-        worker = self.workers.pop(key, None) if key else None
-        if worker is None:
+        if key is None or self.workers.pop(key, None) is None:
             return
-        worker.closed = True
-        owned = [s for s in self.sessions.values() if s.owner == key]
         async with anyio.create_task_group() as tg:
-            for session in owned:
+            for session in self._owned(key):
                 tg.start_soon(self._destroy, session)
 
     # -- sessions --------------------------------------------------------------------
@@ -627,11 +624,7 @@ class Engine:
             return [session]
         worker = self.workers.get(caller.worker_key) if caller.worker_key else None
         if resources is None:
-            if worker is None:
-                return []
-            owned = {s.session_id: s for s in self.sessions.values() if s.owner == worker.key and s.live}
-            owned.update({s.session_id: s for s in worker.sessions.values() if s.live})
-            return list(owned.values())
+            return self._owned(worker.key) if worker else []
         found = []
         for resource in dict.fromkeys(resources):
             self.pool.backend(resource)

@@ -260,3 +260,15 @@ async def test_a_tier_the_host_cannot_provide_is_a_configuration_error_not_a_bro
         assert several.code == 5001
         temporary = (await engine.call(ALICE, "fake_get", {"key": "k"})).envelope
         assert temporary.code == 5001
+
+
+async def test_a_disconnect_puts_adopted_sessions_in_the_grace_too():
+    backend = FakeBackend()
+    async with Engine({"fake": backend}, session_ttl=30, disconnect_grace=0.2) as engine:
+        [(adoptee, _)] = await engine.create_sessions(ALICE, "fake")
+        engine.disconnect(ALICE.worker_key or "")
+        await engine.create_sessions(ALICE_OTHER_CONNECTION, "fake")  # its own default
+        await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": adoptee.session_id})
+        engine.disconnect(ALICE_OTHER_CONNECTION.worker_key or "")
+        # both the default and the adopted session end with the grace, not only the default
+        await eventually(lambda: not backend.live, 10)
