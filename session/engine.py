@@ -307,7 +307,7 @@ class Engine:
         assert key is not None
         worker = self.workers.get(key)
         if worker is None:
-            worker = self.workers[key] = Worker(key, caller.principal)
+            worker = self.workers[key] = Worker(key)
         return worker
 
     def disconnect(self, worker_key: str) -> None:
@@ -681,10 +681,9 @@ class Engine:
         cfg = dict(new_config or {})
         if old is not None and "custom_name" not in cfg and old.name is not None:
             cfg["custom_name"] = old.name
-        owner_caller = Caller(caller.principal, None) if old is not None and old.owner is None else caller
-        if old is not None and old.owner is not None and old.owner != caller.worker_key:
-            owner_caller = Caller(old.principal, old.owner.partition("/")[2])
-        new = self._new_session(owner_caller, resource, cfg, temporary=False)
+        # The replacement belongs to whoever owned the old session (nobody: reachable by handle only).
+        owner = caller if old is None else Caller(old.principal, old.owner.partition("/")[2] if old.owner else None)
+        new = self._new_session(owner, resource, cfg, temporary=False)
         await self._start(new)
         worker = self.workers.get(new.owner) if new.owner else None
         if new.owner is not None and worker is None:

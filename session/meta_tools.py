@@ -135,7 +135,7 @@ async def _destroy(engine: Engine, call: ToolCall) -> DestroyResult:
     args = call.args
     assert isinstance(args, DestroySessionArgs)
     resources = [args.resource] if isinstance(args.resource, str) else args.resource
-    views = await engine.destroy_sessions(call.caller, resources, session_id=args.session_id or call.handle)
+    views = await engine.destroy_sessions(call.caller, resources, session_id=args.session_id)
     return DestroyResult(destroyed=views)
 
 
@@ -148,14 +148,14 @@ async def _list(engine: Engine, call: ToolCall) -> ListResult:
 async def _refresh(engine: Engine, call: ToolCall) -> RefreshResult:
     args = call.args
     assert isinstance(args, RefreshArgs)
-    views = engine.refresh_sessions(call.caller, args.resource, session_id=args.session_id or call.handle)
+    views = engine.refresh_sessions(call.caller, args.resource, session_id=args.session_id)
     return RefreshResult(refreshed=views)
 
 
 async def _reinitialize(engine: Engine, call: ToolCall) -> ReinitializeResult:
     args = call.args
     assert isinstance(args, ReinitializeArgs)
-    out = await engine.reinitialize(call.caller, args.resource, args.config, session_id=args.session_id or call.handle)
+    out = await engine.reinitialize(call.caller, args.resource, args.config, session_id=args.session_id)
     return ReinitializeResult.model_validate(out)
 
 

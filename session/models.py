@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,10 +36,6 @@ def new_handle(resource: str) -> str:
     """A session handle: an unguessable capability (128 random bits), readable prefix."""
     return f"{resource}-{secrets.token_urlsafe(16)}"
 
-
-def fingerprint(secret: str, length: int = 10) -> str:
-    """A short, one-way name for a secret (handle, worker key): safe for logs and paths."""
-    return hashlib.sha256(secret.encode()).hexdigest()[:length]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +167,4 @@ class Worker:
     """
 
     key: str
-    principal: str
     sessions: dict[str, Session] = field(default_factory=dict)
-    closed: bool = False
