@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 Schema = dict[str, Any]
@@ -163,27 +163,34 @@ def portable_schema_fragment(schema: Mapping[str, Any], *, keep_titles: bool = F
     return _Rewriter(_collect_defs(root), keep_titles=keep_titles).rewrite_schema(root)
 
 
+def _subschemas(schema: Any, path: str = "#", *, with_defs: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every subschema of `schema` with its JSON pointer, depth first, the root first."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from _subschemas(sub, f"{path}/{key}/{name}", with_defs=with_defs)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            for index, sub in enumerate(value):
+                yield from _subschemas(sub, f"{path}/{key}/{index}", with_defs=with_defs)
+        elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
+            yield from _subschemas(value, f"{path}/{key}", with_defs=with_defs)
+        elif with_defs and key in ("$defs", "definitions") and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from _subschemas(sub, f"{path}/{key}/{name}", with_defs=with_defs)
+
+
 def arrays_without_items(schema: Any, path: str = "#") -> list[str]:
     """JSON pointers of the array schemas in `schema` that have no `items` (OpenAI refuses them)."""
-    found: list[str] = []
-    if isinstance(schema, dict):
-        types = schema.get("type")
-        is_array = types == "array" or (isinstance(types, list) and "array" in types)
-        if is_array and "items" not in schema:
-            found.append(path)
-        for key, value in schema.items():
-            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                for name, sub in value.items():
-                    found += arrays_without_items(sub, f"{path}/{key}/{name}")
-            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-                for index, sub in enumerate(value):
-                    found += arrays_without_items(sub, f"{path}/{key}/{index}")
-            elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
-                found += arrays_without_items(value, f"{path}/{key}")
-            elif key in ("$defs", "definitions") and isinstance(value, dict):
-                for name, sub in value.items():
-                    found += arrays_without_items(sub, f"{path}/{key}/{name}")
-    return found
+
+    def is_array(node: dict[str, Any]) -> bool:
+        types = node.get("type")
+        return types == "array" or (isinstance(types, list) and "array" in types)
+
+    nodes = _subschemas(schema, path, with_defs=True)
+    return [where for where, node in nodes if is_array(node) and "items" not in node]
 
 
 def free_form_maps(schema: Any, path: str = "#") -> list[str]:
@@ -192,21 +199,11 @@ def free_form_maps(schema: Any, path: str = "#") -> list[str]:
     These are what strict conversions cannot express: openai-agents then serves the tool
     non-strict, LangChain's `strict=True` empties them to `{}`.
     """
-    found: list[str] = []
-    if isinstance(schema, dict):
-        extra = schema.get("additionalProperties")
-        if extra is not None and extra is not False:
-            found.append(path)
-        for key, value in schema.items():
-            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                for name, sub in value.items():
-                    found += free_form_maps(sub, f"{path}/{key}/{name}")
-            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-                for index, sub in enumerate(value):
-                    found += free_form_maps(sub, f"{path}/{key}/{index}")
-            elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
-                found += free_form_maps(value, f"{path}/{key}")
-    return found
+    return [
+        where
+        for where, node in _subschemas(schema, path)
+        if node.get("additionalProperties") is not None and node.get("additionalProperties") is not False
+    ]
 
 
 def untyped_schemas(schema: Any, path: str = "#") -> list[str]:
@@ -216,20 +213,7 @@ def untyped_schemas(schema: Any, path: str = "#") -> list[str]:
     refuses the whole request, every tool with it; `portable_schema` cannot invent a type,
     so the model behind the schema must declare one.
     """
-    found: list[str] = []
-    if isinstance(schema, dict):
-        if "type" not in schema and "anyOf" not in schema:
-            found.append(path)
-        for key, value in schema.items():
-            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                for name, sub in value.items():
-                    found += untyped_schemas(sub, f"{path}/{key}/{name}")
-            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-                for index, sub in enumerate(value):
-                    found += untyped_schemas(sub, f"{path}/{key}/{index}")
-            elif key in (*_SUBSCHEMA, "additionalProperties") and isinstance(value, dict):
-                found += untyped_schemas(value, f"{path}/{key}")
-    return found
+    return [where for where, node in _subschemas(schema, path) if "type" not in node and "anyOf" not in node]
 
 
 def _collect_defs(schema: Any, found: dict[str, Any] | None = None) -> dict[str, Any]:
