@@ -43,7 +43,6 @@ from session.errors import (
     SandboxError,
     ServiceUnavailable,
     SessionError,
-    shown,
 )
 from session.models import Caller, Session, SessionStatus, SessionView, Worker, new_handle
 from session.reaper import collect_expired
@@ -466,9 +465,10 @@ class Engine:
             except SessionError:
                 other = None
             if other is None or other.resource_type != resource or other.status is not SessionStatus.ACTIVE:
+                # The value is not echoed: it may be a handle, and handles never appear in messages.
                 raise ParameterError(
                     f"{field_name} must be the session_id of one of your live {resource!r} sessions "
-                    f"(got {shown(handle, 40)})"
+                    "(the value given names none)"
                 )
             links[field_name] = self.pool.backends[resource].export(other.state)
         return links

@@ -272,3 +272,19 @@ async def test_a_disconnect_puts_adopted_sessions_in_the_grace_too():
         engine.disconnect(ALICE_OTHER_CONNECTION.worker_key or "")
         # both the default and the adopted session end with the grace, not only the default
         await eventually(lambda: not backend.live, 10)
+
+
+async def test_a_link_to_a_foreign_session_is_refused_without_echoing_the_handle():
+    class Linked(FakeBackend):
+        links = {"label": "fake"}  # noqa: RUF012 - a class-level table, as backends declare it
+
+    async with Engine({"fake": FakeBackend(), "linked": Linked("linked")}) as engine:
+        [(view, _)] = await engine.create_sessions(ALICE, "fake")
+        refused = (
+            await engine.call(BOB, "create_session", {"resource": "linked", "config": {"label": view.session_id}})
+        ).envelope
+        assert refused.code == 1002
+        assert view.session_id not in refused.message
+        assert view.session_id.partition("-")[2] not in refused.message
+        own = {"resource": "linked", "config": {"label": view.session_id}}
+        assert (await engine.call(ALICE, "create_session", own)).envelope.code == 0
