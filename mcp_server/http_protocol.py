@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import h11
@@ -137,6 +137,45 @@ class _Guard:
         protocol.transport.close()
 
 
+class _CoalescingTransport:
+    """The connection's transport, with the writes of one event-loop turn sent as one.
+
+    uvicorn writes a response's status line and headers at `http.response.start` and its
+    body at `http.response.body`: two sends, two TCP segments and two wake-ups of the client
+    for a response that is complete at once. Writes made in the same turn are joined and
+    sent at the end of it (a streamed body's later chunks come in later turns and go out as
+    they come); `close` sends what is pending first. Everything else is the transport's own.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pending is None:
+            self._pending = [bytes(data)]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def guarded_protocol(
     header_timeout: float, hard_connection_limit: int, parser: Parser | None = None
 ) -> type[asyncio.Protocol]:
@@ -165,7 +204,9 @@ def _httptools_protocol(header_timeout: float, hard_connection_limit: int) -> ty
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._guard.admit(transport, hard_connection_limit)
+            if self._guard.admit(transport, hard_connection_limit):
+                # Request cycles take `self.transport` when they start: theirs coalesces.
+                self.transport = _CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._guard.disarm()
