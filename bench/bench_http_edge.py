@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class Target:
     url: str
     pid: int
     token: str
-    results: dict[str, str] = field(default_factory=dict)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -88,9 +87,9 @@ def server_from(root: Path, label: str) -> Iterator[Target]:
 
 def calibration() -> str:
     t0 = time.perf_counter()
-    x = 0
+    total = 0
     for i in range(1_000_000):
-        x += i
+        total += i
     loop_ms = (time.perf_counter() - t0) * 1000
     cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     assert cat.stdin is not None
@@ -277,11 +276,6 @@ async def concurrent_raw(target: Target, workers: int, calls: int) -> tuple[floa
         await stream.aclose()
     total = workers * calls
     return total / elapsed, latencies, cpu * 1000 / total
-
-
-def line(target: Target, what: str, text: str) -> None:
-    target.results.setdefault(what, "")
-    target.results[what] += text
 
 
 async def measure_round(target: Target, n: int, workers: int, calls: int, raw_calls: int) -> dict[str, float]:

@@ -51,6 +51,15 @@ log = logging.getLogger(__name__)
 _TOOLS_CALL: Final = "tools/call"
 _MODERN_HEADER_VALUES: Final = frozenset(v.encode("latin-1") for v in MODERN_PROTOCOL_VERSIONS)
 _ROUTING_HEADERS: Final = frozenset({b"mcp-protocol-version", b"mcp-method", b"mcp-name"})
+#: The headers the SDK's checks of a 2026-07-28 tool call read (ASGI names are lowercase).
+_READ_HEADERS: Final = _ROUTING_HEADERS | {
+    b"mcp-session-id",
+    b"content-type",
+    b"content-length",
+    b"accept",
+    b"host",
+    b"origin",
+}
 #: The only members a request this path serves may have; anything else is the SDK's to judge.
 _REQUEST_KEYS: Final = frozenset({"jsonrpc", "id", "method", "params"})
 _PARAMS_KEYS: Final = frozenset({"name", "arguments", "_meta"})
@@ -112,9 +121,13 @@ class FastToolCalls:
         """The request's headers by (lowercase) name if nothing in them needs the SDK, else None."""
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
+            if raw_name not in _READ_HEADERS:
+                continue
             name = raw_name.decode("latin-1")
-            if name in headers and raw_name in _ROUTING_HEADERS:
-                return None  # the SDK answers a duplicated routing header with HEADER_MISMATCH
+            if name in headers:
+                if raw_name in _ROUTING_HEADERS:
+                    return None  # the SDK answers a duplicated routing header with HEADER_MISMATCH
+                continue  # as Starlette's `headers.get`, the first one counts
             headers[name] = raw_value.decode("latin-1")
         version = headers.get(MCP_PROTOCOL_VERSION_HEADER)
         if version is None or version.encode("latin-1") not in _MODERN_HEADER_VALUES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -201,6 +202,9 @@ def _httptools_protocol(header_timeout: float, hard_connection_limit: int) -> ty
             self._guard = _Guard(self, header_timeout)
             # From the first byte of a request until its headers are parsed (or before any byte).
             self._in_headers = True
+            # The disconnect signals of the requests not yet answered, oldest first: responses
+            # complete in request order, pipelined or not.
+            self._unanswered: deque[DisconnectSignal] = deque()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -210,11 +214,8 @@ def _httptools_protocol(header_timeout: float, hard_connection_limit: int) -> ty
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._guard.disarm()
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                signal = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
-                if isinstance(signal, DisconnectSignal):
-                    signal.fire()
+            while self._unanswered:
+                self._unanswered.popleft().fire()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -224,8 +225,15 @@ def _httptools_protocol(header_timeout: float, hard_connection_limit: int) -> ty
         def on_message_begin(self) -> None:
             self._in_headers = True
             super().on_message_begin()
+            signal = DisconnectSignal()
+            self._unanswered.append(signal)
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions[DISCONNECT_EXTENSION] = DisconnectSignal()
+            extensions[DISCONNECT_EXTENSION] = signal
+
+        def on_response_complete(self) -> None:
+            if self._unanswered:
+                self._unanswered.popleft()
+            super().on_response_complete()
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
