@@ -10,7 +10,7 @@ shaped by the same `call_result`, sieve and `serverInfo` stamp, and answered as 
 `application/json` body (orjson both ways).
 
 Anything this path does not fully recognise - another method, a progress token, a log-level
-opt-in, an `Mcp-Session-Id`, a failed check, a body orjson cannot read - goes to the SDK
+opt-in, an `Mcp-Session-Id` or a query string, a failed check, a body orjson cannot read - goes to the SDK
 unchanged, with the body replayed, so every error is the SDK's own answer. A client that
 disconnects mid-call cancels the call, as on the SDK's path.
 """
@@ -106,6 +106,8 @@ class FastToolCalls:
             or scope["type"] != "http"
             or scope["method"] != "POST"
             or scope["path"] != self._path
+            # A query string can name an SSE session (`?session_id=`), which decides the worker.
+            or scope.get("query_string")
             or (headers := self._plain_headers(scope)) is None
         ):
             await self.app(scope, receive, send)

@@ -252,6 +252,13 @@ async def test_other_methods_and_eras_go_to_the_sdk(tmp_path: Path) -> None:
         assert response.status_code == 200
         assert any(tool["name"] == "bash_run" for tool in response.json()["result"]["tools"])
         assert spy.requests == 1
+        # A query string can name an SSE session, which decides the worker: the SDK's to read.
+        call = tool_call("list_sessions", {})
+        response = await http.post(
+            "/mcp?session_id=abc", content=json.dumps(call).encode(), headers=modern_headers("list_sessions")
+        )
+        assert response.status_code == 200
+        assert spy.requests == 2
 
 
 # -- over a real server ---------------------------------------------------------------------------
