@@ -63,7 +63,7 @@ def server_from(root: Path, label: str) -> Iterator[Target]:
     argv += ["--transport", "http", "--port", str(port), "--log-level", "WARNING"]
     proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded machine can take long to import and sweep
         while True:
             try:
                 if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -245,13 +245,13 @@ async def concurrent_raw(target: Target, workers: int, calls: int) -> tuple[floa
         return json.loads(payload)
 
     streams = []
-    for _ in range(workers):
-        streams.append(await anyio.connect_tcp("127.0.0.1", port))
     keys = [uuid.uuid4().hex for _ in range(workers)]
-    for i, stream in enumerate(streams):
-        reply = await exchange(
-            stream, bytearray(), "create_session", _raw_body(1, "create_session", {"resource": "bash"}, keys[i])
-        )
+    for key in keys:
+        # Connected just before use: an idle new connection is closed at the server's header deadline.
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        streams.append(stream)
+        body = _raw_body(1, "create_session", {"resource": "bash"}, key)
+        reply = await exchange(stream, bytearray(), "create_session", body)
         assert not reply["result"]["isError"], reply
 
     async def worker(stream: anyio.abc.SocketStream, key: str, calls: int, samples: list[float]) -> None:
