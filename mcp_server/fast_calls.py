@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
@@ -32,7 +33,7 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     x_mcp_header_map,
 )
-from mcp_types import SERVER_INFO_META_KEY
+from mcp_types import INTERNAL_ERROR, SERVER_INFO_META_KEY
 from mcp_types import methods as surfaces
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -49,7 +50,6 @@ from session.tool_calls import CallOutcome
 log = logging.getLogger(__name__)
 
 _TOOLS_CALL: Final = "tools/call"
-_MODERN_HEADER_VALUES: Final = frozenset(v.encode("latin-1") for v in MODERN_PROTOCOL_VERSIONS)
 _ROUTING_HEADERS: Final = frozenset({b"mcp-protocol-version", b"mcp-method", b"mcp-name"})
 #: The headers the SDK's checks of a 2026-07-28 tool call read (ASGI names are lowercase).
 _READ_HEADERS: Final = _ROUTING_HEADERS | {
@@ -132,7 +132,7 @@ class FastToolCalls:
                 continue  # as Starlette's `headers.get`, the first one counts
             headers[name] = raw_value.decode("latin-1")
         version = headers.get(MCP_PROTOCOL_VERSION_HEADER)
-        if version is None or version.encode("latin-1") not in _MODERN_HEADER_VALUES:
+        if version not in MODERN_PROTOCOL_VERSIONS:
             return None  # the handshake era, or a version the SDK must refuse
         if "mcp-session-id" in headers:
             return None
@@ -213,7 +213,7 @@ class FastToolCalls:
             shaped = surfaces.serialize_server_result(_TOOLS_CALL, call.version, result)
         except ValidationError:
             log.exception("tools/call %s produced an invalid result", call.name[:128])
-            error = {"code": -32603, "message": "Handler returned an invalid result"}
+            error = {"code": INTERNAL_ERROR, "message": "Handler returned an invalid result"}
             return orjson.dumps({"jsonrpc": "2.0", "id": call.request_id, "error": error})
         if shaped.get("_meta") is None:
             shaped["_meta"] = {SERVER_INFO_META_KEY: self._server_info}
@@ -224,17 +224,13 @@ class FastToolCalls:
             return json.dumps(message, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True, slots=True)
 class _Call:
-    __slots__ = ("arguments", "meta", "name", "request_id", "version")
-
-    def __init__(
-        self, request_id: int | str, name: str, arguments: dict[str, Any], meta: dict[str, Any], version: str
-    ) -> None:
-        self.request_id = request_id
-        self.name = name
-        self.arguments = arguments
-        self.meta = meta
-        self.version = version
+    request_id: int | str
+    name: str
+    arguments: dict[str, Any]
+    meta: dict[str, Any]
+    version: str
 
 
 async def _cancel_on_disconnect(receive: Receive, call: Awaitable[CallOutcome]) -> CallOutcome | None:
