@@ -184,18 +184,19 @@ async def run_call(
 
 
 def call_result(outcome: CallOutcome) -> dict[str, Any]:
-    """The `CallToolResult` of an outcome, in its wire form (camelCase keys): the SDK validates and
-    sieves it like a model it would dump, and the fast path does the same, so both send one shape."""
+    """The `CallToolResult` of an outcome in its wire form: camelCase keys, in the order the
+    SDK's result sieve writes them, so the sieve (which the SDK's handler path applies) gives
+    it back unchanged and the HTTP fast path can send it as is (a test holds both to that)."""
     envelope = outcome.envelope
-    content: list[dict[str, Any]] = [{"type": "text", "text": envelope.text()}]
+    content: list[dict[str, Any]] = [{"text": envelope.text(), "type": "text"}]
     content += [
-        {"type": "image", "data": base64.b64encode(image.data).decode("ascii"), "mimeType": image.mime_type}
+        {"data": base64.b64encode(image.data).decode("ascii"), "mimeType": image.mime_type, "type": "image"}
         for image in outcome.images
     ]
     return {
         "content": content,
-        "structuredContent": envelope.model_dump(mode="json"),
         "isError": not envelope.ok,
         # What the model's dump carries; the handshake era's surface drops it.
         "resultType": "complete",
+        "structuredContent": envelope.model_dump(mode="json"),
     }

@@ -6,7 +6,7 @@ task group with a memory stream, a per-request runner, an OpenTelemetry span and
 round trips before the engine sees it. Here such a request is checked the way the SDK checks
 it (Content-Type, Host/Origin, Accept, routing headers, the `_meta` envelope ladder, the
 protocol version's request surface), handed to the engine through the same `run_call` and
-shaped by the same `call_result`, sieve and `serverInfo` stamp, and answered as one
+shaped by the same `call_result` and `serverInfo` stamp, and answered as one
 `application/json` body (orjson both ways).
 
 Anything this path does not fully recognise - another method, a progress token, a log-level
@@ -33,7 +33,7 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     x_mcp_header_map,
 )
-from mcp_types import INTERNAL_ERROR, SERVER_INFO_META_KEY
+from mcp_types import SERVER_INFO_META_KEY
 from mcp_types import methods as surfaces
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -207,17 +207,11 @@ class FastToolCalls:
         await send({"type": "http.response.body", "body": body})
 
     def _response(self, call: _Call, result: dict[str, Any]) -> bytes:
-        """The JSON-RPC response: the result sieved by the version's surface and stamped with
-        `serverInfo`, as the SDK's runner does for a 2026-07-28 result."""
-        try:
-            shaped = surfaces.serialize_server_result(_TOOLS_CALL, call.version, result)
-        except ValidationError:
-            log.exception("tools/call %s produced an invalid result", call.name[:128])
-            error = {"code": INTERNAL_ERROR, "message": "Handler returned an invalid result"}
-            return orjson.dumps({"jsonrpc": "2.0", "id": call.request_id, "error": error})
-        if shaped.get("_meta") is None:
-            shaped["_meta"] = {SERVER_INFO_META_KEY: self._server_info}
-        message = {"jsonrpc": "2.0", "id": call.request_id, "result": shaped}
+        """The JSON-RPC response, as the SDK's runner makes it for a 2026-07-28 result: what the
+        version's result sieve makes of `call_result` (that dict itself, by construction and by
+        test) with the `serverInfo` stamp."""
+        result["_meta"] = {SERVER_INFO_META_KEY: self._server_info}
+        message = {"jsonrpc": "2.0", "id": call.request_id, "result": result}
         try:
             return orjson.dumps(message)
         except TypeError:  # an integer beyond 64 bits, say: the standard library writes anything

@@ -21,14 +21,20 @@ from typing import Any
 import httpx2
 import pytest
 from mcp_types import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
+from mcp_types import methods as surfaces
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from starlette.types import Receive, Scope, Send
 
+from backends.base import Image
 from manifests import load_manifest
-from mcp_server.app import build_server
+from mcp_server.app import build_server, call_result
 from mcp_server.factory import engine_from_manifest
 from mcp_server.fast_calls import FastToolCalls
 from mcp_server.transports import authenticated_app, http_app
 from sandbox import Sandbox
+from session.envelope import ResultMeta, failure, success
+from session.errors import ParameterError
+from session.tool_calls import CallOutcome
 from tests.support import leaks
 from tests.support.leaks import session_pids
 from tests.support.manifests import write_manifest
@@ -259,6 +265,24 @@ async def test_other_methods_and_eras_go_to_the_sdk(tmp_path: Path) -> None:
         )
         assert response.status_code == 200
         assert spy.requests == 2
+
+
+@pytest.mark.parametrize("version", [*MODERN_PROTOCOL_VERSIONS, *HANDSHAKE_PROTOCOL_VERSIONS])
+def test_the_wire_result_is_what_the_sdk_sieve_makes_of_it(version: str) -> None:
+    """The fast path sends `call_result` without the SDK's result sieve; the SDK's handler path
+    sieves it. Equal only if the sieve gives it back unchanged (the handshake era drops resultType)."""
+    meta = ResultMeta(tool="shot", resource_type="vm", session_id="vm-1")
+    outcomes = [
+        CallOutcome(success({"text": "é ✓", "nothing": None, "list": [1, None, {"x": None}]}, meta)),
+        CallOutcome(failure(ParameterError("bad"), meta)),
+        CallOutcome(success({}, meta), [Image(b"\x89PNG...", "image/png"), Image(b"GIF8", "image/gif")]),
+    ]
+    for outcome in outcomes:
+        result = call_result(outcome)
+        expected = result if version in MODERN_PROTOCOL_VERSIONS else {**result, "resultType": None}
+        sieved = surfaces.serialize_server_result("tools/call", version, result)
+        assert list(sieved.items()) == [(k, v) for k, v in expected.items() if v is not None]
+        assert json.dumps(sieved) == json.dumps({k: v for k, v in expected.items() if v is not None})
 
 
 # -- over a real server ---------------------------------------------------------------------------
