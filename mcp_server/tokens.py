@@ -41,6 +41,10 @@ class Credentials:
         return f"Credentials(principals={sorted(self.tokens)}, source={self.source.value})"
 
 
+
+
+
+
 def resolve_credentials(manifest_tokens: Mapping[str, str], environ: Mapping[str, str] | None = None) -> Credentials:
     """The environment variable, else the manifest's `server.tokens`, else a new random token.
 
