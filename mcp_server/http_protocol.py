@@ -9,6 +9,8 @@ server waits for headers, so a running tool call and an open SSE / listen stream
 
 Both of uvicorn's parsers get the same guard: httptools (C, the default: it costs a
 fraction of h11's per-request CPU) and h11 (pure Python, where httptools is not installed).
+The httptools protocol also sends a response's status line, headers and body as one write,
+and gives each request a `DisconnectSignal` (`mcp_server.fast_calls` cancels a call with it).
 """
 
 from __future__ import annotations
