@@ -64,7 +64,7 @@ def row(
     label: str, value: float, unit: str, *, target: Target | None = None, original: str = "", extra: str = ""
 ) -> None:
     """One figure: value, then the issue's target (pass/MISS) and the original server's figure."""
-    parts = [f"{label:<52} {value:9.3f} {unit:<8}"]
+    parts = [f"{label:<56} {value:9.3f} {unit:<7}"]
     if extra:
         parts.append(extra)
     if target is not None:
@@ -147,23 +147,23 @@ async def per_transport(served: Served, n: int) -> None:
     async with Sandbox() as sandbox:
         await anyio.sleep(1)  # let the warm pool fill before timing
         local = await client_calls(sandbox_call(sandbox), n)
-    row("in-process Sandbox(): bash_run ':' explicit", local["explicit"], "ms", target=Target(0.35))
+    row("in-process Sandbox(): explicit bash_run ':'", local["explicit"], "ms", target=Target(0.35))
     row("in-process Sandbox(): list_sessions", local["list"], "ms", target=Target(0.21))
-    row("in-process Sandbox(): temporary-session bash_run", local["temporary"], "ms", original="4.52 ms (ours, issue)")
+    row("in-process Sandbox(): temporary bash_run", local["temporary"], "ms", original="4.52 ms (ours, issue)")
     row("in-process Sandbox(): create+destroy", local["create_destroy"], "ms", original="3.71 ms (ours, issue)")
 
     async with Sandbox(command=STDIO) as sandbox:
         await anyio.sleep(1)
         stdio = await client_calls(sandbox_call(sandbox), n)
     row(
-        "stdio Sandbox(command): bash_run explicit",
+        "stdio Sandbox(command): explicit bash_run",
         stdio["explicit"],
         "ms",
         target=Target(1.90, text="< 1.90 (ahead of original)"),
         original="1.90 ms",
     )
     row(
-        "stdio Sandbox(command): temporary-session bash_run",
+        "stdio Sandbox(command): temporary bash_run",
         stdio["temporary"],
         "ms",
         target=Target(4.72, text="< 4.72"),
@@ -179,8 +179,8 @@ async def per_transport(served: Served, n: int) -> None:
     row("stdio Sandbox(command): list_sessions", stdio["list"], "ms")
 
     for label, mode in (
-        ("HTTP 2026-07-28, official mcp.Client", "auto"),
-        ("HTTP handshake (Mcp-Session-Id), official", "legacy"),
+        ("HTTP 2026-07-28 (official client)", "auto"),
+        ("HTTP handshake (official client)", "legacy"),
     ):
         async with official_client(served, mode) as client:  # type: ignore[arg-type]
             meta = worker_meta()
@@ -204,7 +204,7 @@ async def per_transport(served: Served, n: int) -> None:
             cycle = await measure(create_destroy, few)
         ratio = p50(explicit) / health
         row(
-            f"{label}: bash_run explicit",
+            f"{label}: explicit bash_run",
             p50(explicit),
             "ms",
             extra=f"= {ratio:.2f}x /health",
@@ -212,14 +212,14 @@ async def per_transport(served: Served, n: int) -> None:
         )
         row(f"{label}: bash_run / health", ratio, "x", target=Target(1.5) if mode == "auto" else None, original="2.1x")
         row(
-            f"{label}: server CPU per explicit call",
+            f"{label}: server CPU/call",
             cpu_per_call,
             "ms",
             target=Target(0.5) if mode == "auto" else None,
             original="~0.74 ms",
         )
         row(
-            f"{label}: temporary-session bash_run",
+            f"{label}: temporary bash_run",
             p50(temporary),
             "ms",
             target=Target(3.8, text="<= 3.8 (0.8x original)"),
@@ -236,14 +236,14 @@ async def per_transport(served: Served, n: int) -> None:
     async with Sandbox(url=served.url, token=served.token) as sandbox:
         http = await client_calls(sandbox_call(sandbox), n)
     row(
-        "HTTP Sandbox(url): bash_run explicit",
+        "HTTP Sandbox(url): explicit bash_run",
         http["explicit"],
         "ms",
         extra=f"= {http['explicit'] / health:.2f}x /health",
     )
     row("HTTP Sandbox(url): list_sessions", http["list"], "ms")
     row(
-        "HTTP Sandbox(url): temporary-session bash_run",
+        "HTTP Sandbox(url): temporary bash_run",
         http["temporary"],
         "ms",
         target=Target(3.8, text="<= 3.8"),
@@ -310,7 +310,7 @@ async def throughput_sandbox(served: Served, workers: int, calls: int) -> None:
                 tg.start_soon(worker, sandbox)
         elapsed, cpu = time.perf_counter() - t0, served.cpu_seconds() - cpu0
     total = workers * calls
-    label = f"Sandbox(url), {workers} workers x {calls}"
+    label = f"Sandbox(url), {workers}x{calls}"
     row(f"{label}: calls/s", total / elapsed, "calls/s", target=Target(2000, at_least=True), original="1094 calls/s")
     row(f"{label}: p50 latency", p50(latencies), "ms")
     row(f"{label}: p95 latency", percentile(latencies, 0.95), "ms", target=Target(50, text="< 50"))
@@ -338,7 +338,7 @@ async def throughput_official(served: Served, workers: int, calls: int) -> None:
                 tg.start_soon(worker, client)
         elapsed, cpu = time.perf_counter() - t0, served.cpu_seconds() - cpu0
     total = workers * calls
-    label = f"official mcp.Client, {workers} workers x {calls}"
+    label = f"official client, {workers}x{calls}"
     row(
         f"{label}: calls/s",
         total / elapsed,
