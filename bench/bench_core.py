@@ -40,6 +40,7 @@ from bench._common import (
     structured,
     worker_meta,
 )
+from manifests import load_manifest
 from sandbox import Sandbox
 
 STDIO = [sys.executable, "-m", "mcp_server", "serve", "--log-level", "WARNING"]
@@ -90,6 +91,12 @@ async def calibration() -> None:
     section("calibration (compare runs by these)")
     row("1M-iteration Python loop", loop_ms(), "ms")
     row("pipe round trip to a live cat, median", pipe_round_trip_us(), "us")
+    bash = load_manifest(None).enabled()["bash"]
+    policy = bash.policy or {}
+    sys.stdout.write(
+        f"servers run the packaged default manifest: bash isolation {policy.get('isolation', 'sandbox')!r}, "
+        f"network {policy.get('network', 'none')!r}, warm pool {bash.pool}\n"
+    )
 
 
 async def health_p50(served: Served, n: int) -> float:
