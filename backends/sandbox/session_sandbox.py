@@ -106,6 +106,7 @@ class SessionSandbox:
         self.tier = tier
         self.uid = uid
         self._lease = lease
+        self._emptied = False
         self._cgroup: cgroups.SessionCgroup | None = None
         self._rlimit_prefix: list[str] = []
         self._storage = hostfs.SessionStorage(spec.server_id, spec.label, spec.home, uid)
@@ -120,23 +121,17 @@ class SessionSandbox:
 
     @classmethod
     async def create(cls, spec: SandboxSpec) -> SessionSandbox:
-        """Allocate the session's uid, cgroups and storage.
+        """Allocate the session's uid, cgroups and storage (one worker-thread hop in all).
 
         Raises:
             ConfigurationError: the tier or network the policy asks for cannot be provided
                 here (5001, with the reason); nothing is downgraded.
         """
         tier = spec.policy.isolation
-        await anyio.to_thread.run_sync(_check_tier, tier, spec.policy.network)
-        root = os.geteuid() == 0
-        lease = None
-        if tier != "none" and root:
-            try:
-                lease = await anyio.to_thread.run_sync(uids.allocate)
-            except OSError as exc:
-                raise ConfigurationError(f"cannot give the session its own uid: {exc}") from None
-        uid = lease.uid if lease else os.geteuid()
-        box = cls(spec, tier=tier, uid=uid, lease=lease)
+        if (tier, spec.policy.network) not in _TIERS_OK:
+            # The first check probes the host (subprocesses); later ones are a set lookup.
+            await anyio.to_thread.run_sync(_check_tier, tier, spec.policy.network)
+        box = cls(spec, tier=tier, uid=os.geteuid(), lease=None)
         try:
             await anyio.to_thread.run_sync(box._setup)
         except BaseException:
@@ -145,7 +140,17 @@ class SessionSandbox:
             raise
         return box
 
+    def _lease_uid(self) -> None:
+        if self.tier == "none" or os.geteuid() != 0:
+            return
+        try:
+            self._lease = uids.allocate()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot give the session its own uid: {exc}") from None
+        self.uid = self._storage.uid = self._lease.uid
+
     def _setup(self) -> None:
+        self._lease_uid()
         limits = self.spec.policy.limits
         host = cgroups.probe()
         if host.version is not None:
@@ -217,7 +222,9 @@ class SessionSandbox:
         host_cwd = "/"
         try:
             if self.tier == "sandbox":
-                command = await anyio.to_thread.run_sync(self._bwrap_command, argv, env, cwd, extra_fds)
+                # Inline: a few memfd writes (the layout is probed once per server), cheaper
+                # than the hop to a worker thread.
+                command = self._bwrap_command(argv, env, cwd, extra_fds)
             elif self.tier == "gvisor":
                 command = await anyio.to_thread.run_sync(self._gvisor_command, argv, env, cwd)
             else:
@@ -264,8 +271,7 @@ class SessionSandbox:
         fds.append(args_fd)
         os.write(args_fd, bwrap.encode_args(options))
         os.lseek(args_fd, 0, os.SEEK_SET)
-        bwrap_path = shutil.which("bwrap") or "/usr/bin/bwrap"
-        return [*self._setpriv(), bwrap_path, "--args", str(args_fd), "--", *argv]
+        return [*self._setpriv(), bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
@@ -375,6 +381,22 @@ class SessionSandbox:
 
     # -- teardown ---------------------------------------------------------------------
 
+    def kill_now(self) -> None:
+        """SIGKILL every process of the session at once, without waiting; `aclose` finishes.
+
+        In `sandbox` the spawned process group holds bwrap and the pid namespace's init,
+        whose death makes the kernel kill everything in the namespace (no fork can race it);
+        one pass over the cgroup's members catches anything else. Never raises, never blocks
+        beyond a few system calls: destroy and temporary calls return after this, and the
+        reaping, cgroup removal and unmounting run in the background (`aclose`).
+        """
+        self._closed = True
+        for process in self._processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            cgroups.kill_pids(self._cgroup.pids())
+
     async def aclose(self) -> None:
         """Kill every process of the session, remove its cgroups and storage, free its uid.
 
@@ -398,8 +420,11 @@ class SessionSandbox:
             with contextlib.suppress(ProcessLookupError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
         if self._cgroup is not None:
-            # gVisor's Sentry runs everything of the session; killing it cannot be raced by a fork.
-            await self._cgroup.kill_all(freeze=self.tier != "gvisor")
+            # Only tier `none` needs the freezer against a fork racing the kill. In `sandbox`
+            # every process lives in a pid namespace whose init died with its process group
+            # (the kernel kills the rest, and no new pid can be made there); gVisor's Sentry
+            # runs everything of the session, so killing it cannot be raced by a fork either.
+            self._emptied = await self._cgroup.kill_all(freeze=self.tier == "none")
         else:
             with anyio.move_on_after(10):
                 while members := self.pids():
@@ -411,7 +436,7 @@ class SessionSandbox:
             with anyio.move_on_after(5):
                 await process.wait()
         if self._cgroup is not None and self._cgroup.pids():
-            await self._cgroup.kill_all()
+            self._emptied = await self._cgroup.kill_all()
 
     def _release(self) -> None:
         if self._gvisor_state is not None:
@@ -426,7 +451,8 @@ class SessionSandbox:
             self._cgroup = None
         self._storage.release()
         if self._lease is not None:
-            self._lease.release()
+            # Every process of the uid was in the (now empty) cgroup: the uid can serve again.
+            self._lease.release(clean=self._emptied)
             self._lease = None
 
     # -- reporting --------------------------------------------------------------------
@@ -474,7 +500,16 @@ class SessionSandbox:
         return info
 
 
+#: (tier, network) pairs this host was found to provide (the host does not change under us).
+_TIERS_OK: set[tuple[str, str]] = set()
+
+
 def _check_tier(tier: str, network: str) -> None:
+    _check_tier_once(tier, network)
+    _TIERS_OK.add((tier, network))
+
+
+def _check_tier_once(tier: str, network: str) -> None:
     mech = host_mechanisms()
     if tier == "sandbox":
         if not mech["bwrap"]["path"]:
