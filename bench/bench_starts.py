@@ -38,6 +38,7 @@ from mcp_server.factory import engine_from_manifest
 from sandbox import Sandbox
 from session.engine import Engine
 from session.models import Caller
+from tests.support import procs
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "default.toml"
 SHELL = ["/usr/bin/env", "--default-signal=INT", "/bin/bash", "--noprofile", "--norc"]
@@ -233,10 +234,37 @@ async def over_http(n: int, pools: list[int]) -> None:
                 await client.close()
 
 
+def mem_available_kb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def pool_memory(size: int) -> None:
+    """What idle pooled shells cost: their processes' PSS, and the host's MemAvailable drop."""
+    out(f"\n== memory of {size} idle pooled shells (sandbox tier) ==")
+    with manifest_with_pool(size) as manifest:
+        before = mem_available_kb()
+        async with engine_from_manifest(load_manifest(manifest)) as engine:
+
+            async def status(engine: Engine = engine) -> object:
+                return engine.status()
+
+            await settle(status, size)
+            await anyio.sleep(0.5)
+            after = mem_available_kb()
+            members = list(engine.warm["bash"].ready)
+            pss = sum(procs.pss_kb(member.state.sandbox.pids()) for member in members)
+            out(f"{'PSS of a pooled shell (bwrap, its init, bash)':<58} {pss / max(len(members), 1):8.0f} kB")
+            out(f"{'host MemAvailable drop per pooled shell (noisy)':<58} {(before - after) / size:8.0f} kB")
+
+
 async def main(quick: bool, pools: list[int], http: bool) -> None:
     n = 60 if quick else 200
     calibration()
     await breakdown(10 if quick else 30)
+    await pool_memory(16)
     await in_process(n, pools)
     if http:
         await over_http(n, pools)

@@ -160,6 +160,11 @@ class Engine:
                 for pool in self.warm.values():
                     while (member := pool.pop()) is not None:
                         tg.start_soon(self._stop, member)
+            # Members still starting stop themselves once started (they see _stopping); wait
+            # for that, so their cleanups are counted before the drain below.
+            with anyio.move_on_after(CLEANUP_TIMEOUT):
+                while any(pool.starting for pool in self.warm.values()):  # noqa: ASYNC110 - bounded, shutdown only
+                    await anyio.sleep(0.005)
             self.workers.clear()
             # Cleanups already under way (reaper, disconnects, temporaries) run elsewhere;
             # let them finish before the shared processes they may still use go away.
@@ -479,6 +484,8 @@ class Engine:
     async def _refill_one(self, pool: WarmPool, member: Session) -> None:
         try:
             await anyio.sleep(BACKGROUND_DELAY)
+            if self._stopping:
+                return
             pool.launched.add(member)
             await self._start(member)
         except SandboxError as exc:

@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import Process
 
 from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
+from backends.sandbox.child_watch import use_pidfd_watcher
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
 from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec
@@ -217,6 +218,7 @@ class SessionSandbox:
         if not argv:
             raise ParameterError("argv must not be empty")
         env = bwrap.check_env(env)
+        use_pidfd_watcher()
         prefix = self._cgroup.enter_prefix() if self._cgroup else []
         extra_fds: list[int] = []
         host_cwd = "/"
