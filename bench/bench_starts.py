@@ -14,6 +14,7 @@ code with this script, for a before/after in one sitting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
+import psutil
 
 sys.path.insert(0, os.environ.get("BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
@@ -150,8 +152,19 @@ async def settle(status: Callable[[], Awaitable[object]], pool: int) -> None:
             await anyio.sleep(0.05)
 
 
-async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int) -> None:
+def cpu_ms(pid: int | None) -> float:
+    """CPU time (user+system, ms) of a server process, or of this process when `pid` is None."""
+    if pid is None:
+        return time.process_time() * 1000
+    times = psutil.Process(pid).cpu_times()
+    return (times.user + times.system) * 1000
+
+
+async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int, server_pid: int | None = None) -> None:
+    """Temporary calls and create+destroy, back to back; with the server's CPU per operation,
+    which a loaded machine inflates far less than wall-clock time."""
     await settle(sandbox.get_status, pool)
+    whose = "server" if server_pid else "process"
 
     async def temporary() -> None:
         result = await sandbox.execute("bash:run", {"command": ":"})
@@ -161,9 +174,13 @@ async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int) -> Non
         await sandbox.create_session("bash")
         await sandbox.destroy_session("bash")
 
+    cpu0 = cpu_ms(server_pid)
     summarize(f"{label}, pool={pool}: temporary bash_run ':'", await measure(temporary, n, 3))
+    out(f"{f'  {whose} CPU per temporary call':<58} {(cpu_ms(server_pid) - cpu0) / (n + 3):8.2f} ms")
     await settle(sandbox.get_status, pool)
+    cpu0 = cpu_ms(server_pid)
     summarize(f"{label}, pool={pool}: create_session + destroy_session", await measure(create_destroy, n, 3))
+    out(f"{f'  {whose} CPU per create+destroy':<58} {(cpu_ms(server_pid) - cpu0) / (n + 3):8.2f} ms")
     await settle(sandbox.get_status, pool)
     # A burst the pool can cover, spaced so the pool refills in between (what a pool is for).
     if pool:
@@ -176,16 +193,21 @@ async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int) -> Non
         summarize(f"{label}, pool={pool}: temporary, pool refilled before each", spaced)
 
 
-async def concurrent_creates(create: Callable[[int], object], destroy: Callable[[int], object], label: str) -> None:
+async def concurrent_creates(
+    create: Callable[[int], Awaitable[None]],
+    destroy: Callable[[int], Awaitable[None]],
+    label: str,
+    count: int = 50,
+) -> None:
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
-        for i in range(50):
-            tg.start_soon(create, i)  # type: ignore[arg-type]
+        for i in range(count):
+            tg.start_soon(create, i)
     wall = (time.perf_counter() - t0) * 1000
     out(f"{label:<58} wall {wall:8.1f} ms")
     async with anyio.create_task_group() as tg:
-        for i in range(50):
-            tg.start_soon(destroy, i)  # type: ignore[arg-type]
+        for i in range(count):
+            tg.start_soon(destroy, i)
 
 
 async def in_process(n: int, pools: list[int]) -> None:
@@ -193,9 +215,7 @@ async def in_process(n: int, pools: list[int]) -> None:
     for pool in pools:
         with manifest_with_pool(pool) as manifest:
             async with Sandbox(manifest=manifest) as sandbox:
-                cpu0 = time.process_time()
                 await client_figures(sandbox, "in-process", n, pool)
-                out(f"{'  (process CPU for those calls)':<58} {(time.process_time() - cpu0) * 1000:8.0f} ms")
             async with engine_from_manifest(load_manifest(manifest)) as engine:
 
                 async def status(engine: Engine = engine) -> object:
@@ -209,6 +229,8 @@ async def in_process(n: int, pools: list[int]) -> None:
                 async def destroy(i: int, engine: Engine = engine) -> None:
                     await engine.destroy_sessions(Caller(worker=f"burst-{i}"), ["bash"])
 
+                await concurrent_creates(create, destroy, f"in-process engine, pool={pool}: 8 concurrent create", 8)
+                await settle(status, pool)
                 await concurrent_creates(create, destroy, f"in-process engine, pool={pool}: 50 concurrent create")
 
 
@@ -217,7 +239,7 @@ async def over_http(n: int, pools: list[int]) -> None:
     for pool in pools:
         with manifest_with_pool(pool) as manifest, http_server(manifest) as served:
             async with Sandbox(url=served.url) as sandbox:
-                await client_figures(sandbox, "HTTP", n, pool)
+                await client_figures(sandbox, "HTTP", n, pool, served.pid)
             clients = [Sandbox(url=served.url) for _ in range(50)]
             for client in clients:
                 await client.start()
@@ -229,9 +251,23 @@ async def over_http(n: int, pools: list[int]) -> None:
             async def destroy(i: int, clients=clients) -> None:
                 await clients[i].destroy_session("bash")
 
+            await concurrent_creates(create, destroy, f"HTTP, pool={pool}: 8 concurrent create_session", 8)
+            await settle(clients[0].get_status, pool)
             await concurrent_creates(create, destroy, f"HTTP, pool={pool}: 50 concurrent create_session")
             for client in reversed(clients):
                 await client.close()
+
+
+def memory_charged_kb(member: object) -> int:
+    """What the session's memory cgroup is charged (its pages, kernel memory where accounted, tmpfs)."""
+    info = member.state.sandbox.describe()  # type: ignore[attr-defined]
+    path = info.get("cgroup", {}).get("paths", {}).get("memory")
+    if not path:
+        return 0
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        with contextlib.suppress(OSError, ValueError):
+            return int((Path(path) / name).read_text()) // 1024
+    return 0
 
 
 def mem_available_kb() -> int:
@@ -257,6 +293,9 @@ async def pool_memory(size: int) -> None:
             members = list(engine.warm["bash"].ready)
             pss = sum(procs.pss_kb(member.state.sandbox.pids()) for member in members)
             out(f"{'PSS of a pooled shell (bwrap, its init, bash)':<58} {pss / max(len(members), 1):8.0f} kB")
+            charged = [memory_charged_kb(member) for member in members]
+            average = sum(charged) / max(len(charged), 1)
+            out(f"{'memory cgroup usage of a pooled shell (incl. kernel)':<58} {average:8.0f} kB")
             out(f"{'host MemAvailable drop per pooled shell (noisy)':<58} {(before - after) / size:8.0f} kB")
 
 

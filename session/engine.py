@@ -533,7 +533,11 @@ class Engine:
             await self.pool.ensure_warm(session.resource_type)
             scratch = self.runtime.scratch_root / session.label
             # One mkdir under a directory that exists: cheaper inline than a worker-thread hop.
-            scratch.mkdir(mode=0o700)
+            try:
+                scratch.mkdir(mode=0o700)
+            except FileNotFoundError:  # another engine of this process left last and removed the root
+                self.runtime.scratch_root.mkdir(mode=0o711, exist_ok=True)
+                scratch.mkdir(mode=0o700)
             session.scratch = scratch
             session.setup = SessionSetup(
                 worker_id=session.owner or session.principal,
