@@ -386,17 +386,23 @@ class SessionSandbox:
     def kill_now(self) -> None:
         """SIGKILL every process of the session at once, without waiting; `aclose` finishes.
 
-        In `sandbox` the spawned process group holds bwrap and the pid namespace's init,
-        whose death makes the kernel kill everything in the namespace (no fork can race it);
-        one pass over the cgroup's members catches anything else. Never raises, never blocks
-        beyond a few system calls: destroy and temporary calls return after this, and the
-        reaping, cgroup removal and unmounting run in the background (`aclose`).
+        In `sandbox` each spawn is bwrap (the spawned process, its own process group) over
+        the pid namespace's init (bwrap's child, in a group of its own): both get SIGKILL,
+        and the init's death makes the kernel kill everything in the namespace, with no
+        fork able to race it. Other tiers get one pass over the cgroup's members (`aclose`
+        then kills until the cgroup is empty, freezing it first in tier `none`). Never
+        raises, never blocks beyond a few system calls: destroy and temporary calls return
+        after this, and the reaping, cgroup removal and unmounting run in the background.
         """
         self._closed = True
         for process in self._processes:
+            # Not once reaped: the pid may name another process by now.
+            alive = process.returncode is None
+            inits = _children(process.pid) if self.tier == "sandbox" and alive else []
             with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
-        if self._cgroup is not None:
+            cgroups.kill_pids(inits)
+        if self._cgroup is not None and self.tier != "sandbox":
             cgroups.kill_pids(self._cgroup.pids())
 
     async def aclose(self) -> None:
