@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -194,8 +195,8 @@ async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int, server
 
 
 async def concurrent_creates(
-    create: Callable[[int], Awaitable[None]],
-    destroy: Callable[[int], Awaitable[None]],
+    create: Callable[[int], Coroutine[Any, Any, None]],
+    destroy: Callable[[int], Coroutine[Any, Any, None]],
     label: str,
     count: int = 50,
 ) -> None:
