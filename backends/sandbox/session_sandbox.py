@@ -27,9 +27,9 @@ import anyio
 from anyio.abc import Process
 
 from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
-from backends.sandbox.child_watch import use_pidfd_watcher
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
+from backends.sandbox.spawn import spawn as spawn_process
 from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec
 from session.errors import ConfigurationError, ParameterError
 
@@ -218,7 +218,6 @@ class SessionSandbox:
         if not argv:
             raise ParameterError("argv must not be empty")
         env = bwrap.check_env(env)
-        use_pidfd_watcher()
         prefix = self._cgroup.enter_prefix() if self._cgroup else []
         extra_fds: list[int] = []
         host_cwd = "/"
@@ -232,14 +231,14 @@ class SessionSandbox:
             else:
                 command = self._plain_command(argv)
                 host_cwd = cwd or str(self.spec.home)
-            process = await anyio.open_process(
+            # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
+            process = spawn_process(
                 [*prefix, *self._rlimit_prefix, *command],
                 env=env if self.tier == "none" else HOST_ENV,
                 cwd=host_cwd,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                start_new_session=True,
                 pass_fds=(*pass_fds, *extra_fds),
             )
         finally:
