@@ -129,12 +129,15 @@ class PersistentShell:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             # A shell that died at once shows it on the first round trip below.
             await self.process.stdin.send(self._prologue().encode())
-        # Best effort: keeps the OOM killer on the wrappers' side of the session (see protect).
-        await self.sandbox.protect(self.process)
         # One round trip before the session is handed out: the shell really runs (inside its
         # cgroup, past the sandbox's setup) and stands in its directory.
         startup = f"cd -- {shlex.quote(self.cwd)}" if self.cwd is not None else ":"
         entered = await self._execute(startup, STARTUP_TIMEOUT, None)
+        if not (entered.shell_exited or entered.timed_out):
+            # Best effort: keeps the OOM killer on the wrappers' side of the session (see
+            # protect). After the round trip, so the wrappers are there to find at once
+            # (before it, finding them meant polling /proc while bwrap set up).
+            await self.sandbox.protect(self.process)
         if entered.shell_exited or entered.timed_out:
             await self.kill()
             detail = (entered.stderr.strip() or entered.stdout.strip() or "no output")[:300]
@@ -171,6 +174,12 @@ class PersistentShell:
         if self.process is None or self._interrupter is None:
             return None
         return self._interrupter.shell_pid()
+
+    def signal_kill(self) -> None:
+        """SIGKILL the shell's process group now, without waiting; `kill` reaps it later."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     async def kill(self) -> None:
         """Kill the shell (the sandbox's `aclose` kills whatever else the session started)."""
