@@ -91,6 +91,8 @@ class _Pool:
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=IDLE_SECONDS),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
+            # no cookies: MCP uses none, and the pool is shared by workers that may be different principals
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self.users = 0
         self.ids = itertools.count(1)
@@ -309,9 +311,14 @@ class LightSession:
         if status in (401, 429):
             raise self._refused(status)
         kind = answer.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        detail = ""
         if kind == "application/json":
-            return _result_of(method, request_id, _decode(method, await _read_capped(answer)), status)
-        if kind == "text/event-stream" and status < 300:
+            message = _decode(method, await _read_capped(answer))
+            if status < 400 or isinstance(message.get("error"), dict):
+                return _result_of(method, request_id, message, status)
+            text = message.get("message")  # e.g. the server's own 503 when it has too many connections
+            detail = f": {text}" if isinstance(text, str) else ""
+        elif kind == "text/event-stream" and status < 300:
             return await self._events(method, request_id, answer, progress)
         # What `streamable_http_client` makes of an answer that carries no JSON-RPC message.
         if status == 202:
@@ -320,8 +327,10 @@ class LightSession:
             raise MCPError(INVALID_REQUEST, f"server redirected the request (HTTP {status}); not followed")
         if status == 404:
             raise MCPError(METHOD_NOT_FOUND, "Not Found")
+        if status >= 500:  # the server is in trouble: no verdict on the protocol, so never a fallback
+            raise ServiceUnavailable(f"{method} at {self._url}: the server answered HTTP {status}{detail}")
         if status >= 400:
-            raise MCPError(INTERNAL_ERROR, f"Server returned an error response (HTTP {status})")
+            raise MCPError(INTERNAL_ERROR, f"Server returned an error response (HTTP {status}){detail}")
         raise MCPError(INVALID_REQUEST, f"Unexpected content type: {kind or 'none'}")
 
     async def _events(

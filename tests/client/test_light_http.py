@@ -308,7 +308,12 @@ async def _scripted_server(answer: Answer) -> AsyncIterator[tuple[str, list[str]
 
 
 BROKEN: dict[str, tuple[Answer, str]] = {
-    "HTTP 500, plain text": (lambda i: _http("500 Internal Server Error", "text/plain", b"boom"), "error response"),
+    "HTTP 500, plain text": (lambda i: _http("500 Internal Server Error", "text/plain", b"boom"), "HTTP 500"),
+    "HTTP 503, the server's busy answer": (
+        lambda i: _http("503 Service Unavailable", "application/json", b'{"message": "too many open connections"}'),
+        "HTTP 503: too many open connections",
+    ),
+    "HTTP 400, not JSON-RPC": (lambda i: _http("400 Bad Request", "text/plain", b"no"), "error response (HTTP 400)"),
     "HTTP 200, not JSON": (lambda i: _json(b"<html>surprise</html>"), "not JSON"),
     "JSON, not an object": (lambda i: _json(b"[1, 2]"), "not a JSON-RPC message"),
     "JSON-RPC answer to another id": (
