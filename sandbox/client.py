@@ -287,7 +287,7 @@ class Sandbox:
             )
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
-        return _envelope_of(name, result.model_dump(by_alias=True, mode="json", exclude_none=True))
+        return _envelope_of(name, result)
 
 
 async def _call_over(
@@ -297,7 +297,7 @@ async def _call_over(
         result = await light.call_tool(name, args, progress)
     except MCPError as exc:
         raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
-    return _envelope_of(name, result)
+    return _envelope_of_wire(name, result)
 
 
 async def _meta_call_over(light: LightSession, name: str) -> None:
@@ -367,8 +367,28 @@ def _resources(resource: Resources) -> str | list[str] | dict[str, Any]:
     return list(resource)
 
 
-def _envelope_of(name: str, result: dict[str, Any]) -> dict[str, Any]:
-    """The envelope in a `CallToolResult` (its wire form): `structuredContent`, else built from the text."""
+def _envelope_of(name: str, result: t.CallToolResult) -> dict[str, Any]:
+    envelope = dict(result.structured_content or {})
+    if not envelope:
+        text = " ".join(c.text for c in result.content if isinstance(c, t.TextContent))
+        envelope = {
+            "code": 5000 if result.is_error else 0,
+            "message": text or "no structured result",
+            "data": {},
+            "meta": {"tool": name},
+        }
+    images = [c for c in result.content if isinstance(c, t.ImageContent)]
+    if images:
+        data = envelope.setdefault("data", {})
+        data["image"] = images[0].data
+        data.setdefault("mime_type", images[0].mime_type)
+        if len(images) > 1:
+            data["images"] = [c.data for c in images]
+    return envelope
+
+
+def _envelope_of_wire(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """`_envelope_of` for a `CallToolResult` as it came over the wire (the light path validates no model)."""
     structured = result.get("structuredContent")
     content = result.get("content", [])
     if not isinstance(content, list) or not all(isinstance(c, dict) for c in content):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import mcp_types as t
 import psutil
 import pytest
 import uvicorn
@@ -24,6 +25,7 @@ from mcp_server.app import build_server
 from mcp_server.factory import engine_from_manifest
 from mcp_server.transports import authenticated_app, http_app
 from sandbox import Sandbox, SandboxError
+from sandbox.client import _envelope_of, _envelope_of_wire
 from sandbox.light_http import PROTOCOL_VERSION
 from session.errors import PermissionDenied, ServiceUnavailable
 from tests.support.leaks import session_pids
@@ -382,3 +384,23 @@ async def test_a_progress_callback_that_raises_does_not_fail_the_call(server: Se
         await sandbox.create_session("bash", {"progress_interval": 0.2})
         result = await sandbox.execute("bash:run", {"command": "sleep 0.6; echo fine"}, progress=progress)
         assert result["data"]["stdout"] == "fine\n"
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        t.CallToolResult(content=[], structured_content={"code": 0, "message": "success", "data": {"x": 1}}),
+        t.CallToolResult(content=[t.TextContent(type="text", text="plain"), t.TextContent(type="text", text="words")]),
+        t.CallToolResult(content=[t.TextContent(type="text", text="failed")], is_error=True),
+        t.CallToolResult(
+            content=[
+                t.ImageContent(type="image", data="aGk=", mime_type="image/png"),
+                t.ImageContent(type="image", data="aG8=", mime_type="image/png"),
+            ],
+            structured_content={"code": 0, "message": "success", "data": {}},
+        ),
+    ],
+)
+def test_the_wire_envelope_is_the_sdk_paths_envelope(result: t.CallToolResult) -> None:
+    wire = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    assert _envelope_of_wire("tool", wire) == _envelope_of("tool", result)
