@@ -234,7 +234,11 @@ class LightSession:
         header_map = self._pool.header_maps.get(name)
         extra = mcp_param_headers(header_map, arguments) if header_map else None
         params = {"name": name, "arguments": arguments, "_meta": self._meta}
-        return await self._post("tools/call", params, name=name, progress=progress, extra_headers=extra)
+        result = await self._post("tools/call", params, name=name, progress=progress, extra_headers=extra)
+        kind = result.get("resultType", "complete")
+        if kind != "complete":  # e.g. `input_required`: a Sandbox has no sampling/elicitation/roots to answer with
+            raise ServiceUnavailable(f"{name}: the server answered resultType {kind!r}; only 'complete' is handled")
+        return result
 
     async def list_tools(self) -> list[dict[str, Any]]:
         """Every page of `tools/list`, minus tools with invalid `x-mcp-header` annotations (a 2026-07-28 MUST)."""

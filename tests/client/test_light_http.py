@@ -8,9 +8,12 @@ header, so the SDK's handshake era answers; the broken servers are a few lines o
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import typing
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -18,6 +21,7 @@ import mcp_types as t
 import psutil
 import pytest
 import uvicorn
+from mcp import Client
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from manifests import load_manifest
@@ -240,7 +244,8 @@ _DISCOVER = (
 )
 
 _TOOL_RESULT = (
-    b'{"jsonrpc":"2.0","id":%d,"result":{"content":[],"structuredContent":{"code":0,"message":"success","data":{}}}}'
+    b'{"jsonrpc":"2.0","id":%d,"result":{"content":[],"resultType":"complete",'
+    b'"structuredContent":{"code":0,"message":"success","data":{}}}}'
 )
 
 Answer = Callable[[int], bytes]
@@ -260,9 +265,12 @@ def _json(body: bytes) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def _scripted_server(answer: Answer) -> AsyncIterator[tuple[str, list[str]]]:
+async def _scripted_server(
+    answer: Answer, *, on_request: Callable[[int, bytes, bytes], bytes | None] | None = None
+) -> AsyncIterator[tuple[str, list[str]]]:
     """Answers `server/discover` and meta-tools properly and every `bash_run` with `answer(request_id)`.
 
+    `on_request(request_id, head, body)`, if given, may answer any other request first.
     Yields the URL and a log of what happened to each connection ("closed by client", ...).
     """
     events: list[str] = []
@@ -288,7 +296,9 @@ async def _scripted_server(answer: Answer) -> AsyncIterator[tuple[str, list[str]
                 if b'"server/discover"' in body:
                     await stream.send(_json(_DISCOVER % request_id))
                     continue
-                reply = answer(request_id) if b'"bash_run"' in body else _json(_TOOL_RESULT % request_id)
+                reply = on_request(request_id, head, body) if on_request is not None else None
+                if reply is None:
+                    reply = answer(request_id) if b'"bash_run"' in body else _json(_TOOL_RESULT % request_id)
                 if not reply:  # hold the call until the client gives up on it
                     events.append("request held")
                     with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
@@ -336,6 +346,10 @@ BROKEN: dict[str, tuple[Answer, str]] = {
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\nconnection: close\r\n\r\n{"
         ),
         "not retried",
+    ),
+    "a result asking for input": (
+        lambda i: _json(b'{"jsonrpc":"2.0","id":%d,"result":{"resultType":"input_required","inputRequests":{}}}' % i),
+        "resultType 'input_required'",
     ),
     "a result that is not a tool result": (
         lambda i: _json(b'{"jsonrpc":"2.0","id":%d,"result":{"content":"text"}}' % i),
@@ -404,3 +418,65 @@ async def test_a_progress_callback_that_raises_does_not_fail_the_call(server: Se
 def test_the_wire_envelope_is_the_sdk_paths_envelope(result: t.CallToolResult) -> None:
     wire = result.model_dump(by_alias=True, mode="json", exclude_none=True)
     assert _envelope_of_wire("tool", wire) == _envelope_of("tool", result)
+
+
+async def test_a_header_mismatch_is_recovered_by_listing_tools_and_sending_once_more() -> None:
+    """The 2026-07-28 recovery: a tool whose schema asks for `Mcp-Param-*` headers, called before it was
+    listed, is refused (HEADER_MISMATCH, before it runs); the client lists the tools and sends it again."""
+    schema = b'{"type":"object","properties":{"region":{"type":"string","x-mcp-header":"Region"}}}'
+    calls: list[bytes] = []
+
+    def on_request(request_id: int, head: bytes, body: bytes) -> bytes | None:
+        if b'"tools/list"' in body:
+            listing = b'{"tools":[{"name":"bash_run","inputSchema":%s}]}' % schema
+            return _json(b'{"jsonrpc":"2.0","id":%d,"result":%s}' % (request_id, listing))
+        if b'"bash_run"' not in body:
+            return None
+        calls.append(head.lower())
+        if b"mcp-param-region: eu" in head.lower():
+            return _json(_TOOL_RESULT % request_id)
+        error = b'{"code":-32020,"message":"Mcp-Param-Region header is missing"}'
+        return _http(
+            "400 Bad Request", "application/json", b'{"jsonrpc":"2.0","id":%d,"error":%s}' % (request_id, error)
+        )
+
+    async with (
+        _scripted_server(lambda i: b"", on_request=on_request) as (url, _),
+        Sandbox(url=url, token=None) as sandbox,
+    ):
+        result = await sandbox.execute("bash:run", {"region": "eu"})
+        assert result["code"] == 0
+        assert len(calls) == 2  # refused once, then sent with the header
+        await sandbox.execute("bash:run", {"region": "eu"})
+        assert len(calls) == 3  # listed now: the header goes with the first send
+
+
+async def test_a_call_carries_what_the_sdk_client_sends_at_this_revision() -> None:
+    """Same MCP headers and `_meta` protocol fields as `mcp.Client` (2026-07-28, no callbacks) sends."""
+    seen: list[tuple[dict[bytes, bytes], dict[str, Any]]] = []
+
+    def on_request(request_id: int, head: bytes, body: bytes) -> bytes | None:
+        if b'"tools/list"' in body:  # the SDK client lists to validate the result against the output schema
+            listing = (
+                b'{"tools":[{"name":"bash_run","inputSchema":{"type":"object"}}],'
+                b'"ttlMs":0,"cacheScope":"private","resultType":"complete"}'
+            )
+            return _json(b'{"jsonrpc":"2.0","id":%d,"result":%s}' % (request_id, listing))
+        if b'"tools/call"' in body:
+            lines = head.split(b"\r\n")[1:]
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+            seen.append((headers, json.loads(body)))
+        return None
+
+    async with _scripted_server(lambda i: _json(_TOOL_RESULT % i), on_request=on_request) as (url, _):
+        async with Client(url) as official:
+            meta = typing.cast(t.RequestParamsMeta, {"agentflow/worker_id": "w" * 22})
+            await official.call_tool("bash_run", {"command": "echo hi"}, meta=meta)
+        async with Sandbox(url=url, token=None, worker_id="w" * 22) as sandbox:
+            await sandbox.execute("bash:run", {"command": "echo hi"})
+    (sdk_headers, sdk_body), (light_headers, light_body) = seen[:2]  # (then the destroy_session of close)
+    for header in (b"mcp-protocol-version", b"mcp-method", b"mcp-name", b"content-type", b"accept"):
+        assert light_headers[header] == sdk_headers[header], header
+    assert light_body["params"]["_meta"] == sdk_body["params"]["_meta"]
+    assert light_body["params"]["arguments"] == sdk_body["params"]["arguments"]
+    assert {k: v for k, v in light_body.items() if k != "id"} == {k: v for k, v in sdk_body.items() if k != "id"}
