@@ -126,6 +126,24 @@ async def test_progress_reaches_the_callback_over_an_event_stream(server: Server
     assert [done for done, _, _ in reports] == sorted(done for done, _, _ in reports)
 
 
+@pytest.mark.parametrize("with_progress", [False, True])
+async def test_large_answers_arrive_whole(server: ServerProcess, with_progress: bool) -> None:
+    """Half a megabyte of output (twice in the answer: text and structured content), as JSON or as an event."""
+
+    reports: list[float] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        reports.append(done)
+
+    async with Sandbox(url=server.mcp_url, token=server.token) as sandbox:
+        await sandbox.create_session("bash", {"max_output_bytes": 512 * 1024, "progress_interval": 0.2})
+        # with progress: reports first, so the answer is the last event of an event stream
+        command = ("sleep 0.7; " if with_progress else "") + "head -c 500000 /dev/zero | tr '\\0' a"
+        result = await sandbox.execute("bash:run", {"command": command}, progress=progress if with_progress else None)
+        assert result["data"]["stdout"] == "a" * 500000
+    assert bool(reports) is with_progress
+
+
 async def test_fifty_sandboxes_share_a_few_connections(server: ServerProcess) -> None:
     async with contextlib.AsyncExitStack() as stack:
         sandboxes: list[Sandbox] = []
