@@ -1,5 +1,8 @@
 """The `Sandbox(url)` client over HTTP: its light path against the official MCP client, A/B in one run.
 
+Three clients, interleaved: `Sandbox(url)` (the light path), `Sandbox(url)` forced onto the
+SDK path it used before, and a bare `mcp.Client` per worker.
+
 50 workers x 20 `bash_run 'echo hi'`, each worker on its own explicit bash session (created
 before the clock starts), all driven from this one process against one server process.
 Prints calls/s, per-call p50/p95, this process's CPU per call (time.process_time) and the
@@ -72,7 +75,7 @@ class Figures:
 
     def line(self) -> str:
         return (
-            f"{self.label:<34} {self.calls_per_s:7.0f} calls/s   p50 {self.p50_ms:6.2f} ms   p95 {self.p95_ms:6.2f} ms"
+            f"{self.label:<32} {self.calls_per_s:7.0f} calls/s   p50 {self.p50_ms:6.2f} ms   p95 {self.p95_ms:6.2f} ms"
             f"   client CPU {self.client_cpu_ms:.3f} ms/call   server CPU {self.server_cpu_ms:.3f} ms/call"
         )
 
@@ -108,9 +111,18 @@ async def drive(label: str, calls: list[Call], per_worker: int, server: psutil.P
     )
 
 
-async def light_round(url: str, workers: int, per_worker: int, server: psutil.Process) -> Figures:
+class SdkPathSandbox(Sandbox):
+    """`Sandbox(url)` as it was before the light path: the official client under the same API."""
+
+    def _light_path(self) -> bool:
+        return False
+
+
+async def light_round(
+    url: str, workers: int, per_worker: int, server: psutil.Process, kind: type[Sandbox] = Sandbox
+) -> Figures:
     async with AsyncExitStack() as stack:
-        sandboxes = [await stack.enter_async_context(Sandbox(url=url)) for _ in range(workers)]
+        sandboxes = [await stack.enter_async_context(kind(url=url)) for _ in range(workers)]
         for sandbox in sandboxes:
             await sandbox.create_session("bash")
 
@@ -121,7 +133,8 @@ async def light_round(url: str, workers: int, per_worker: int, server: psutil.Pr
 
             return one
 
-        return await drive("Sandbox(url), light path", [call(s) for s in sandboxes], per_worker, server)
+        label = "Sandbox(url), light path" if kind is Sandbox else "Sandbox(url), SDK path (before)"
+        return await drive(label, [call(s) for s in sandboxes], per_worker, server)
 
 
 async def official_round(url: str, token: str, workers: int, per_worker: int, server: psutil.Process) -> Figures:
@@ -164,6 +177,7 @@ async def main(rounds: int, workers: int, per_worker: int) -> None:
         for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
             for figures in (
                 await light_round(served.url, workers, per_worker, server),
+                await light_round(served.url, workers, per_worker, server, SdkPathSandbox),
                 await official_round(served.url, token, workers, per_worker, server),
             ):
                 results.setdefault(figures.label, []).append(figures)
