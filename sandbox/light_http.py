@@ -38,7 +38,7 @@ from typing import Any, Final
 import aiohttp
 import anyio
 import orjson
-from mcp.client.session import DEFAULT_CLIENT_INFO
+from mcp.client.session import DEFAULT_CLIENT_INFO, DISCOVER_TIMEOUT_SECONDS
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import encode_header_value, find_invalid_x_mcp_header, mcp_param_headers, x_mcp_header_map
 from mcp_types import (
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION: Final = "2026-07-28"
 CONNECT_TIMEOUT: Final = 30.0
+#: The SDK client's bound on its `server/discover` probe (mcp.client.session.DISCOVER_TIMEOUT_SECONDS).
+DISCOVER_TIMEOUT: Final = DISCOVER_TIMEOUT_SECONDS
 #: Longest wait for the next byte of an answer (the official client's httpx read timeout).
 READ_TIMEOUT: Final = 300.0
 #: Cap on one answer (a JSON body or one event of a stream): screenshots are a few MB.
@@ -96,7 +98,8 @@ class _Pool:
         )
         self.users = 0
         self.ids = itertools.count(1)
-        self.modern: dict[str | None, bool] = {}  # per bearer token: a refused token learns nothing
+        # (endpoint, bearer token) -> speaks 2026-07-28; per token because a refused one learns nothing
+        self.modern: dict[tuple[str, str | None], bool] = {}
         self.probing = anyio.Lock()
         # tool name -> its `x-mcp-header` arguments, from the last listing (2026-07-28 `Mcp-Param-*`)
         self.header_maps: dict[str, dict[tuple[str, ...], str]] = {}
@@ -190,19 +193,25 @@ class LightSession:
         falls back to the handshake itself); a refused token and an unreachable server raise.
         """
         pool = self._pool
+        key = (str(self._url), self._token)
         async with pool.probing:
-            known = pool.modern.get(self._token)
+            known = pool.modern.get(key)
             if known is not None:
                 return known
             try:
-                result = await self._post("server/discover", {"_meta": dict(_PROTOCOL_META)})
+                with anyio.fail_after(DISCOVER_TIMEOUT):
+                    result = await self._post("server/discover", {"_meta": dict(_PROTOCOL_META)})
+            except TimeoutError:
+                raise ServiceUnavailable(
+                    f"the server at {self._url} did not answer server/discover within {DISCOVER_TIMEOUT:g} s"
+                ) from None
             except MCPError as exc:
                 log.info("%s does not speak %s (%s): using the SDK client", self._url, PROTOCOL_VERSION, exc)
                 modern = False
             else:
                 versions = result.get("supportedVersions")
                 modern = isinstance(versions, list) and PROTOCOL_VERSION in versions
-            pool.modern[self._token] = modern
+            pool.modern[key] = modern
             return modern
 
     async def call_tool(

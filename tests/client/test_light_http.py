@@ -28,7 +28,7 @@ from manifests import load_manifest
 from mcp_server.app import build_server
 from mcp_server.factory import engine_from_manifest
 from mcp_server.transports import authenticated_app, http_app
-from sandbox import Sandbox, SandboxError
+from sandbox import Sandbox, SandboxError, light_http
 from sandbox.client import _envelope_of, _envelope_of_wire
 from sandbox.light_http import PROTOCOL_VERSION
 from session.errors import PermissionDenied, ServiceUnavailable
@@ -498,3 +498,22 @@ async def test_a_call_carries_what_the_sdk_client_sends_at_this_revision() -> No
     assert light_body["params"]["_meta"] == sdk_body["params"]["_meta"]
     assert light_body["params"]["arguments"] == sdk_body["params"]["arguments"]
     assert {k: v for k, v in light_body.items() if k != "id"} == {k: v for k, v in sdk_body.items() if k != "id"}
+
+
+async def test_a_server_that_never_answers_the_probe_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(light_http, "DISCOVER_TIMEOUT", 0.5)  # the SDK's 10 s, shortened for the test
+
+    async def swallow(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await stream.receive()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, swallow)
+        with pytest.raises(ServiceUnavailable) as caught:
+            await Sandbox(url=f"http://127.0.0.1:{port}/mcp", token=None).start()
+        tg.cancel_scope.cancel()
+    assert "did not answer server/discover" in str(caught.value)
