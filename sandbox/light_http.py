@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import select
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -38,6 +39,9 @@ from typing import Any, Final
 import aiohttp
 import anyio
 import orjson
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from mcp.client.session import DEFAULT_CLIENT_INFO, DISCOVER_TIMEOUT_SECONDS
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import encode_header_value, find_invalid_x_mcp_header, mcp_param_headers, x_mcp_header_map
@@ -85,13 +89,34 @@ _PROTOCOL_META: Final[dict[str, Any]] = {
 }
 
 
+class _CheckedConnector(aiohttp.TCPConnector):
+    """aiohttp's pool, minus handing out an idle connection the server has already closed.
+
+    aiohttp reuses a pooled connection unless its protocol has *processed* the close; a
+    server's FIN that arrived but was not read yet (its keep-alive ran out just now) would
+    fail the next call, and a failed POST is never retried. A zero-timeout `select` on the
+    socket sees it first (what httpcore does): an idle socket that is readable is closed
+    (EOF, or bytes nobody asked for) and the next one is tried. `_get` is aiohttp's pool
+    lookup (3.14; tests/client/test_light_http.py checks it is still there).
+    """
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (connection := await super()._get(key, traces)) is not None:
+            transport = connection.transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None and not select.select([sock.fileno()], [], [], 0)[0]:
+                return connection
+            connection.close()
+        return None
+
+
 class _Pool:
     """The connections to one origin from one event loop, and what was learned about the server."""
 
     def __init__(self, origin: str) -> None:
         self.origin = origin
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=IDLE_SECONDS),
+            connector=_CheckedConnector(limit=MAX_CONNECTIONS, keepalive_timeout=IDLE_SECONDS),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
             # no cookies: MCP uses none, and the pool is shared by workers that may be different principals
             cookie_jar=aiohttp.DummyCookieJar(),

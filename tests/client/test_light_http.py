@@ -8,6 +8,7 @@ header, so the SDK's handshake era answers; the broken servers are a few lines o
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import socket
 import typing
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import anyio.abc
 import mcp_types as t
@@ -33,7 +35,7 @@ from sandbox.client import _envelope_of, _envelope_of_wire
 from sandbox.light_http import PROTOCOL_VERSION
 from session.errors import PermissionDenied, ServiceUnavailable
 from tests.support.leaks import session_pids
-from tests.support.polling import eventually
+from tests.support.polling import eventually, eventually_sync
 from tests.support.ports import free_port
 from tests.support.servers import ServerProcess, new_token, running_http_server
 
@@ -174,7 +176,9 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(tmp_path:
         async with Sandbox(url=short.mcp_url, token=short.token) as sandbox:
             await sandbox.create_session("bash")
             assert (await sandbox.execute("bash:run", {"command": "echo one"}))["data"]["stdout"] == "one\n"
-            await eventually(lambda: _client_connections(short.port) == 0, what="the server to close idle connections")
+            # Waited for without yielding to the event loop, so the server's FIN is still unread when the
+            # next call borrows a connection: the race a keep-alive expiry opens, made certain.
+            eventually_sync(lambda: _client_connections(short.port) == 0, what="the server to close idle connections")
             assert (await sandbox.execute("bash:run", {"command": "echo two"}))["data"]["stdout"] == "two\n"
 
 
@@ -526,3 +530,10 @@ async def test_a_server_that_never_answers_the_probe_is_a_clear_error(monkeypatc
             await Sandbox(url=f"http://127.0.0.1:{port}/mcp", token=None).start()
         tg.cancel_scope.cancel()
     assert "did not answer server/discover" in str(caught.value)
+
+
+def test_the_stale_connection_check_still_hooks_aiohttps_pool_lookup() -> None:
+    """`_CheckedConnector` overrides aiohttp's private `TCPConnector._get`: fail loudly if aiohttp changes it."""
+    lookup = aiohttp.TCPConnector._get
+    assert inspect.iscoroutinefunction(lookup)
+    assert list(inspect.signature(lookup).parameters) == ["self", "key", "traces"]
