@@ -168,7 +168,7 @@ class Sandbox:
         light, self._light = self._light, None
         if light is not None:
             try:
-                await _meta_call_over(light, "destroy_session")
+                await _call_over(light, "destroy_session", {})
             except (SandboxError, MCPError, OSError):
                 pass  # the server may already be gone; its TTL cleanup covers it
             finally:
@@ -249,7 +249,8 @@ class Sandbox:
             listed = [tool.model_dump(by_alias=True, mode="json", exclude_none=True) for tool in listing.tools]
         tools = []
         for tool in listed:
-            meta = tool.get("_meta") or {}
+            meta = tool.get("_meta")
+            meta = meta if isinstance(meta, dict) else {}
             resource, action = meta.get(RESOURCE_META_KEY), meta.get(ACTION_META_KEY)
             tools.append(
                 {
@@ -298,12 +299,6 @@ async def _call_over(
     except MCPError as exc:
         raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
     return _envelope_of_wire(name, result)
-
-
-async def _meta_call_over(light: LightSession, name: str) -> None:
-    envelope = await _call_over(light, name, {})
-    if envelope.get("code", 5000) != 0:
-        raise SandboxError(envelope.get("message", "unknown error"))
 
 
 def _find_token(url: str, explicit: str | None) -> tuple[str | None, str]:
