@@ -23,7 +23,8 @@ workers, 2000 calls against a trivial server on this 2-core machine: httpx2 0.57
 h11 over asyncio streams 0.10 ms, aiohttp 0.10 ms, a hand-made parser over asyncio
 streams 0.03 ms, httptools over an asyncio protocol 0.02 ms. aiohttp is well kept and
 inside the ~0.3 ms per call this path may spend, so no hand-made HTTP client is needed.
-JSON: orjson (dumps+loads of a call ~4x faster than the standard library's).
+JSON: orjson (dumps of a call + loads of its answer: 4.6 µs, against 13 µs with the standard
+library's json; the server's HTTP fast path uses it too).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION: Final = "2026-07-28"
 CONNECT_TIMEOUT: Final = 30.0
 #: The SDK client's bound on its `server/discover` probe (mcp.client.session.DISCOVER_TIMEOUT_SECONDS).
-DISCOVER_TIMEOUT: Final = DISCOVER_TIMEOUT_SECONDS
+DISCOVER_TIMEOUT = DISCOVER_TIMEOUT_SECONDS
 #: Longest wait for the next byte of an answer (the official client's httpx read timeout).
 READ_TIMEOUT: Final = 300.0
 #: Cap on one answer (a JSON body or one event of a stream): screenshots are a few MB.
