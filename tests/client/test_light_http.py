@@ -128,6 +128,15 @@ async def test_progress_reaches_the_callback_over_an_event_stream(server: Server
     assert [done for done, _, _ in reports] == sorted(done for done, _, _ in reports)
 
 
+@pytest.mark.slow
+async def test_a_call_longer_than_the_servers_keepalive_window(server: ServerProcess) -> None:
+    """Past 15 s without a word the server may switch to an event stream and ping: the answer still arrives."""
+    async with Sandbox(url=server.mcp_url, token=server.token) as sandbox:
+        await sandbox.create_session("bash")
+        result = await sandbox.execute("bash:run", {"command": "sleep 16; echo late"})
+        assert result["data"]["stdout"] == "late\n"
+
+
 @pytest.mark.parametrize("with_progress", [False, True])
 async def test_large_answers_arrive_whole(server: ServerProcess, with_progress: bool) -> None:
     """Half a megabyte of output (twice in the answer: text and structured content), as JSON or as an event."""
