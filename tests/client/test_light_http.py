@@ -546,3 +546,25 @@ def test_the_stale_connection_check_still_hooks_aiohttps_pool_lookup() -> None:
     lookup = aiohttp.TCPConnector._get
     assert inspect.iscoroutinefunction(lookup)
     assert list(inspect.signature(lookup).parameters) == ["self", "key", "traces"]
+
+
+@pytest.mark.parametrize("pages", ["two pages", "a cursor cycle"])
+async def test_get_tools_follows_next_cursor(pages: str) -> None:
+    def on_request(request_id: int, head: bytes, body: bytes) -> bytes | None:
+        if b'"tools/list"' not in body:
+            return None
+        second = b'"cursor":"p2"' in body
+        name = b"second" if second else b"first"
+        more = b',"nextCursor":"p2"' if not second or pages == "a cursor cycle" else b""
+        page = b'{"tools":[{"name":"%s","inputSchema":{"type":"object"}}]%s}' % (name, more)
+        return _json(b'{"jsonrpc":"2.0","id":%d,"result":%s}' % (request_id, page))
+
+    async with (
+        _scripted_server(lambda i: b"", on_request=on_request) as (url, _),
+        Sandbox(url=url, token=None) as sandbox,
+    ):
+        if pages == "two pages":
+            assert [tool["name"] for tool in await sandbox.get_tools()] == ["first", "second"]
+        else:
+            with pytest.raises(ServiceUnavailable, match="pagination does not end"):
+                await sandbox.get_tools()
