@@ -34,6 +34,7 @@ import asyncio
 import itertools
 import logging
 import select
+import urllib.request
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -115,9 +116,10 @@ class _CheckedConnector(aiohttp.TCPConnector):
 class _Pool:
     """The connections to one origin from one event loop, and what was learned about the server."""
 
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
+    def __init__(self, origin: URL) -> None:
+        self.origin = str(origin)
         self.http = aiohttp.ClientSession(
+            proxy=_environment_proxy(origin),
             connector=_CheckedConnector(limit=MAX_CONNECTIONS, keepalive_timeout=IDLE_SECONDS),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
             # no cookies: MCP uses none, and the pool is shared by workers that may be different principals
@@ -135,13 +137,28 @@ class _Pool:
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Pool]] = weakref.WeakKeyDictionary()
 
 
-def _acquire(origin: str) -> _Pool:
+def _acquire(url: URL) -> _Pool:
+    origin = url.origin()
     pools = _pools.setdefault(asyncio.get_running_loop(), {})
-    pool = pools.get(origin)
+    pool = pools.get(str(origin))
     if pool is None:
-        pool = pools[origin] = _Pool(origin)
+        pool = pools[str(origin)] = _Pool(origin)
     pool.users += 1
     return pool
+
+
+def _environment_proxy(origin: URL) -> str | None:
+    """The proxy HTTP_PROXY / HTTPS_PROXY / ALL_PROXY name for `origin`, unless NO_PROXY exempts it.
+
+    What httpx2 (the official client's transport) honours; read once per pool, because
+    aiohttp's `trust_env` reads the environment again on every request (it doubled the
+    client's CPU per call).
+    """
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(origin.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(f"{origin.host}:{origin.port}"):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 async def _release(pool: _Pool) -> None:
@@ -153,10 +170,6 @@ async def _release(pool: _Pool) -> None:
         del pools[pool.origin]
     with anyio.CancelScope(shield=True):
         await pool.http.close()
-
-
-def _origin(url: URL) -> str:
-    return f"{url.scheme}://{url.host}:{url.port}"
 
 
 class LightSession:
@@ -196,7 +209,7 @@ class LightSession:
             ServiceUnavailable: the server cannot be reached.
         """
         parsed = URL(url)
-        pool = _acquire(_origin(parsed))
+        pool = _acquire(parsed)
         session = cls(pool, parsed, token, worker_meta, refused)
         try:
             if probe and not await session._speaks_modern():

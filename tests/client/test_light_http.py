@@ -568,3 +568,27 @@ async def test_get_tools_follows_next_cursor(pages: str) -> None:
         else:
             with pytest.raises(ServiceUnavailable, match="pagination does not end"):
                 await sandbox.get_tools()
+
+
+async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY / NO_PROXY as the official client's httpx2 honours them (here the "proxy" answers itself)."""
+    targets: list[bytes] = []
+
+    def on_request(request_id: int, head: bytes, body: bytes) -> bytes | None:
+        targets.append(head.split(b" ")[1])
+        return None
+
+    with socket.socket() as reserved:  # the server's address: bound, never listening, so only the proxy answers
+        reserved.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{reserved.getsockname()[1]}/mcp"
+        async with _scripted_server(lambda i: _json(_TOOL_RESULT % i), on_request=on_request) as (proxy_url, _):
+            monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/mcp"))
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+            async with Sandbox(url=url, token=None) as sandbox:
+                assert (await sandbox.execute("bash:run", {"command": "echo hi"}))["code"] == 0
+            assert targets
+            assert all(target == url.encode() for target in targets)  # absolute-form: a request to a proxy
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            with pytest.raises(ServiceUnavailable, match="cannot reach"):
+                await Sandbox(url=url, token=None).start()
