@@ -72,8 +72,10 @@ DISCOVER_TIMEOUT = DISCOVER_TIMEOUT_SECONDS
 READ_TIMEOUT: Final = 300.0
 #: Cap on one answer (a JSON body or one event of a stream): screenshots are a few MB.
 MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
-#: Connections one pool keeps open at most; calls beyond wait for one to come free.
-MAX_CONNECTIONS: Final = 100
+#: Connections one pool keeps open at most (one per call in flight): the server's default
+#: `max_connections`. Calls beyond it wait for one to come free rather than being refused.
+#: (Before, each `Sandbox` had its own httpx2 pool of 100.)
+MAX_CONNECTIONS: Final = 512
 #: An idle connection is closed after this, before servers' usual keep-alive limit (uvicorn: 5 s)
 #: can close it under a request on its way.
 IDLE_SECONDS: Final = 4.0
