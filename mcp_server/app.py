@@ -188,7 +188,7 @@ def call_result(outcome: CallOutcome) -> dict[str, Any]:
     SDK's result sieve writes them, so the sieve (which the SDK's handler path applies) gives
     it back unchanged and the HTTP fast path can send it as is (a test holds both to that)."""
     envelope = outcome.envelope
-    content: list[dict[str, Any]] = [{"text": envelope.text(), "type": "text"}]
+    content: list[dict[str, Any]] = [{"text": outcome.text(), "type": "text"}]
     content += [
         {"data": base64.b64encode(image.data).decode("ascii"), "mimeType": image.mime_type, "type": "image"}
         for image in outcome.images
@@ -198,5 +198,5 @@ def call_result(outcome: CallOutcome) -> dict[str, Any]:
         "isError": not envelope.ok,
         # What the model's dump carries; the handshake era's surface drops it.
         "resultType": "complete",
-        "structuredContent": envelope.model_dump(mode="json"),
+        "structuredContent": outcome.structured(),
     }

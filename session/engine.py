@@ -275,11 +275,14 @@ class Engine:
         label = f"the {session.resource_type!r} session"
         session.active_calls += 1
         try:
-            await session.ready.wait()
+            # Each of these awaits would cost an event-loop pass even when it has nothing to
+            # wait for (a started session, a free lock): skipped or made free on the hot path.
+            if not session.ready.is_set():
+                await session.ready.wait()
             async with session.lock:
                 if session.status is not SessionStatus.ACTIVE:
                     raise SessionError(f"{label} was destroyed before this call could run")
-                problem = await backend.health(session.state)
+                problem = await backend.health(session.state) if self.pool.checks_health(backend) else None
                 if problem:
                     raise SessionError(
                         f"{label} is broken: {problem}; "
