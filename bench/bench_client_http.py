@@ -36,7 +36,6 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from bench._common import http_server
-from mcp_server.tokens import read_token_file
 from mcp_server.worker_identity import WORKER_META_KEY
 from sandbox import Sandbox
 
@@ -141,10 +140,10 @@ class SdkPathSandbox(Sandbox):
 
 
 async def light_round(
-    url: str, workers: int, per_worker: int, server: psutil.Process, kind: type[Sandbox] = Sandbox
+    url: str, token: str, workers: int, per_worker: int, server: psutil.Process, kind: type[Sandbox] = Sandbox
 ) -> Figures:
     async with AsyncExitStack() as stack:
-        sandboxes = [await stack.enter_async_context(kind(url=url)) for _ in range(workers)]
+        sandboxes = [await stack.enter_async_context(kind(url=url, token=token)) for _ in range(workers)]
         for sandbox in sandboxes:
             await sandbox.create_session("bash")
 
@@ -191,15 +190,13 @@ async def main(rounds: int, workers: int, per_worker: int) -> None:
     sys.stdout.write(calibration() + "\n")
     sys.stdout.write(f"{workers} workers x {per_worker} bash_run 'echo hi', explicit sessions, one client process\n")
     with http_server() as served:
-        port = int(served.url.rsplit(":", 1)[1].split("/")[0])
-        token = read_token_file(port)
-        assert token, "the bench server wrote no token file"
+        token = served.token
         server = psutil.Process(served.pid)
         results: dict[str, list[Figures]] = {}
         for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
             for figures in (
-                await light_round(served.url, workers, per_worker, server),
-                await light_round(served.url, workers, per_worker, server, SdkPathSandbox),
+                await light_round(served.url, token, workers, per_worker, server),
+                await light_round(served.url, token, workers, per_worker, server, SdkPathSandbox),
                 await official_round(served.url, token, workers, per_worker, server),
             ):
                 results.setdefault(figures.label, []).append(figures)
