@@ -132,8 +132,8 @@ class _Pool:
         # (endpoint, bearer token) -> speaks 2026-07-28; per token because a refused one learns nothing
         self.modern: dict[tuple[str, str | None], bool] = {}
         self.probing = anyio.Lock()
-        # tool name -> its `x-mcp-header` arguments, from the last listing (2026-07-28 `Mcp-Param-*`)
-        self.header_maps: dict[str, dict[tuple[str, ...], str]] = {}
+        # endpoint -> tool name -> its `x-mcp-header` arguments, from the last listing (`Mcp-Param-*`)
+        self.header_maps: dict[str, dict[str, dict[tuple[str, ...], str]]] = {}
 
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Pool]] = weakref.WeakKeyDictionary()
@@ -192,6 +192,7 @@ class LightSession:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._meta = {**_PROTOCOL_META, **worker_meta}
+        self._header_maps = pool.header_maps.setdefault(str(url), {})
         self._closed = False
 
     @classmethod
@@ -282,7 +283,7 @@ class LightSession:
     async def _call_once(
         self, name: str, arguments: dict[str, Any], progress: ProgressCallback | None
     ) -> dict[str, Any]:
-        header_map = self._pool.header_maps.get(name)
+        header_map = self._header_maps.get(name)
         extra = mcp_param_headers(header_map, arguments) if header_map else None
         params = {"name": name, "arguments": arguments, "_meta": self._meta}
         result = await self._post("tools/call", params, name=name, progress=progress, extra_headers=extra)
@@ -319,16 +320,16 @@ class LightSession:
         reason = find_invalid_x_mcp_header(tool.get("inputSchema"))
         if reason is not None:
             log.warning("dropping tool %r: invalid x-mcp-header (%s)", tool["name"], reason)
-            self._pool.header_maps.pop(tool["name"], None)
+            self._header_maps.pop(tool["name"], None)
             return False
         return True
 
     def _absorb(self, tool: dict[str, Any]) -> dict[str, Any]:
         header_map = x_mcp_header_map(tool.get("inputSchema"))
         if header_map:
-            self._pool.header_maps[tool["name"]] = header_map
+            self._header_maps[tool["name"]] = header_map
         else:
-            self._pool.header_maps.pop(tool["name"], None)
+            self._header_maps.pop(tool["name"], None)
         return tool
 
     # -- one exchange ----------------------------------------------------------------
