@@ -409,6 +409,8 @@ class LightSession:
         )
 
     def _lost(self, method: str, exc: aiohttp.ClientError) -> ServiceUnavailable:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return ServiceUnavailable(f"cannot reach the server at {self._url}: not connected in {CONNECT_TIMEOUT:g} s")
         if isinstance(exc, aiohttp.ServerTimeoutError):
             what = f"no answer within {READ_TIMEOUT:g} s; the connection was closed, which stops the call"
         elif isinstance(exc, aiohttp.ClientConnectorError):
