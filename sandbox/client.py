@@ -6,6 +6,9 @@
 
 Over HTTP/SSE it sends `Authorization: Bearer <token>`: the `token` argument, else
 AGENTFLOW_SANDBOX_TOKEN, else the token file the server generated for the URL's port.
+`Sandbox(url=".../mcp")` speaks the 2026-07-28 revision as plain POSTs over connections
+shared by every `Sandbox` of the process (`sandbox.light_http`); a server that does not
+speak it, `mode="legacy"` and `/sse` URLs get the official SDK client.
 
 One `Sandbox` is one worker: it sends its worker key in every request's `_meta`, so its
 sessions hold on every transport and protocol revision, and closing it destroys them.
@@ -43,6 +46,7 @@ from mcp_server.app import ACTION_META_KEY, RESOURCE_META_KEY, build_server
 from mcp_server.factory import engine_from_manifest
 from mcp_server.tokens import TOKEN_ENV, read_token_file, token_file
 from mcp_server.worker_identity import WORKER_META_KEY
+from sandbox.light_http import PROTOCOL_VERSION, LightSession
 from session.errors import ERROR_CLASSES, PermissionDenied, SandboxError, ServiceUnavailable
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
@@ -78,6 +82,7 @@ class Sandbox:
         self._owner: asyncio.Task[None] | None = None
         self._closing: anyio.Event | None = None
         self._client: Client | None = None
+        self._light: LightSession | None = None
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -88,8 +93,20 @@ class Sandbox:
         can be opened and closed in any order from one task: the SDK's task groups must
         be left by the task that entered them, which that task guarantees.
         """
-        if self._owner is not None:
+        if self._owner is not None or self._light is not None:
             return self
+        if self._light_path():
+            assert self.url is not None
+            token, origin = _find_token(self.url, self._token)
+            url = self.url
+
+            def refused(status: int) -> PermissionDenied:
+                return _token_refused(url, status, has_token=bool(token), origin=origin)
+
+            probe = self.mode == "auto"  # a pinned version is adopted without a probe, as the SDK does
+            self._light = await LightSession.open(url, token, self._meta, refused, probe=probe)
+            if self._light is not None:
+                return self
         connected = anyio.Event()
         closing = self._closing = anyio.Event()
 
@@ -119,6 +136,12 @@ class Sandbox:
             raise RuntimeError("the sandbox connection ended before it was established")
         return self
 
+    def _light_path(self) -> bool:
+        """Streamable HTTP in the default mode (or pinned to 2026-07-28): plain POSTs, no SDK client."""
+        if self.url is None or self.url.rstrip("/").endswith("/sse"):
+            return False
+        return self.mode in ("auto", PROTOCOL_VERSION)
+
     async def _make_client(self, stack: AsyncExitStack) -> Client:
         if self.url is not None:
             token, origin = _find_token(self.url, self._token)
@@ -142,6 +165,15 @@ class Sandbox:
 
     async def close(self) -> None:
         """Destroy this worker's sessions and disconnect. Safe to call twice."""
+        light, self._light = self._light, None
+        if light is not None:
+            try:
+                await _call_over(light, "destroy_session", {})
+            except (SandboxError, MCPError, OSError):
+                pass  # the server may already be gone; its TTL cleanup covers it
+            finally:
+                await light.close()
+            return
         owner, self._owner = self._owner, None
         if owner is None:
             return
@@ -207,17 +239,25 @@ class Sandbox:
 
     async def get_tools(self) -> list[dict[str, Any]]:
         """Every tool: `name` as `execute` takes it (`bash:run`), MCP name, description, schema."""
-        listing = await self._require().list_tools()
+        if self._light is not None:
+            try:
+                listed = await self._light.list_tools()
+            except MCPError as exc:
+                raise ServiceUnavailable(f"tools/list: the server refused the request: {exc}") from exc
+        else:
+            listing = await self._require().list_tools()
+            listed = [tool.model_dump(by_alias=True, mode="json", exclude_none=True) for tool in listing.tools]
         tools = []
-        for tool in listing.tools:
-            meta = tool.meta or {}
+        for tool in listed:
+            meta = tool.get("_meta")
+            meta = meta if isinstance(meta, dict) else {}
             resource, action = meta.get(RESOURCE_META_KEY), meta.get(ACTION_META_KEY)
             tools.append(
                 {
-                    "name": f"{resource}:{action}" if resource and action else tool.name,
-                    "mcp_name": tool.name,
-                    "description": tool.description,
-                    "input_schema": tool.input_schema,
+                    "name": f"{resource}:{action}" if resource and action else tool["name"],
+                    "mcp_name": tool["name"],
+                    "description": tool.get("description"),
+                    "input_schema": tool.get("inputSchema"),
                 }
             )
         return tools
@@ -239,6 +279,8 @@ class Sandbox:
     async def _call(
         self, name: str, args: dict[str, Any], *, progress: ProgressCallback | None = None
     ) -> dict[str, Any]:
+        if self._light is not None:
+            return await _call_over(self._light, name, args, progress)
         client = self._require()
         try:
             result = await client.call_tool(
@@ -247,6 +289,16 @@ class Sandbox:
         except MCPError as exc:
             raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
         return _envelope_of(name, result)
+
+
+async def _call_over(
+    light: LightSession, name: str, args: dict[str, Any], progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    try:
+        result = await light.call_tool(name, args, progress)
+    except MCPError as exc:
+        raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
+    return _envelope_of_wire(name, result)
 
 
 def _find_token(url: str, explicit: str | None) -> tuple[str | None, str]:
@@ -288,14 +340,18 @@ async def _check_token(url: str, headers: dict[str, str], origin: str) -> None:
         except httpx2.HTTPError:
             return  # unreachable: the MCP client reports that in its own words
     if status in (401, 429):
-        problem = f"refused the token from {origin}"
-        if not headers:
-            problem = f"requires a bearer token and none was found ({origin})"
-        raise PermissionDenied(
-            f"the server at {url} {problem}. Pass Sandbox(url, token=...), set {TOKEN_ENV}, or, on the "
-            "server's machine, let Sandbox read the token file the server wrote for its port"
-            + (" (too many refused attempts: retry in a second)" if status == 429 else "")
-        )
+        raise _token_refused(url, status, has_token=bool(headers), origin=origin)
+
+
+def _token_refused(url: str, status: int, *, has_token: bool, origin: str) -> PermissionDenied:
+    problem = f"refused the token from {origin}"
+    if not has_token:
+        problem = f"requires a bearer token and none was found ({origin})"
+    return PermissionDenied(
+        f"the server at {url} {problem}. Pass Sandbox(url, token=...), set {TOKEN_ENV}, or, on the "
+        "server's machine, let Sandbox read the token file the server wrote for its port"
+        + (" (too many refused attempts: retry in a second)" if status == 429 else "")
+    )
 
 
 def _resources(resource: Resources) -> str | list[str] | dict[str, Any]:
@@ -323,4 +379,31 @@ def _envelope_of(name: str, result: t.CallToolResult) -> dict[str, Any]:
         data.setdefault("mime_type", images[0].mime_type)
         if len(images) > 1:
             data["images"] = [c.data for c in images]
+    return envelope
+
+
+def _envelope_of_wire(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """`_envelope_of` for a `CallToolResult` as it came over the wire (the light path validates no model)."""
+    structured = result.get("structuredContent")
+    content = result.get("content", [])
+    if not isinstance(content, list) or not all(isinstance(c, dict) for c in content):
+        raise ServiceUnavailable(f"{name}: malformed tool result: 'content' is not a list of objects")
+    if structured is not None and not isinstance(structured, dict):
+        raise ServiceUnavailable(f"{name}: malformed tool result: 'structuredContent' is not an object")
+    envelope = dict(structured or {})
+    if not envelope:
+        text = " ".join(c["text"] for c in content if c.get("type") == "text" and isinstance(c.get("text"), str))
+        envelope = {
+            "code": 5000 if result.get("isError") else 0,
+            "message": text or "no structured result",
+            "data": {},
+            "meta": {"tool": name},
+        }
+    images = [c for c in content if c.get("type") == "image" and isinstance(c.get("data"), str)]
+    if images:
+        data = envelope.setdefault("data", {})
+        data["image"] = images[0]["data"]
+        data.setdefault("mime_type", images[0].get("mimeType"))
+        if len(images) > 1:
+            data["images"] = [c["data"] for c in images]
     return envelope

@@ -1,12 +1,15 @@
 """The seed document's snippets, run as written (with `bash` for `vm` where the seed uses `vm`).
 
-The `vm` versions live in tests/backends/test_vm_seed.py.
+Most run twice: on the in-process server (`Sandbox()`) and over HTTP (`Sandbox(url)`, the
+light 2026-07-28 path). The `vm` versions live in tests/backends/test_vm_seed.py.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -14,10 +17,26 @@ import pytest
 from sandbox import Sandbox, SandboxError
 from tests.support.leaks import session_pids, wait_gone
 from tests.support.polling import eventually
+from tests.support.servers import ServerProcess, running_http_server
 
 
-async def test_explicit_mode_reuses_one_session():
-    async with Sandbox() as sandbox:
+@pytest.fixture(scope="module")
+def snippet_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_http_server(tmp_path_factory.mktemp("snippets")) as server:
+        yield server
+
+
+@pytest.fixture(params=["in-process", "http"])
+def connect(request: pytest.FixtureRequest) -> Callable[[], Sandbox]:
+    """Makes the snippet's `Sandbox()`: the in-process server, or the shared HTTP one over the light path."""
+    if request.param == "in-process":
+        return Sandbox
+    server: ServerProcess = request.getfixturevalue("snippet_server")
+    return lambda: Sandbox(url=server.mcp_url, token=server.token)
+
+
+async def test_explicit_mode_reuses_one_session(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         await sandbox.create_session("bash", {"cwd": "/tmp", "custom_name": "my_bash"})
         first = await sandbox.execute("bash:run", {"command": "cd /; export SEEN=1"})
         second = await sandbox.execute("bash:run", {"command": "pwd; echo $SEEN"})
@@ -32,8 +51,8 @@ async def test_explicit_mode_reuses_one_session():
         assert (await sandbox.list_sessions()) == {"sessions": []}
 
 
-async def test_temporary_mode_gets_a_fresh_session_each_call():
-    async with Sandbox() as sandbox:
+async def test_temporary_mode_gets_a_fresh_session_each_call(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         first = await sandbox.execute("bash:run", {"command": "cd /; export SEEN=1; pwd"})
         second = await sandbox.execute("bash:run", {"command": "echo ${SEEN:-unset}"})
         assert first["meta"]["temporary_session"] is True
@@ -47,14 +66,16 @@ async def test_temporary_mode_gets_a_fresh_session_each_call():
             pool = (await sandbox.get_status())["warm_pools"]["bash"]
             return bool(pool["ready"] == pool["target"])
 
-        await eventually(refilled)
-        pool = (await sandbox.get_status())["warm_pools"]["bash"]
-        spares = {pid for label in pool["members"] for pid in session_pids(tag=label)}
+        spares: set[int] = set()  # the HTTP variant's test manifest keeps no warm pool: nothing is left
+        if "warm_pools" in await sandbox.get_status():
+            await eventually(refilled)
+            pool = (await sandbox.get_status())["warm_pools"]["bash"]
+            spares = {pid for label in pool["members"] for pid in session_pids(tag=label)}
         assert set(session_pids(tag_prefix="bash-")) <= spares
 
 
-async def test_result_envelope_has_the_seeds_fields():
-    async with Sandbox() as sandbox:
+async def test_result_envelope_has_the_seeds_fields(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         await sandbox.create_session("bash")
         result = await sandbox.execute("bash:run", {"command": "echo hi"})
         assert result["code"] == 0
@@ -69,8 +90,8 @@ async def test_result_envelope_has_the_seeds_fields():
         assert meta["expires_at"].endswith("Z")
 
 
-async def test_refresh_one_and_all_sessions():
-    async with Sandbox() as sandbox:
+async def test_refresh_one_and_all_sessions(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         await sandbox.create_session("bash")
         one = await sandbox.refresh_sessions("bash")
         every = await sandbox.refresh_sessions()
@@ -78,8 +99,8 @@ async def test_refresh_one_and_all_sessions():
         assert len(every["refreshed"]) == 1
 
 
-async def test_reinitialize_returns_old_and_new_ids_and_applies_config():
-    async with Sandbox() as sandbox:
+async def test_reinitialize_returns_old_and_new_ids_and_applies_config(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         await sandbox.create_session("bash", {"cwd": "/tmp"})
         result = await sandbox.reinitialize("bash", {"cwd": "/"})
         assert result["status"] == "success"
@@ -90,8 +111,8 @@ async def test_reinitialize_returns_old_and_new_ids_and_applies_config():
         assert pwd["meta"]["session_id"] == result["new_session_id"]
 
 
-async def test_list_sessions_after_creating_several():
-    async with Sandbox() as sandbox:
+async def test_list_sessions_after_creating_several(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         await sandbox.create_session(["bash"])
         sessions = (await sandbox.list_sessions())["sessions"]
         assert [(s["resource_type"], s["status"]) for s in sessions] == [("bash", "active")]
@@ -101,8 +122,8 @@ async def test_list_sessions_after_creating_several():
         assert set(details["pids"]) <= set(session_pids(tag_prefix="bash-"))
 
 
-async def test_best_practice_try_finally_destroys():
-    async with Sandbox() as sandbox:
+async def test_best_practice_try_finally_destroys(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         try:
             await sandbox.create_session("bash")
             await sandbox.execute("bash:run", {"command": "sleep 0.01"})
@@ -119,8 +140,8 @@ async def test_leaving_the_context_manager_cleans_up():
     await wait_gone(tag_prefix="bash-")
 
 
-async def test_session_methods_raise_typed_errors_with_codes():
-    async with Sandbox() as sandbox:
+async def test_session_methods_raise_typed_errors_with_codes(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         with pytest.raises(SandboxError) as caught:
             await sandbox.destroy_session("bash")
         assert caught.value.code == 1003
@@ -133,9 +154,11 @@ async def test_session_methods_raise_typed_errors_with_codes():
         assert "cwd" in caught.value.message
 
 
-async def test_bad_tool_calls_come_back_as_error_envelopes_and_the_server_stays_healthy():
-    async with Sandbox() as sandbox:
-        cases = [
+async def test_bad_tool_calls_come_back_as_error_envelopes_and_the_server_stays_healthy(
+    connect: Callable[[], Sandbox],
+) -> None:
+    async with connect() as sandbox:
+        cases: list[tuple[str, dict[str, Any], int]] = [
             ("bash:nope", {}, 1001),
             ("nowhere:run", {}, 1001),  # an unknown tool, whatever its prefix (1005 is for create_session)
             ("bash:run", {}, 1002),
@@ -151,8 +174,8 @@ async def test_bad_tool_calls_come_back_as_error_envelopes_and_the_server_stays_
         assert (await sandbox.execute("bash:run", {"command": "echo ok"}))["data"]["stdout"] == "ok\n"
 
 
-async def test_get_tools_and_status():
-    async with Sandbox() as sandbox:
+async def test_get_tools_and_status(connect: Callable[[], Sandbox]) -> None:
+    async with connect() as sandbox:
         tools = {t["name"]: t for t in await sandbox.get_tools()}
         assert "bash:run" in tools
         assert tools["bash:run"]["mcp_name"] == "bash_run"
@@ -173,14 +196,19 @@ async def test_two_sandboxes_are_two_isolated_workers():
             assert (await b.list_sessions())["sessions"] == []
 
 
-@pytest.mark.parametrize("over", ["in-memory", "stdio"])
-async def test_a_cancelled_call_stops_its_command_on_the_server(over, bash_manifest, tmp_path):
+def _sandbox_over(over: str, manifest: Path, request: pytest.FixtureRequest) -> Sandbox:
+    if over == "in-memory":
+        return Sandbox(manifest=manifest)
+    if over == "stdio":
+        return Sandbox(command=[sys.executable, "-m", "mcp_server", "serve"], manifest=manifest)
+    server: ServerProcess = request.getfixturevalue("snippet_server")
+    return Sandbox(url=server.mcp_url, token=server.token)
+
+
+@pytest.mark.parametrize("over", ["in-memory", "stdio", "http"])
+async def test_a_cancelled_call_stops_its_command_on_the_server(over, bash_manifest, tmp_path, request):
     marker = tmp_path / "finished"
-    sandbox = (
-        Sandbox(manifest=bash_manifest)
-        if over == "in-memory"
-        else Sandbox(command=[sys.executable, "-m", "mcp_server", "serve"], manifest=bash_manifest)
-    )
+    sandbox = _sandbox_over(over, bash_manifest, request)
     async with sandbox:
         await sandbox.create_session("bash")
         with anyio.move_on_after(1.0):
@@ -206,18 +234,16 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.parametrize("over", ["in-memory", "stdio"])
-async def test_long_commands_report_progress_to_callers_that_ask(over: str, bash_manifest: Path) -> None:
+@pytest.mark.parametrize("over", ["in-memory", "stdio", "http"])
+async def test_long_commands_report_progress_to_callers_that_ask(
+    over: str, bash_manifest: Path, request: pytest.FixtureRequest
+) -> None:
     reports: list[tuple[float, str | None]] = []
 
     async def progress(done: float, total: float | None, message: str | None) -> None:
         reports.append((done, message))
 
-    sandbox = (
-        Sandbox(manifest=bash_manifest)
-        if over == "in-memory"
-        else Sandbox(command=[sys.executable, "-m", "mcp_server", "serve"], manifest=bash_manifest)
-    )
+    sandbox = _sandbox_over(over, bash_manifest, request)
     async with sandbox:
         await sandbox.create_session("bash", {"progress_interval": 0.3})
         result = await sandbox.execute("bash:run", {"command": "sleep 1.5; echo done"}, progress=progress)
