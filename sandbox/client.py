@@ -42,12 +42,14 @@ from mcp.shared.exceptions import MCPError
 
 from manifests import load_manifest
 from manifests.schema import Manifest
-from mcp_server.app import ACTION_META_KEY, RESOURCE_META_KEY, build_server
+from mcp_server.app import ACTION_META_KEY, RESOURCE_META_KEY, build_server, call_result, run_call, tool_listing
 from mcp_server.factory import engine_from_manifest
 from mcp_server.tokens import TOKEN_ENV, read_token_file, token_file
-from mcp_server.worker_identity import WORKER_META_KEY
+from mcp_server.worker_identity import WORKER_META_KEY, worker_key_of
 from sandbox.light_http import PROTOCOL_VERSION, LightSession
+from session.engine import Engine
 from session.errors import ERROR_CLASSES, PermissionDenied, SandboxError, ServiceUnavailable
+from session.models import LOCAL_PRINCIPAL, Caller
 
 Resources = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
 ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
@@ -83,6 +85,7 @@ class Sandbox:
         self._closing: anyio.Event | None = None
         self._client: Client | None = None
         self._light: LightSession | None = None
+        self._engine: Engine | None = None
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -113,11 +116,14 @@ class Sandbox:
         async def own_connection() -> None:
             try:
                 async with AsyncExitStack() as stack:
-                    self._client = await stack.enter_async_context(await self._make_client(stack))
+                    if self._direct_path():
+                        self._engine = await stack.enter_async_context(engine_from_manifest(self._load_manifest()))
+                    else:
+                        self._client = await stack.enter_async_context(await self._make_client(stack))
                     connected.set()
                     await closing.wait()
             finally:
-                self._client = None
+                self._client = self._engine = None
                 connected.set()
 
         owner = asyncio.get_running_loop().create_task(own_connection(), name=f"sandbox-{self.worker_id}")
@@ -130,11 +136,24 @@ class Sandbox:
                 await asyncio.gather(owner, return_exceptions=True)
             self._owner = None
             raise
-        if self._client is None:  # connecting failed: re-raise its error here
+        if self._client is None and self._engine is None:  # connecting failed: re-raise its error here
             self._owner = None
             await owner
             raise RuntimeError("the sandbox connection ended before it was established")
         return self
+
+    def _direct_path(self) -> bool:
+        """`Sandbox()` in the default mode: calls go straight to the in-process engine.
+
+        The same `run_call`/`call_result` the MCP handler uses shape every result, so an
+        envelope is the one the SDK's in-memory client would return, without its per-call
+        dispatch (about half of an in-process `bash_run`). Any explicit `mode` keeps the
+        SDK's in-memory client, for tests of the MCP layer itself.
+        """
+        return self.url is None and self.command is None and self.mode == "auto"
+
+    def _load_manifest(self) -> Manifest:
+        return self.manifest if isinstance(self.manifest, Manifest) else load_manifest(self.manifest)
 
     def _light_path(self) -> bool:
         """Streamable HTTP in the default mode (or pinned to 2026-07-28): plain POSTs, no SDK client."""
@@ -159,8 +178,7 @@ class Sandbox:
                 argv += ["--manifest", str(self.manifest)]
             params = StdioServerParameters(command=argv[0], args=argv[1:], env=self.env)
             return Client(params, mode=self.mode)
-        manifest = self.manifest if isinstance(self.manifest, Manifest) else load_manifest(self.manifest)
-        engine = await stack.enter_async_context(engine_from_manifest(manifest))
+        engine = await stack.enter_async_context(engine_from_manifest(self._load_manifest()))
         return Client(build_server(engine), mode=self.mode)
 
     async def close(self) -> None:
@@ -178,7 +196,7 @@ class Sandbox:
         if owner is None:
             return
         try:
-            if self._client is not None:
+            if self._client is not None or self._engine is not None:
                 await self._call("destroy_session", {})
         except (SandboxError, MCPError, OSError):
             pass  # the server may already be gone; its disconnect or TTL cleanup covers it
@@ -245,8 +263,11 @@ class Sandbox:
             except MCPError as exc:
                 raise ServiceUnavailable(f"tools/list: the server refused the request: {exc}") from exc
         else:
-            listing = await self._require().list_tools()
-            listed = [tool.model_dump(by_alias=True, mode="json", exclude_none=True) for tool in listing.tools]
+            if self._engine is not None:
+                listing = tool_listing(self._engine)
+            else:
+                listing = (await self._require().list_tools()).tools
+            listed = [tool.model_dump(by_alias=True, mode="json", exclude_none=True) for tool in listing]
         tools = []
         for tool in listed:
             meta = tool.get("_meta")
@@ -281,6 +302,10 @@ class Sandbox:
     ) -> dict[str, Any]:
         if self._light is not None:
             return await _call_over(self._light, name, args, progress)
+        if self._engine is not None:
+            meta = self._meta
+            outcome = await run_call(self._engine, lambda: Caller(LOCAL_PRINCIPAL, _worker(meta)), name, args, progress)
+            return _envelope_of_wire(name, call_result(outcome))
         client = self._require()
         try:
             result = await client.call_tool(
@@ -299,6 +324,12 @@ async def _call_over(
     except MCPError as exc:
         raise ServiceUnavailable(f"{name}: the server refused the request: {exc}") from exc
     return _envelope_of_wire(name, result)
+
+
+def _worker(meta: Mapping[str, Any]) -> str | None:
+    """The worker an in-process call belongs to: what `resolve_caller` names for the `_meta` key."""
+    key = worker_key_of(meta)
+    return None if key is None else f"key:{key}"
 
 
 def _find_token(url: str, explicit: str | None) -> tuple[str | None, str]:
