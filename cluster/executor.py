@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Any, Self
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 #: A front end renews its lease this often; a lease not renewed for LEASE_TTL has lapsed.
 LEASE_INTERVAL = 2.0
 LEASE_TTL = 10.0
+#: How long joining the cluster may take before the front end gives up.
+JOIN_TIMEOUT = 60.0
 #: Handle -> location entries a front end remembers (a session never moves, so they stay true).
 LOCATION_CACHE = 100_000
 
@@ -83,9 +85,14 @@ class RayExecutor:
 
     async def __aenter__(self) -> Self:
         try:
-            await anyio.to_thread.run_sync(connect, self.address, self.deployment)
+            # ray.init retries an unreachable address for ever: give up (and leave the thread) in time.
+            with anyio.fail_after(JOIN_TIMEOUT):
+                await anyio.to_thread.run_sync(connect, self.address, self.deployment, abandon_on_cancel=True)
             await anyio.to_thread.run_sync(self.placement.join_registry)
             await self._registry("heartbeat", self.front_end, LEASE_TTL)
+        except TimeoutError:
+            problem = f"no answer in {JOIN_TIMEOUT:g} s"
+            raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {problem}") from None
         except (ray.exceptions.RayError, ConnectionError, SandboxError) as exc:
             raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
         stack = AsyncExitStack()
@@ -167,6 +174,37 @@ class RayExecutor:
             "disconnect_grace": self.disconnect_grace,
             "hosts_known": sorted(self.placement.hosts),
         }
+
+    async def hosts_of(self, resource: str) -> list[Host]:
+        """The running hosts of `resource` (diagnostics and tests)."""
+        hosts = await self._registry("all_hosts")
+        found = [
+            await self._attach(Location(name, info.node_id, info.resource))
+            for name, info in sorted(hosts.items())
+            if info.resource == resource
+        ]
+        return [host for host in found if host is not None]
+
+    async def stop_deployment(self) -> None:
+        """Stop every session host of this deployment (their sessions are destroyed) and its registry.
+
+        An operator's (and the tests') teardown; front ends of the deployment answer 5002 until
+        one of them starts a host again.
+        """
+        hosts = await self._registry("all_hosts")
+        async with anyio.create_task_group() as tg:
+            for name, info in hosts.items():
+                tg.start_soon(self._stop_host, Location(name, info.node_id, info.resource))
+        registry = self.placement.registry
+        await anyio.to_thread.run_sync(lambda: ray.kill(registry, no_restart=True))
+
+    async def _stop_host(self, where: Location) -> None:
+        host = await self._attach(where)
+        if host is None:
+            return
+        with suppress(ray.exceptions.RayActorError):  # it exits as it answers
+            await host.actor.stop.remote()
+        self.placement.forget(host.name)
 
     def _scoped(self, caller: Caller) -> Caller:
         if caller.worker is None:
