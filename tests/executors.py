@@ -64,6 +64,7 @@ class Driver(Protocol):
     kind: str
 
     async def call_tool(self, caller: Caller | str | None, name: str, args: Mapping[str, Any]) -> CallOutcome: ...
+    async def call(self, caller: Caller | str | None, name: str, args: Mapping[str, Any]) -> CallOutcome: ...
     async def create_sessions(
         self, caller: Caller | str, request: Any, config: Mapping[str, Any] | None = None
     ) -> list[tuple[SessionView, bool]]: ...
@@ -90,6 +91,8 @@ class LocalDriver:
 
     async def call_tool(self, caller: Caller | str | None, name: str, args: Mapping[str, Any]) -> CallOutcome:
         return await self.engine.call(caller, name, args)
+
+    call = call_tool
 
     async def create_sessions(
         self, caller: Caller | str, request: Any, config: Mapping[str, Any] | None = None
@@ -145,6 +148,8 @@ class RayDriver:
         outcome: CallOutcome = await self.executor.call(caller, name, args)
         return outcome
 
+    call = call_tool
+
     async def _meta(self, caller: Caller | str | None, name: str, args: dict[str, Any]) -> dict[str, Any]:
         return _raise_for(await self.call_tool(caller, name, {k: v for k, v in args.items() if v is not None}))
 
@@ -180,7 +185,7 @@ class RayDriver:
         return backends
 
     async def disconnect(self, worker_key: str) -> None:
-        self.executor.disconnect(worker_key)
+        await self.executor.disconnect_and_wait(worker_key)
 
     async def backend_attr(self, resource: str, attribute: str) -> Any:
         """The attribute of `resource`'s backend object on every host of it, combined (sets, lists, numbers)."""
