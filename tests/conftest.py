@@ -5,19 +5,16 @@ The helpers themselves live in tests/support (one definition each).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from manifests.schema import Manifest
-from tests.executors import Driver, open_driver
+from tests.executors import ExecutorFactory
 from tests.support import leaks
 from tests.support.manifests import write_manifest
 from tests.support.ray_cluster import RayHead, joined, start_head, stop_head
@@ -73,13 +70,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
             log.warning("the test Ray cluster needed SIGKILL for %d processes", len(leftover))
 
 
-ExecutorFactory = Callable[[Manifest], AbstractAsyncContextManager[Driver]]
-
-
 @pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.slow)])
 def executor(request: pytest.FixtureRequest) -> ExecutorFactory:
     """Open an executor for a manifest: the local engine, or a Ray front end on the run's cluster
     (a deployment of its own per test, stopped at its end)."""
     kind: str = request.param
     address = request.getfixturevalue("ray_head").address if kind == "ray" else None
-    return functools.partial(open_driver, kind, ray_address=address)
+    return ExecutorFactory(kind, address)

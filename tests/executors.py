@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 from manifests.schema import Manifest
@@ -217,3 +217,14 @@ async def open_driver(kind: str, manifest: Manifest, ray_address: str | None = N
             yield RayDriver(executor)
         finally:
             await executor.stop_deployment()
+
+
+class ExecutorFactory:
+    """What the `executor` fixture gives a test: `async with executor(manifest) as engine:`."""
+
+    def __init__(self, kind: str, ray_address: str | None) -> None:
+        self.kind = kind
+        self.ray_address = ray_address
+
+    def __call__(self, manifest: Manifest) -> AbstractAsyncContextManager[Driver]:
+        return open_driver(self.kind, manifest, self.ray_address)
