@@ -81,7 +81,7 @@ class SessionHost:
                 await self._registry.drop_host.remote(self.name)
             log.info("session host %s stopped", self.name)
             self._stopped.set()
-        ray.actor.exit_actor()
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
     def _ready_event(self) -> anyio.Event:
         if self._ready is None:
@@ -101,7 +101,7 @@ class SessionHost:
     async def stop(self) -> None:
         """Destroy every session, then exit (an operator's clean stop); returns once the sessions are gone."""
         if self._stop is None or self._stopped is None:
-            ray.actor.exit_actor()
+            ray.actor.exit_actor()  # type: ignore[no-untyped-call]
             return
         self._stop.set()
         await self._stopped.wait()

@@ -86,7 +86,7 @@ class Placement:
 
     def join_registry(self) -> None:
         """Get the deployment's registry actor, starting it on the head node if it is not running."""
-        self.registry = _RegistryActor.options(  # type: ignore[attr-defined]
+        self.registry = _RegistryActor.options(
             name=REGISTRY_NAME,
             namespace=self.deployment,
             lifetime="detached",
@@ -123,7 +123,7 @@ class Placement:
         known = self.hosts.get(name)
         if known is not None:
             return known
-        actor = _HostActor.options(  # type: ignore[attr-defined]
+        actor: Any = _HostActor.options(
             name=name,
             namespace=self.deployment,
             lifetime="detached",

@@ -88,11 +88,11 @@ def test_registry_keeps_digests_leases_and_only_the_holders_removals():
     registry.register_host("h1", "bash", "n1")
     registry.register_host("h2", "bash", "n2")
     registry.sync("h1", ["d1"], [], [("w", "bash")], [], 1)
-    assert registry.lookup("d1").host == "h1"  # type: ignore[union-attr]
+    assert registry.lookup("d1").host == "h1"
     # the default moved to h2; h1's late removal must not erase it
     registry.sync("h2", [], [], [("w", "bash")], [], 0)
     registry.sync("h1", [], ["d1"], [], [("w", "bash")], 0)
-    assert registry.default("w", "bash").host == "h2"  # type: ignore[union-attr]
+    assert registry.default("w", "bash").host == "h2"
     assert registry.lookup("d1") is None
     assert registry.place(["h1", "h2"], True) == "h1"
     assert registry.place(["h1", "h2"], True) == "h2"  # the first placement counted at once
