@@ -274,16 +274,18 @@ class RayExecutor:
         wanted = normalise_request(parsed.resource, parsed.config)
         for resource in wanted:
             self._schema.pool.session_backend(resource)
+        defaults = {resource: await self._default_host(caller, resource) for resource in wanted}
+        await self._admit(caller, sum(1 for host in defaults.values() if host is None))
         if len(wanted) == 1:
             [resource] = wanted
-            host = await self._default_host(caller, resource) or await self._placed(resource, reserve=True)
+            host = defaults[resource] or await self._placed(resource, reserve=True)
             return await self._forward(host, caller, "create_session", args)
         # Several resources live on several hosts: one create each, all or nothing.
         outcomes: dict[str, CallOutcome | BaseException] = {}
 
         async def create_one(resource: str, config: Any) -> None:
             try:
-                host = await self._default_host(caller, resource) or await self._placed(resource, reserve=True)
+                host = defaults[resource] or await self._placed(resource, reserve=True)
                 outcomes[resource] = await self._forward(
                     host, caller, "create_session", {"resource": {resource: config}}
                 )
@@ -320,8 +322,27 @@ class RayExecutor:
         self._schema.pool.session_backend(parsed.resource)
         host = await self._default_host(caller, parsed.resource)
         if host is None:
+            await self._admit(caller, 1)
             host = await self._placed(parsed.resource, reserve=True)
         return await self._forward(host, caller, "reinitialize", args)
+
+    async def _admit(self, caller: Caller, count: int) -> None:
+        """The caps per principal and per worker, across the cluster (each host also applies the
+        manifest's caps to its own sessions). Raises: ResourceUnavailable (2004), as the engine words it."""
+        limits = self._schema.budget.limits
+        if count == 0 or (limits.per_principal is None and limits.per_worker is None):
+            return
+        worker = digest(caller.worker_key) if caller.worker_key is not None else None
+        over = await self._registry("admit", caller.principal, worker, count, limits.per_principal, limits.per_worker)
+        if over == "principal":
+            raise ResourceUnavailable(
+                f"your credentials' session limit ({limits.per_principal}) is reached; destroy sessions you no "
+                "longer need"
+            )
+        if over == "worker":
+            raise ResourceUnavailable(
+                f"this client's session limit ({limits.per_worker}) is reached; destroy sessions you no longer need"
+            )
 
     async def _by_default(self, caller: Caller, name: str, resources: list[str], meta: ResultMeta) -> CallOutcome:
         """destroy/refresh naming resources: each is the caller's default session of it, wherever it lives."""

@@ -23,7 +23,7 @@ from cluster.keys import REGISTRY_NAME, digest, front_end_of
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
 from session.engine import Engine
-from session.models import Caller
+from session.models import Caller, Session
 from session.tool_calls import CallOutcome
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class SessionHost:
             self._defaults[pair] = (digest(pair[0]), pair[1])
         update = self._registry.sync.remote(
             self.name,
-            [known[h] for h in added],
+            [(known[h], *self._counted_against(live[h])) for h in added],
             [known.pop(h) for h in removed],
             [self._defaults[p] for p in defaults_added],
             [self._defaults.pop(p) for p in defaults_removed],
@@ -161,6 +161,12 @@ class SessionHost:
         )
         if added or defaults_added:
             await update
+
+    @staticmethod
+    def _counted_against(session: Session) -> tuple[str | None, str | None]:
+        """The (principal, worker digest) the engine's budget counts `session` against."""
+        principal, worker = session.budget_key or (None, None)
+        return principal, digest(worker) if worker is not None else None
 
     async def _housekeeping(self) -> None:
         idle_since: float | None = None

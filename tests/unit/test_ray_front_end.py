@@ -87,13 +87,17 @@ def test_registry_keeps_digests_leases_and_only_the_holders_removals():
     registry = Registry()
     registry.register_host("h1", "bash", "n1")
     registry.register_host("h2", "bash", "n2")
-    registry.sync("h1", ["d1"], [], [("w", "bash")], [], 1)
+    registry.sync("h1", [("d1", "alice", "w")], [], [("w", "bash")], [], 1)
+    assert registry.admit("alice", "w", 1, per_principal=2, per_worker=1) == "worker"
+    assert registry.admit("alice", "v", 1, per_principal=1, per_worker=None) == "principal"
+    assert registry.admit("bob", "x", 1, per_principal=1, per_worker=1) is None
     assert registry.lookup("d1").host == "h1"
     # the default moved to h2; h1's late removal must not erase it
     registry.sync("h2", [], [], [("w", "bash")], [], 0)
     registry.sync("h1", [], ["d1"], [], [("w", "bash")], 0)
     assert registry.default("w", "bash").host == "h2"
     assert registry.lookup("d1") is None
+    assert registry.admit("alice", "w", 1, per_principal=1, per_worker=1) is None  # released with the session
     assert registry.place(["h1", "h2"], True) == "h1"
     assert registry.place(["h1", "h2"], True) == "h2"  # the first placement counted at once
     registry.heartbeat("fe", 0.0)
