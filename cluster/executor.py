@@ -73,6 +73,11 @@ class RayExecutor:
         self.disconnect_grace = self._schema.disconnect_grace
         self.placement = Placement(manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment)
         self._locations: dict[str, Location] = {}
+        # Connection worker -> resource -> host of its default session. Only this front end routes
+        # a connection's calls, so only its own calls can give one a default: the entry is dropped
+        # at each call that may (meta-tools, calls by handle). A default that ended meanwhile (TTL,
+        # grace) only sends the next call to a host that runs it in a temporary session, as it should.
+        self._defaults: dict[str, dict[str, Host]] = {}
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._stopped = False
@@ -167,6 +172,7 @@ class RayExecutor:
         """`disconnect`, returning once every host concerned has started the grace."""
         principal, _, worker = worker_key.partition("/")
         scoped = connection_worker(self.front_end, worker)
+        self._defaults.pop(f"{principal}/{scoped}", None)
         if scoped.startswith("conn:"):
             # A connection's worker is routed by its own front end only: the hosts it knows are all.
             hosts = list(self.placement.hosts.values())
@@ -233,6 +239,8 @@ class RayExecutor:
         if handle is not None:
             if not isinstance(handle, str):
                 raise ParameterError("session_id must be the string create_session returned")
+            if caller.worker_key is not None:
+                self._defaults.pop(caller.worker_key, None)  # the call may adopt the session
             return await self._forward(await self._host_of(handle), caller, tool_name, args, handle=handle)
         host = await self._default_host(caller, resource)
         if host is not None:
@@ -243,6 +251,8 @@ class RayExecutor:
 
     async def _meta_tool(self, caller: Caller, spec: ToolSpec, args: dict[str, Any], meta: ResultMeta) -> CallOutcome:
         name = spec.name
+        if not spec.read_only and caller.worker_key is not None:
+            self._defaults.pop(caller.worker_key, None)
         parsed = validate_arguments(spec, args)
         if name == "create_session":
             assert isinstance(parsed, CreateSessionArgs)
@@ -416,10 +426,17 @@ class RayExecutor:
 
     async def _default_host(self, caller: Caller, resource: str) -> Host | None:
         """The host holding the caller's worker's default session of `resource`, if it has one."""
-        if caller.worker_key is None:
+        key = caller.worker_key
+        if key is None:
             return None
-        where = await self._registry("default", digest(caller.worker_key), resource)
-        return None if where is None else await self._attach(where)
+        cached = self._defaults.get(key, {}).get(resource)
+        if cached is not None:
+            return cached
+        where = await self._registry("default", digest(key), resource)
+        host = None if where is None else await self._attach(where)
+        if host is not None and caller.worker is not None and caller.worker.startswith("conn:"):
+            self._defaults.setdefault(key, {})[resource] = host
+        return host
 
     async def _placed(self, resource: str, *, reserve: bool = False) -> Host:
         """A host for a new (or temporary) session: an eligible node's, the one with the fewest sessions."""
@@ -488,6 +505,9 @@ class RayExecutor:
         """A host that is gone: forget it everywhere; say whether its node was lost."""
         self.placement.forget(host.name)
         self._locations = {k: v for k, v in self._locations.items() if v.host != host.name}
+        for hosts in self._defaults.values():
+            for resource in [r for r, h in hosts.items() if h.name == host.name]:
+                del hosts[resource]
         try:
             alive = await self.placement.node_alive(host.node_id)
             self.placement.registry.drop_host.remote(host.name)
