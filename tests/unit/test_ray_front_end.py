@@ -148,6 +148,9 @@ async def test_a_session_made_through_one_front_end_is_used_through_another(ray_
         [listed] = (await b.call(ALICE_STATELESS, "list_sessions", {"all": True})).envelope.data["sessions"]
         assert listed["details"]["host"] == f"host-fake-{listed['details']['node_id']}"
         assert len(listed["details"]["node_id"]) == 56  # a Ray node id in hex
+        status = (await b.call(ALICE_STATELESS, "get_status", {})).envelope.data
+        assert (status["executor"], status["live_sessions"]) == ("ray", 1)
+        assert [h["resource"] for h in status["hosts"]] == ["fake"]
 
 
 @pytest.mark.slow
