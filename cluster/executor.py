@@ -24,7 +24,7 @@ from backends.base import Backend, BackendKind, ToolSpec
 from cluster import faults
 from cluster.keys import connection_worker, digest, host_name, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
-from cluster.placement import Host, Placement, connect
+from cluster.placement import Host, Placement, connect, gcs
 from cluster.registry import Location
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
@@ -213,7 +213,7 @@ class RayExecutor:
                 tg.start_soon(self._stop_host, Location(name, info.node_id, info.resource))
         registry = self.placement.registry
         self._stopped = True  # no lease left to release
-        await anyio.to_thread.run_sync(lambda: ray.kill(registry, no_restart=True))
+        await gcs(lambda: ray.kill(registry, no_restart=True))
 
     async def _stop_host(self, where: Location) -> None:
         host = await self._attach(where)
@@ -522,7 +522,8 @@ class RayExecutor:
             return await getattr(self.placement.registry, method).remote(*args)
         except ray.exceptions.RayError as exc:
             if faults.is_actor_dead(exc):
-                await anyio.to_thread.run_sync(self.placement.join_registry)
+                # (A restarted cluster has lost it: a new, empty one answers from now on.)
+                await gcs(self.placement.join_registry)
             raise faults.unreachable(exc) from None
 
 
