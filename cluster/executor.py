@@ -20,7 +20,7 @@ import anyio
 import ray
 from anyio.abc import TaskGroup
 
-from backends.base import Backend, BackendKind, ToolSpec
+from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
 from cluster.keys import connection_worker, digest, host_name, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
@@ -145,7 +145,7 @@ class RayExecutor:
     async def call(
         self, caller: Caller | str | None, tool_name: str, arguments: Any, *, progress: Any = None
     ) -> CallOutcome:
-        """Route one tool call; always returns an envelope. (Progress reports stay on the host.)"""
+        """Route one tool call; always returns an envelope. Progress a backend tool reports reaches `progress`."""
         caller = self._scoped(Caller.of(caller))
         started = anyio.current_time()
         meta = ResultMeta(tool=tool_name[:MAX_TOOL_NAME])
@@ -155,7 +155,7 @@ class RayExecutor:
             args = dict(arguments or {})
             if spec.owner == "engine":
                 return await self._meta_tool(caller, spec, args, meta)
-            return await self._backend_tool(caller, spec, tool_name, args)
+            return await self._backend_tool(caller, spec, tool_name, args, progress)
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope = failure(exc, meta)
             meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
@@ -230,22 +230,23 @@ class RayExecutor:
 
     # -- backend tools ---------------------------------------------------------------
 
-    async def _backend_tool(self, caller: Caller, spec: ToolSpec, tool_name: str, args: dict[str, Any]) -> CallOutcome:
+    async def _backend_tool(
+        self, caller: Caller, spec: ToolSpec, tool_name: str, args: dict[str, Any], progress: ProgressFn | None
+    ) -> CallOutcome:
         resource = spec.resource
         assert resource is not None
         if self.backends[resource].kind() is BackendKind.SHARED:
-            return await self._forward(await self._placed(resource), caller, tool_name, args)
+            return await self._forward(await self._placed(resource), caller, tool_name, args, progress=progress)
         handle = args.get("session_id") if spec.takes_session else None
         if handle is not None:
             if not isinstance(handle, str):
                 raise ParameterError("session_id must be the string create_session returned")
             if caller.worker_key is not None:
                 self._defaults.pop(caller.worker_key, None)  # the call may adopt the session
-            return await self._forward(await self._host_of(handle), caller, tool_name, args, handle=handle)
-        host = await self._default_host(caller, resource)
-        if host is not None:
-            return await self._forward(host, caller, tool_name, args)
-        return await self._forward(await self._placed(resource), caller, tool_name, args)
+            host = await self._host_of(handle)
+            return await self._forward(host, caller, tool_name, args, handle=handle, progress=progress)
+        host = await self._default_host(caller, resource) or await self._placed(resource)
+        return await self._forward(host, caller, tool_name, args, progress=progress)
 
     # -- meta-tools ------------------------------------------------------------------
 
@@ -464,14 +465,25 @@ class RayExecutor:
             raise faults.unreachable(exc) from exc
 
     async def _forward(
-        self, host: Host, caller: Caller, tool_name: str, args: dict[str, Any], *, handle: str | None = None
+        self,
+        host: Host,
+        caller: Caller,
+        tool_name: str,
+        args: dict[str, Any],
+        *,
+        handle: str | None = None,
+        progress: ProgressFn | None = None,
     ) -> CallOutcome:
-        ref = host.actor.call.remote(caller, tool_name, args)
         try:
-            outcome: CallOutcome = await ref
-        except anyio.get_cancelled_exc_class():
-            ray.cancel(ref)  # the client gave up: stop the call on the host too
-            raise
+            if progress is None:
+                ref = host.actor.call.remote(caller, tool_name, args)
+                try:
+                    outcome: CallOutcome = await ref
+                except anyio.get_cancelled_exc_class():
+                    ray.cancel(ref)  # the client gave up: stop the call on the host too
+                    raise
+            else:
+                outcome = await self._streamed(host, caller, tool_name, args, progress)
         except ray.exceptions.RayError as exc:
             if faults.is_actor_dead(exc):
                 raise await self._lost(host) from None
@@ -479,6 +491,23 @@ class RayExecutor:
         if handle is not None and outcome.envelope.code == SessionError.code:
             self._locations.pop(digest(handle), None)
         return outcome
+
+    async def _streamed(
+        self, host: Host, caller: Caller, tool_name: str, args: dict[str, Any], progress: ProgressFn
+    ) -> CallOutcome:
+        """A call whose progress reports reach `progress` as the host sends them."""
+        stream = host.actor.call_streaming.options(num_returns="streaming").remote(caller, tool_name, args)
+        try:
+            async for ref in stream:
+                item = await ref
+                if item[0] == "done":
+                    done: CallOutcome = item[1]
+                    return done
+                await progress(*item[1:])
+        except anyio.get_cancelled_exc_class():
+            ray.cancel(stream)
+            raise
+        raise ServiceUnavailable(f"the {host.resource!r} session host ended the call without a result; retry")
 
     async def _fan_out_hosts(self) -> list[Host]:
         """Every running host of the deployment (any front end may have started it)."""

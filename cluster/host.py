@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 import anyio
 import ray
+from anyio.abc import TaskGroup
 
 from backends.processes import sweep_orphan_dirs, sweep_orphans
 from backends.sandbox import sweep_orphans as sweep_sandbox_orphans
@@ -28,6 +31,8 @@ from session.tool_calls import CallOutcome
 
 log = logging.getLogger(__name__)
 
+#: Progress reports a streaming call may have waiting for its front end (more are dropped).
+PROGRESS_BUFFER = 64
 #: How often a host reports reaped sessions and looks for lapsed front ends.
 HOUSEKEEPING_INTERVAL = 1.0
 
@@ -48,6 +53,7 @@ class SessionHost:
         self._stop: anyio.Event | None = None
         self._stopped: anyio.Event | None = None
         self._serving = False
+        self._tg: TaskGroup | None = None
         self._registry: Any = None
         # What the registry was last told: handle -> digest, (worker key, resource) -> digest pair.
         self._handles: dict[str, str] = {}
@@ -71,6 +77,7 @@ class SessionHost:
                 self.engine = engine
                 ready.set()
                 async with anyio.create_task_group() as tg:
+                    self._tg = tg
                     tg.start_soon(self._housekeeping)
                     await self._stop.wait()
                     tg.cancel_scope.cancel()
@@ -113,6 +120,38 @@ class SessionHost:
         outcome = await engine.call(caller, tool_name, arguments)
         await self._sync()
         return outcome
+
+    async def call_streaming(
+        self, caller: Caller, tool_name: str, arguments: dict[str, Any]
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """`call`, as a Ray streaming generator: ("progress", done, total, message) items as the tool
+        reports them, then ("done", outcome). Closing it (the front end's caller gave up) cancels the call."""
+        engine = await self._engine()
+        assert self._tg is not None
+        send, receive = anyio.create_memory_object_stream[tuple[Any, ...]](max_buffer_size=PROGRESS_BUFFER)
+        scope = anyio.CancelScope()
+
+        async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+            with suppress(anyio.WouldBlock, anyio.ClosedResourceError):  # advisory: drop what cannot be sent
+                send.send_nowait(("progress", done, total, message))
+
+        async def run() -> None:
+            with scope:
+                outcome = await engine.call(caller, tool_name, arguments, progress=progress)
+                await self._sync()
+                with suppress(anyio.ClosedResourceError):
+                    await send.send(("done", outcome))
+            send.close()
+
+        # Run in the host's task group, not in this generator: a generator must not hold a task group
+        # open across its yields.
+        self._tg.start_soon(run)
+        try:
+            async with receive:
+                async for item in receive:
+                    yield item
+        finally:
+            scope.cancel()
 
     async def disconnect(self, worker_key: str) -> None:
         engine = await self._engine()

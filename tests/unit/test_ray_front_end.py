@@ -249,3 +249,22 @@ async def test_serve_executor_ray_two_front_ends_over_http(ray_head, tmp_path: P
             assert listed["details"]["host"].startswith("host-bash-")
             await through_b.destroy_session()
             assert (await through_a.list_sessions())["sessions"] == []
+
+
+@pytest.mark.slow
+async def test_progress_of_a_long_call_streams_back_through_the_front_end(ray_head):
+    reports: list[tuple[float, str | None]] = []
+
+    async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+        reports.append((done, message))
+
+    manifest = manifest_of({"bash": "backends.bash:BashBackend"}, policies={"bash": {"isolation": "none"}})
+    async with front_ends(ray_head.address, manifest, count=1) as (front,):
+        made = await front.call(
+            ALICE_STATELESS, "create_session", {"resource": "bash", "config": {"progress_interval": 0.3}}
+        )
+        args = {"command": "sleep 1.5; echo done", "session_id": made.envelope.data["session_id"]}
+        result = (await front.call(ALICE_STATELESS, "bash_run", args, progress=progress)).envelope
+        assert result.data["stdout"] == "done\n"
+    assert len(reports) >= 2
+    assert all(message and "running for" in message for _, message in reports)
