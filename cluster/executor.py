@@ -56,9 +56,7 @@ LOCATION_CACHE = 100_000
 class RayExecutor:
     """Front end of the ray executor; an async context manager (joins the cluster on entry)."""
 
-    def __init__(
-        self, manifest: Manifest, *, address: str | None = None, front_end_id: str | None = None
-    ) -> None:
+    def __init__(self, manifest: Manifest, *, address: str | None = None, front_end_id: str | None = None) -> None:
         settings = manifest.server
         address = address or settings.ray_address
         if not address:
@@ -236,16 +234,18 @@ class RayExecutor:
         resource = spec.resource
         assert resource is not None
         if self.backends[resource].kind() is BackendKind.SHARED:
-            return await self._forward(await self._placed(resource), caller, tool_name, args, progress=progress)
+            return await self._placed_call(resource, caller, tool_name, args, progress=progress)
         handle = args.get("session_id") if spec.takes_session else None
         if handle is not None:
             if not isinstance(handle, str):
                 raise ParameterError("session_id must be the string create_session returned")
             if caller.worker_key is not None:
                 self._defaults.pop(caller.worker_key, None)  # the call may adopt the session
-            host = await self._host_of(handle)
-            return await self._forward(host, caller, tool_name, args, handle=handle, progress=progress)
-        host = await self._default_host(caller, resource) or await self._placed(resource)
+            holder = await self._host_of(handle)
+            return await self._forward(holder, caller, tool_name, args, handle=handle, progress=progress)
+        host = await self._default_host(caller, resource)
+        if host is None:
+            return await self._placed_call(resource, caller, tool_name, args, progress=progress)
         return await self._forward(host, caller, tool_name, args, progress=progress)
 
     # -- meta-tools ------------------------------------------------------------------
@@ -289,17 +289,21 @@ class RayExecutor:
         await self._admit(caller, sum(1 for host in defaults.values() if host is None))
         if len(wanted) == 1:
             [resource] = wanted
-            host = defaults[resource] or await self._placed(resource, reserve=True)
+            host = defaults[resource]
+            if host is None:
+                return await self._placed_call(resource, caller, "create_session", args, reserve=True)
             return await self._forward(host, caller, "create_session", args)
         # Several resources live on several hosts: one create each, all or nothing.
         outcomes: dict[str, CallOutcome | BaseException] = {}
 
         async def create_one(resource: str, config: Any) -> None:
             try:
-                host = defaults[resource] or await self._placed(resource, reserve=True)
-                outcomes[resource] = await self._forward(
-                    host, caller, "create_session", {"resource": {resource: config}}
-                )
+                one = {"resource": {resource: config}}
+                host = defaults[resource]
+                if host is None:
+                    outcomes[resource] = await self._placed_call(resource, caller, "create_session", one, reserve=True)
+                else:
+                    outcomes[resource] = await self._forward(host, caller, "create_session", one)
             except SandboxError as exc:
                 outcomes[resource] = exc
 
@@ -334,7 +338,7 @@ class RayExecutor:
         host = await self._default_host(caller, parsed.resource)
         if host is None:
             await self._admit(caller, 1)
-            host = await self._placed(parsed.resource, reserve=True)
+            return await self._placed_call(parsed.resource, caller, "reinitialize", args, reserve=True)
         return await self._forward(host, caller, "reinitialize", args)
 
     async def _admit(self, caller: Caller, count: int) -> None:
@@ -409,6 +413,8 @@ class RayExecutor:
         where = self._locations.get(key)
         if where is None:
             where = await self._registry("lookup", key)
+            if where is True:
+                raise ServiceUnavailable("the session registry is being rebuilt after a fault; retry in a few seconds")
             if where is None:
                 raise SessionError(UNKNOWN_HANDLE)
             if len(self._locations) >= LOCATION_CACHE:
@@ -438,6 +444,27 @@ class RayExecutor:
         if host is not None and caller.worker is not None and caller.worker.startswith("conn:"):
             self._defaults.setdefault(key, {})[resource] = host
         return host
+
+    async def _placed_call(
+        self,
+        resource: str,
+        caller: Caller,
+        tool_name: str,
+        args: dict[str, Any],
+        *,
+        reserve: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> CallOutcome:
+        """A call that makes a new (or temporary) session, on a host placement picks; a host found gone
+        (exited, or lost with its node) is forgotten and the call placed once more."""
+        try:
+            return await self._forward(
+                await self._placed(resource, reserve=reserve), caller, tool_name, args, progress=progress
+            )
+        except faults.HostLost:
+            return await self._forward(
+                await self._placed(resource, reserve=reserve), caller, tool_name, args, progress=progress
+            )
 
     async def _placed(self, resource: str, *, reserve: bool = False) -> Host:
         """A host for a new (or temporary) session: an eligible node's, the one with the fewest sessions."""
@@ -546,14 +573,17 @@ class RayExecutor:
         return faults.lost(alive)
 
     async def _registry(self, method: str, *args: Any) -> Any:
-        """One registry call; Ray's failures become 5002 (and a lost registry is looked up again next time)."""
-        try:
-            return await getattr(self.placement.registry, method).remote(*args)
-        except ray.exceptions.RayError as exc:
-            if faults.is_actor_dead(exc):
-                # (A restarted cluster has lost it: a new, empty one answers from now on.)
-                await gcs(self.placement.join_registry)
-            raise faults.unreachable(exc) from None
+        """One registry call; Ray's failures become 5002. A lost registry is replaced (a new, empty one,
+        which the hosts refill) and the call made once more."""
+        for attempt in range(2):
+            try:
+                return await getattr(self.placement.registry, method).remote(*args)
+            except ray.exceptions.RayError as exc:
+                if attempt == 0 and faults.is_actor_dead(exc):
+                    await gcs(self.placement.join_registry)
+                    continue
+                raise faults.unreachable(exc) from None
+        raise AssertionError("unreachable")
 
 
 def _without_pools(manifest: Manifest) -> dict[str, Any]:

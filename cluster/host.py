@@ -59,6 +59,7 @@ class SessionHost:
         self._handles: dict[str, str] = {}
         self._defaults: dict[tuple[str, str], tuple[str, str]] = {}
         self._handled_front_ends: set[str] = set()
+        self._epoch: str | None = None
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -215,11 +216,14 @@ class SessionHost:
             if engine is None:
                 return
             try:
+                epoch, lapsed_now, live_front_ends = await self._registry.host_tick.remote()
+                if epoch != self._epoch:
+                    await self._rejoin(epoch)
                 await self._sync()
-                lapsed = set(await self._registry.lapsed_front_ends.remote()) - self._handled_front_ends
+                lapsed = set(lapsed_now) - self._handled_front_ends
                 if lapsed:
                     self._disconnect_front_ends(engine, lapsed)
-                if engine.sessions or engine.workers or await self._registry.live_front_ends.remote():
+                if engine.sessions or engine.workers or live_front_ends:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = anyio.current_time()
@@ -229,6 +233,19 @@ class SessionHost:
                     self._stop.set()
             except ray.exceptions.RayError as exc:
                 log.warning("session host %s cannot reach the registry: %s", self.name, exc)
+                with suppress(ValueError, ray.exceptions.RayError):  # a replaced registry is found next time
+                    self._registry = await anyio.to_thread.run_sync(
+                        lambda: ray.get_actor(REGISTRY_NAME, namespace=self.deployment)
+                    )
+
+    async def _rejoin(self, epoch: str) -> None:
+        """A registry started afresh knows nothing of this host: tell it everything (the next sync)."""
+        if self._epoch is not None:
+            log.warning("session host %s re-registers its sessions with a new registry", self.name)
+        self._handles.clear()
+        self._defaults.clear()
+        await self._registry.register_host.remote(self.name, self.resource, self.node_id)
+        self._epoch = epoch
 
     def _disconnect_front_ends(self, engine: Engine, front_ends: set[str]) -> None:
         """Connections of a front end that died (its lease lapsed) will never close: start their grace."""

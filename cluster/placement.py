@@ -110,7 +110,7 @@ class Placement:
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
             max_restarts=0,
-        ).remote()
+        ).remote(self.deployment)
 
     async def nodes(self, *, fresh: bool = False) -> list[Node]:
         if fresh or time.monotonic() - self._nodes_at > NODES_TTL:

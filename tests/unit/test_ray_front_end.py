@@ -268,3 +268,24 @@ async def test_progress_of_a_long_call_streams_back_through_the_front_end(ray_he
         assert result.data["stdout"] == "done\n"
     assert len(reports) >= 2
     assert all(message and "running for" in message for _, message in reports)
+
+
+@pytest.mark.slow
+async def test_a_lost_registry_is_rebuilt_from_the_hosts(ray_head):
+    import ray
+
+    from tests.support.polling import eventually
+
+    async with front_ends(ray_head.address, manifest_of(FAKES)) as (a, b):
+        made = await a.call(ALICE_STATELESS, "create_session", {"resource": "fake"})
+        handle = made.envelope.data["session_id"]
+        await a.call(ALICE_STATELESS, "fake_set", {"key": "k", "value": 5, "session_id": handle})
+        ray.kill(a.placement.registry, no_restart=True)
+
+        async def served_again() -> bool:
+            # b never used the handle: it has to find it in the (new) registry
+            got = (await b.call(ALICE_STATELESS, "fake_get", {"key": "k", "session_id": handle})).envelope
+            assert got.code in (0, 5002), got.message  # "retry" while rebuilding, never "unknown"
+            return got.code == 0 and got.data["value"] == 5
+
+        await eventually(served_again, 30, every=0.2, what="the handle to work again")
