@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 
 from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
-from cluster.keys import connection_worker, digest, host_name, node_resource
+from cluster.keys import connection_worker, digest, host_name, link_groups, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
 from cluster.placement import Host, Placement, connect, gcs
 from cluster.registry import Location
@@ -69,7 +69,10 @@ class RayExecutor:
         self.catalog: dict[str, ToolSpec] = self._schema.catalog
         self.session_ttl = self._schema.session_ttl
         self.disconnect_grace = self._schema.disconnect_grace
-        self.placement = Placement(manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment)
+        groups = link_groups({name: set(b.links.values()) for name, b in self._schema.backends.items()})
+        self.placement = Placement(
+            manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment, groups
+        )
         self._locations: dict[str, Location] = {}
         # Connection worker -> resource -> host of its default session. Only this front end routes
         # a connection's calls, so only its own calls can give one a default: the entry is dropped
@@ -197,7 +200,8 @@ class RayExecutor:
 
     async def hosts_of(self, resource: str) -> list[Host]:
         """The running hosts of `resource` (diagnostics and tests)."""
-        return sorted((h for h in await self._fan_out_hosts() if h.resource == resource), key=lambda h: h.name)
+        hosts = [h for h in await self._fan_out_hosts() if resource in h.resource.split("+")]
+        return sorted(hosts, key=lambda h: h.name)
 
     async def stop_deployment(self) -> None:
         """Stop every session host of this deployment (their sessions are destroyed) and its registry.
@@ -289,7 +293,7 @@ class RayExecutor:
         await self._admit(caller, sum(1 for host in defaults.values() if host is None))
         if len(wanted) == 1:
             [resource] = wanted
-            host = defaults[resource]
+            host = defaults[resource] or await self._linked_host(resource, wanted[resource])
             if host is None:
                 return await self._placed_call(resource, caller, "create_session", args, reserve=True)
             return await self._forward(host, caller, "create_session", args)
@@ -323,6 +327,23 @@ class RayExecutor:
         if isinstance(failed, BaseException):
             raise failed
         return failed
+
+    async def _linked_host(self, resource: str, config: Any) -> Host | None:
+        """The host of the session a new `resource` session links to (a browser on a vm's display):
+        a link hands that session's live state to the new one's start, so both live on one host."""
+        for field, target in self.backends[resource].links.items():
+            handle = (config or {}).get(field) if isinstance(config, dict) else None
+            if not isinstance(handle, str):
+                continue
+            try:
+                return await self._host_of(handle)
+            except SessionError:
+                # As the engine words it; the value is not echoed (it may be a handle).
+                raise ParameterError(
+                    f"{field} must be the session_id of one of your live {target!r} sessions "
+                    "(the value given names none)"
+                ) from None
+        return None
 
     async def _destroy_quietly(self, caller: Caller, handle: str) -> None:
         try:
@@ -479,7 +500,8 @@ class RayExecutor:
                 f"no live node of the Ray cluster runs {resource!r} sessions (a node does when it advertises "
                 f"the custom resource {node_resource(resource)!r}{where})"
             )
-        candidates = [host_name(resource, node) for node in nodes]
+        group = self.placement.groups.get(resource, resource)
+        candidates = [host_name(group, node) for node in nodes]
         chosen = candidates[0] if len(candidates) == 1 else await self._registry("place", candidates, reserve)
         return await self._start_host(resource, nodes[candidates.index(chosen)])
 

@@ -1,7 +1,8 @@
-"""A session host: one Ray actor holding many sessions of one resource on one node.
+"""A session host: one Ray actor holding many sessions of one resource (group) on one node.
 
 It runs a normal local `session.engine.Engine` built from the deployment's manifest
-(reduced to its one resource), so TTL, grace, adoption, temporary sessions, limits and
+(reduced to its resource, or to its group of linked resources: a browser drawn on a desktop
+lives beside it), so TTL, grace, adoption, temporary sessions, limits and
 isolation tiers are the local code; the backends and sandboxes run on the actor's node.
 Beside the engine it keeps the registry's entries for its sessions current, puts the
 connection workers of front ends whose lease lapsed into the disconnect grace, and exits
@@ -40,10 +41,10 @@ HOUSEKEEPING_INTERVAL = 1.0
 class SessionHost:
     """Plain Python; `cluster.placement` runs it as a detached, named Ray actor (asyncio)."""
 
-    def __init__(self, manifest: Manifest, resource: str, node_id: str, name: str, deployment: str, idle_exit: float):
-        spec = manifest.resources[resource]
-        self.manifest = manifest.model_copy(update={"resources": {resource: spec}})
-        self.resource = resource
+    def __init__(self, manifest: Manifest, group: str, node_id: str, name: str, deployment: str, idle_exit: float):
+        members = group.split("+")
+        self.manifest = manifest.model_copy(update={"resources": {r: manifest.resources[r] for r in members}})
+        self.resource = group
         self.node_id = node_id
         self.name = name
         self.deployment = deployment
@@ -159,10 +160,10 @@ class SessionHost:
         engine.disconnect(worker_key)
         await self._sync()
 
-    async def probe(self, attribute: str) -> Any:
+    async def probe(self, resource: str, attribute: str) -> Any:
         """One attribute of this host's backend object (diagnostics and tests: e.g. how many live states)."""
         engine = await self._engine()
-        return getattr(engine.backends[self.resource], attribute)
+        return getattr(engine.backends[resource], attribute)
 
     async def counts(self) -> dict[str, int]:
         engine = await self._engine()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.keys import connection_worker, front_end_of
+from cluster.keys import connection_worker, front_end_of, link_groups
 from cluster.registry import Registry
 from manifests.schema import Manifest
 from mcp_server.cli import cli_logic
@@ -81,6 +81,11 @@ def test_connection_workers_are_unique_per_front_end_and_meta_keys_are_not():
     assert connection_worker("fe1", "key:Zk3") == "key:Zk3"
     assert front_end_of("alice/conn:fe1:abc") == "fe1"
     assert front_end_of("alice/key:Zk3") is None
+
+
+def test_linked_resources_share_a_host_group():
+    groups = link_groups({"bash": set(), "vm": set(), "browser": {"vm"}, "lone": {"absent"}})
+    assert groups == {"bash": "bash", "vm": "browser+vm", "browser": "browser+vm", "lone": "lone"}
 
 
 def test_registry_keeps_digests_leases_and_only_the_holders_removals():
