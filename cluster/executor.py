@@ -155,7 +155,10 @@ class RayExecutor:
             meta.tool, meta.resource_type = spec.name, spec.resource
             args = dict(arguments or {})
             if spec.owner == "engine":
-                return await self._meta_tool(caller, spec, args, meta)
+                outcome = await self._meta_tool(caller, spec, args, meta)
+                if outcome.envelope.meta is meta:  # merged here from several hosts' replies
+                    meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
+                return outcome
             return await self._backend_tool(caller, spec, tool_name, args, progress)
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope = failure(exc, meta)
