@@ -24,7 +24,7 @@ from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
 from cluster.keys import connection_worker, digest, host_name, link_groups, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
-from cluster.placement import Host, Placement, connect, gcs
+from cluster.placement import HOST_IDLE_EXIT, Host, Placement, connect, gcs
 from cluster.registry import Location
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
@@ -56,7 +56,15 @@ LOCATION_CACHE = 100_000
 class RayExecutor:
     """Front end of the ray executor; an async context manager (joins the cluster on entry)."""
 
-    def __init__(self, manifest: Manifest, *, address: str | None = None, front_end_id: str | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        address: str | None = None,
+        front_end_id: str | None = None,
+        lease_ttl: float = LEASE_TTL,
+        host_idle_exit: float = HOST_IDLE_EXIT,
+    ) -> None:
         settings = manifest.server
         address = address or settings.ray_address
         if not address:
@@ -64,6 +72,7 @@ class RayExecutor:
         self.address = address
         self.deployment = settings.deployment
         self.front_end = front_end_id or secrets.token_hex(6)
+        self.lease_ttl = lease_ttl
         # Built for its catalog and schemas only: never entered, so no backend process starts here.
         self._schema = engine_from_manifest(manifest.model_copy(update={"resources": _without_pools(manifest)}))
         self.catalog: dict[str, ToolSpec] = self._schema.catalog
@@ -71,7 +80,7 @@ class RayExecutor:
         self.disconnect_grace = self._schema.disconnect_grace
         groups = link_groups({name: set(b.links.values()) for name, b in self._schema.backends.items()})
         self.placement = Placement(
-            manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment, groups
+            manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment, groups, host_idle_exit
         )
         self._locations: dict[str, Location] = {}
         # Connection worker -> resource -> host of its default session. Only this front end routes
@@ -95,7 +104,7 @@ class RayExecutor:
             with anyio.fail_after(JOIN_TIMEOUT):
                 await anyio.to_thread.run_sync(connect, self.address, self.deployment, abandon_on_cancel=True)
             await anyio.to_thread.run_sync(self.placement.join_registry)
-            await self._registry("heartbeat", self.front_end, LEASE_TTL)
+            await self._registry("heartbeat", self.front_end, self.lease_ttl)
         except TimeoutError:
             problem = f"no answer in {JOIN_TIMEOUT:g} s"
             raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {problem}") from None
@@ -135,9 +144,9 @@ class RayExecutor:
 
     async def _lease_forever(self) -> None:
         while True:
-            await anyio.sleep(LEASE_INTERVAL)
+            await anyio.sleep(min(LEASE_INTERVAL, self.lease_ttl / 3))
             try:
-                await self._registry("heartbeat", self.front_end, LEASE_TTL)
+                await self._registry("heartbeat", self.front_end, self.lease_ttl)
             except SandboxError as exc:
                 log.warning("front end %s cannot renew its lease: %s", self.front_end, exc.message)
 

@@ -93,10 +93,13 @@ async def gcs(fn: Callable[[], T]) -> T:
 class Placement:
     """One front end's view of the cluster: nodes, host actors, the registry actor."""
 
-    def __init__(self, manifest: Manifest, deployment: str, groups: dict[str, str]) -> None:
+    def __init__(
+        self, manifest: Manifest, deployment: str, groups: dict[str, str], idle_exit: float = HOST_IDLE_EXIT
+    ) -> None:
         self.manifest = manifest
         self.deployment = deployment
         self.groups = groups
+        self.idle_exit = idle_exit
         self.hosts: dict[str, Host] = {}
         self._nodes: list[Node] = []
         self._nodes_at = -NODES_TTL
@@ -154,7 +157,7 @@ class Placement:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                 max_restarts=0,
                 max_concurrency=HOST_CONCURRENCY,
-            ).remote(self.manifest, group, node_id, name, self.deployment, HOST_IDLE_EXIT)
+            ).remote(self.manifest, group, node_id, name, self.deployment, self.idle_exit)
         )
         actor.serve.remote()  # runs for the host's life; a no-op on a host already serving
         # Bounded: a node that died since the node list was read never schedules it.
