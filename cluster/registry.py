@@ -13,14 +13,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import ray
-
 #: How long a replacement registry answers misses with "retry" (hosts report every second).
 REBUILD_WINDOW = 5.0
 
 
 def _hosts_running(deployment: str | None) -> bool:
     """True when `deployment` already has session hosts (asked only inside a Ray actor)."""
+    import ray  # here: the registry's logic is plain Python (and tested without Ray)
+
     if deployment is None or not ray.is_initialized():
         return False
     try:
