@@ -12,6 +12,7 @@ from typing import Any, cast
 import mcp_types as t
 from mcp.server import Server, ServerRequestContext
 from mcp.server._otel import OpenTelemetryMiddleware
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from opentelemetry import trace
 
 from backends.base import BackendKind, ProgressFn
@@ -64,8 +65,15 @@ def build_server(engine: Engine) -> Server[RunScope]:
         return t.ListToolsResult(tools=tools)
 
     async def call_tool(ctx: ServerRequestContext[RunScope, Any], params: t.CallToolRequestParams) -> t.CallToolResult:
+        # The ray executor streams a call only when its progress can reach the client: a request
+        # with a progress token (in-process clients, whose callbacks need none, are always local).
+        wants_progress = isinstance(engine, Engine) or progress_token_from_params(ctx.params) is not None
         outcome = await run_call(
-            engine, lambda: resolve_caller(ctx, engine.disconnect), params.name, params.arguments, _progress(ctx)
+            engine,
+            lambda: resolve_caller(ctx, engine.disconnect),
+            params.name,
+            params.arguments,
+            _progress(ctx) if wants_progress else None,
         )
         # The runner takes a wire-form dict as well as the model (and validates either against the
         # protocol version's surface); the annotation names only the model.
