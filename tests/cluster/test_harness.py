@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def listening(pids: list[int]) -> set[tuple[str, int]]:
     """(address, port) of every TCP listener of `pids` (read in the caller's namespace)."""
-    found = set()
+    found: set[tuple[str, int]] = set()
     for pid in pids:
         try:
             conns = psutil.Process(pid).net_connections(kind="inet")

@@ -172,19 +172,28 @@ class RayCluster:
     # -- nodes ----------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, network: PrivateNetwork, labels: tuple[str, ...] = ("a", "b")) -> RayCluster:
-        """Start the head (`labels[0]`) and the other nodes; the calling thread must be in `network`."""
+    def create(cls, network: PrivateNetwork) -> RayCluster:
+        """A cluster with no node yet (its scratch directory only)."""
         root = Path(tempfile.mkdtemp(prefix="afray-", dir="/tmp"))  # short: unix socket paths
         (root / "home").mkdir()
-        cluster = cls(network, root)
+        return cls(network, root)
+
+    @classmethod
+    def start(cls, network: PrivateNetwork, labels: tuple[str, ...] = ("a", "b")) -> RayCluster:
+        """Start the head (`labels[0]`) and the other nodes; the calling thread must be in `network`."""
+        cluster = cls.create(network)
         try:
-            for index, label in enumerate(labels):
-                cluster.start_node(label, head=index == 0)
-            cluster.wait_nodes_alive(set(labels))
+            cluster.start_nodes(labels)
         except BaseException:
             cluster.stop()
             raise
         return cluster
+
+    def start_nodes(self, labels: tuple[str, ...] = ("a", "b")) -> None:
+        """The head (`labels[0]`), then the others; returns once the GCS reports all of them alive."""
+        for index, label in enumerate(labels):
+            self.start_node(label, head=index == 0)
+        self.wait_nodes_alive(set(labels))
 
     def start_node(self, label: str, *, head: bool = False) -> RayNode:
         index = ord(label) - ord("a")
