@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 
@@ -136,7 +136,7 @@ async def throughput(urls: list[ServerProcess], workers: int, calls: int, label:
     return rate, creates
 
 
-async def run_all(fn: Callable[[Sandbox], Awaitable[None]], sandboxes: list[Sandbox]) -> None:
+async def run_all(fn: Callable[[Sandbox], Coroutine[None, None, None]], sandboxes: list[Sandbox]) -> None:
     async with anyio.create_task_group() as tg:
         for sandbox in sandboxes:
             tg.start_soon(fn, sandbox)
