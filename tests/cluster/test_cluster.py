@@ -35,7 +35,7 @@ def front_ends(
     ray_cluster: RayCluster, ray_executor: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     directory = tmp_path_factory.mktemp("front-ends")
-    manifest = ray_cluster.manifest(directory)
+    manifest = ray_cluster.manifest(directory, browser=True)
     a = ray_cluster.start_front_end(directory, manifest)
     b = ray_cluster.start_front_end(directory, manifest)
     yield a, b
@@ -145,6 +145,27 @@ async def test_sessions_cannot_reach_the_ray_ports(
                 assert ran["code"] == 0, ran
                 assert ran["data"]["stdout"].split("\n")[:-1] == [f"closed {p}" for p in ports], ran["data"]
             for handle in handles:
+                await call(client, "destroy_session", {"session_id": handle})
+
+
+async def test_browser_pages_cannot_reach_the_ray_ports(
+    ray_cluster: RayCluster, front_ends: tuple[ServerProcess, ServerProcess]
+) -> None:
+    """A browser session (only node a advertises `agentflow.browser`) cannot open Ray's ports: the proxy refuses."""
+    ports = sorted({HEAD_PORT, *ray_cluster.nodes["a"].ray_ports()})
+    with anyio.fail_after(150):
+        async with stateless_client(front_ends[1]) as client:
+            created = await call(client, "create_session", {"resource": "browser"})
+            assert created["code"] == 0, created
+            handle = created["data"]["session_id"]
+            listing = await call(client, "list_sessions", {"all": True})
+            assert sessions_by_id(listing["data"])[handle]["details"]["node_id"] == ray_cluster.nodes["a"].node_id
+            try:
+                for port in ports:
+                    for url in (f"http://127.0.0.1:{port}/", f"http://localhost:{port}/"):
+                        went = await call(client, "browser_navigate", {"url": url, "session_id": handle})
+                        assert went["code"] == 1006, (url, went)
+            finally:
                 await call(client, "destroy_session", {"session_id": handle})
 
 

@@ -2,7 +2,8 @@
 
 Layout (all inside one `PrivateNetwork`, see tests/support/netns.py for why and how):
 
-- node `a`: `ray start --head`, custom resources {"agentflow.bash": 1000, "agentflow.node.a": 1};
+- node `a`: `ray start --head`, custom resources {"agentflow.bash": 1000, "agentflow.browser": 1000,
+  "agentflow.node.a": 1} (so `browser` sessions can only go to `a`);
 - node `b`: `ray start --address <head>`, {"agentflow.bash": 1000, "agentflow.vm": 1000,
   "agentflow.node.b": 1} (so `vm` sessions can only go to `b`);
 - each node with its own `--temp-dir` (short: Ray's unix sockets live under it and a socket path
@@ -55,7 +56,7 @@ RAY_START_TIMEOUT = 120.0
 QUERY_TIMEOUT = 120.0
 
 NODE_RESOURCES: dict[str, dict[str, float]] = {
-    "a": {"agentflow.bash": 1000, "agentflow.node.a": 1},
+    "a": {"agentflow.bash": 1000, "agentflow.browser": 1000, "agentflow.node.a": 1},
     "b": {"agentflow.bash": 1000, "agentflow.vm": 1000, "agentflow.node.b": 1},
 }
 
@@ -283,11 +284,13 @@ class RayCluster:
     # -- front ends ------------------------------------------------------------------------
 
     def manifest(self, directory: Path, *, disconnect_grace: float = 5.0, session_ttl: float = 300.0,
-                 resources: dict[str, Any] | None = None) -> Path:  # fmt: skip
-        """A front end manifest: bash in the default `sandbox` tier, shells tagged with the cluster's marker."""
-        if resources is None:
-            config = {"timeout": 20, "env": {TEST_MARKER_ENV: self.run_marker}}
-            resources = {"bash": {"enabled": True, "config": config, "policy": {"isolation": "sandbox"}}}
+                 browser: bool = False) -> Path:  # fmt: skip
+        """A front end manifest: bash in the default `sandbox` tier, shells tagged with the cluster's marker
+        (and `browser`, with its defaults, when asked)."""
+        config = {"timeout": 20, "env": {TEST_MARKER_ENV: self.run_marker}}
+        resources: dict[str, Any] = {"bash": {"enabled": True, "config": config, "policy": {"isolation": "sandbox"}}}
+        if browser:
+            resources["browser"] = {"enabled": True}
         return write_manifest(
             directory,
             session_ttl=session_ttl,

@@ -74,7 +74,7 @@ async def test_disconnect_grace_lets_a_call_by_handle_adopt_the_session():
         await engine.call(ALICE, "fake_set", {"key": "k", "value": 3})
         engine.disconnect(ALICE.worker_key or "")
         assert engine.list_sessions(ALICE_OTHER_CONNECTION, everything=True)[0].orphaned
-        got = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": view.session_id}))
+        got = await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": view.session_id})
         assert got.envelope.data["value"] == 3
         # adopted: the new connection's calls without a handle use it too
         plain = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k"})).envelope
@@ -88,7 +88,7 @@ async def test_sessions_of_a_disconnected_client_end_when_the_grace_ends():
         [(view, _)] = await engine.create_sessions(ALICE, "fake")
         engine.disconnect(ALICE.worker_key or "")
         await eventually(lambda: not backend.live, 10)
-        gone = (await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": view.session_id}))
+        gone = await engine.call(ALICE_OTHER_CONNECTION, "fake_get", {"key": "k", "session_id": view.session_id})
         assert gone.envelope.code == 1003
 
 
@@ -103,8 +103,11 @@ async def test_explicit_close_destroys_at_once_without_grace():
 async def test_reinitialize_ends_the_old_handle_and_returns_a_new_one():
     async with make_engine() as engine:
         [(view, _)] = await engine.create_sessions(ALICE, "fake", {"label": "old"})
-        result = (await engine.call(ALICE_OTHER_CONNECTION, "reinitialize", {"session_id": view.session_id,
-                                                                            "config": {"label": "new"}})).envelope
+        result = (
+            await engine.call(
+                ALICE_OTHER_CONNECTION, "reinitialize", {"session_id": view.session_id, "config": {"label": "new"}}
+            )
+        ).envelope
         assert result.code == 0
         new = result.data["session_id"]
         assert new != view.session_id
@@ -130,7 +133,7 @@ async def test_caps_per_worker_and_per_principal_give_2004():
 async def test_policy_may_be_tightened_never_loosened():
     policy = Policy(isolation="none", network="none")
     async with Engine({"fake": FakeBackend(policy=policy)}) as engine:
-        loosen = (await engine.call(ALICE, "create_session", {"resource": "fake", "config": {"network": "host"}}))
+        loosen = await engine.call(ALICE, "create_session", {"resource": "fake", "config": {"network": "host"}})
         assert loosen.envelope.code == 1006
         assert "network" in loosen.envelope.message
         bigger = {"resource": "fake", "config": {"limits": {"memory_mb": 999_999}}}
