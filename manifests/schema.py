@@ -57,6 +57,20 @@ class ServerSettings(BaseModel):
     keep_alive_timeout: float = Field(
         default=15.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
     )
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where sessions live: 'local' (in this process) or 'ray' (session hosts on a Ray cluster; "
+        "this process becomes a stateless front end).",
+    )
+    ray_address: str | None = Field(
+        default=None, description="The Ray cluster to join with executor 'ray' (e.g. '10.0.0.5:6379')."
+    )
+    deployment: str = Field(
+        default="agentflow",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Ray namespace of this deployment's actors: front ends of one deployment share sessions; "
+        "two deployments on one cluster never mix.",
+    )
 
     @field_validator("tokens")
     @classmethod
@@ -101,6 +115,11 @@ class ResourceSpec(BaseModel):
         "sessions may only tighten it. Omitted keys keep the backend's defaults.",
     )
     max_sessions: int | None = Field(default=None, ge=1, description="Live sessions of this resource.")
+    nodes: list[str] | None = Field(
+        default=None,
+        description="Executor 'ray': run these sessions only on nodes advertising one of the custom resources "
+        "'agentflow.node.LABEL' for these labels (every node must also advertise 'agentflow.NAME').",
+    )
     pool: int = Field(
         default=0,
         ge=0,

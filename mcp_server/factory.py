@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from backends.base import Runtime
 from manifests import build_backends
 from manifests.schema import Manifest
@@ -30,3 +32,20 @@ def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> 
             per_worker=settings.limits.per_worker,
         ),
     )
+
+
+def executor_from_manifest(manifest: Manifest, *, ray_address: str | None = None) -> Engine:
+    """The manifest's executor: the local engine, or (`server.executor = "ray"`) a Ray front end.
+
+    Ray is imported only for the ray executor: the local default never loads it.
+
+    Raises:
+        ConfigurationError: a backend is wrong, or executor 'ray' has no cluster address.
+    """
+    if manifest.server.executor == "local":
+        return engine_from_manifest(manifest)
+    from cluster.executor import RayExecutor  # the only import of the ray executor (and of ray)
+
+    # The front end implements the part of Engine's surface the server uses (call, disconnect,
+    # catalog, backends, session_ttl, shutdown, async context manager).
+    return cast(Engine, RayExecutor(manifest, address=ray_address))

@@ -1,0 +1,157 @@
+"""Joining the cluster, finding eligible nodes, and getting (or starting) session hosts.
+
+A node is eligible for resource NAME iff it is alive and advertises the custom resource
+`agentflow.NAME` (and, when the manifest pins NAME to node labels, one of
+`agentflow.node.LABEL`). Each (node, resource) has one detached, named host actor,
+started on first use by whichever front end needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster.host import SessionHost
+from cluster.keys import REGISTRY_NAME, host_name, node_label, node_resource
+from cluster.registry import Registry
+from manifests.schema import Manifest
+
+log = logging.getLogger(__name__)
+
+#: How long the list of live nodes is trusted before asking Ray again.
+NODES_TTL = 2.0
+#: A host with no sessions, no workers and no live front end exits after this long.
+HOST_IDLE_EXIT = 60.0
+#: How long a new host may take to start its engine (a node that died meanwhile never starts it).
+HOST_START_TIMEOUT = 60.0
+#: Concurrent calls one host accepts (each is a coroutine in its event loop).
+HOST_CONCURRENCY = 10_000
+
+_HostActor = ray.remote(SessionHost)
+_RegistryActor = ray.remote(Registry)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    node_id: str
+    resource: str
+    actor: Any
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    alive: bool
+    resources: dict[str, float]
+
+
+def ray_environment() -> None:
+    """Process-wide Ray settings a front end needs before joining (kept if already set)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def connect(address: str, deployment: str) -> None:
+    """Join the cluster as a driver in the deployment's namespace (blocking: ~2 s)."""
+    ray_environment()
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address,
+        namespace=deployment,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=False,
+    )
+
+
+class Placement:
+    """One front end's view of the cluster: nodes, host actors, the registry actor."""
+
+    def __init__(self, manifest: Manifest, deployment: str) -> None:
+        self.manifest = manifest
+        self.deployment = deployment
+        self.hosts: dict[str, Host] = {}
+        self._nodes: list[Node] = []
+        self._nodes_at = -NODES_TTL
+        self.registry: Any = None
+
+    def join_registry(self) -> None:
+        """Get the deployment's registry actor, starting it on the head node if it is not running."""
+        self.registry = _RegistryActor.options(  # type: ignore[attr-defined]
+            name=REGISTRY_NAME,
+            namespace=self.deployment,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            resources={"node:__internal_head__": 0.001},
+            max_restarts=0,
+        ).remote()
+
+    async def nodes(self, *, fresh: bool = False) -> list[Node]:
+        if fresh or time.monotonic() - self._nodes_at > NODES_TTL:
+            raw = await anyio.to_thread.run_sync(ray.nodes)
+            self._nodes = [Node(n["NodeID"], bool(n["Alive"]), dict(n.get("Resources") or {})) for n in raw]
+            self._nodes_at = time.monotonic()
+        return self._nodes
+
+    async def node_alive(self, node_id: str) -> bool:
+        return any(n.node_id == node_id and n.alive for n in await self.nodes(fresh=True))
+
+    async def eligible(self, resource: str) -> list[str]:
+        """Live nodes that may run `resource` sessions."""
+        spec = self.manifest.resources.get(resource)
+        labels = [node_label(label) for label in (spec.nodes or [])] if spec is not None else []
+        needed = node_resource(resource)
+        return [
+            n.node_id
+            for n in await self.nodes()
+            if n.alive and needed in n.resources and (not labels or any(label in n.resources for label in labels))
+        ]
+
+    async def host(self, resource: str, node_id: str) -> Host:
+        """The host of `resource` on `node_id`, started if it is not running."""
+        name = host_name(resource, node_id)
+        known = self.hosts.get(name)
+        if known is not None:
+            return known
+        actor = _HostActor.options(  # type: ignore[attr-defined]
+            name=name,
+            namespace=self.deployment,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            resources={node_resource(resource): 0.001},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            max_restarts=0,
+            max_concurrency=HOST_CONCURRENCY,
+        ).remote(self.manifest, resource, node_id, name, self.deployment, HOST_IDLE_EXIT)
+        actor.serve.remote()  # runs for the host's life; a no-op on a host already serving
+        # Bounded: a node that died since the node list was read never schedules it.
+        with anyio.fail_after(HOST_START_TIMEOUT):
+            await actor.ready.remote()
+        host = self.hosts[name] = Host(name, node_id, resource, actor)
+        return host
+
+    async def known_host(self, name: str, node_id: str, resource: str) -> Host | None:
+        """A running host the registry named (perhaps started by another front end); None if it is gone."""
+        known = self.hosts.get(name)
+        if known is not None:
+            return known
+        try:
+            actor = await anyio.to_thread.run_sync(lambda: ray.get_actor(name, namespace=self.deployment))
+        except ValueError:
+            return None
+        host = self.hosts[name] = Host(name, node_id, resource, actor)
+        return host
+
+    def forget(self, name: str) -> None:
+        self.hosts.pop(name, None)
