@@ -76,7 +76,7 @@ def calibration() -> dict[str, float]:
         samples.append((time.perf_counter() - t0) * 1000)
     cat.stdin.close()
     cat.wait()
-    summarize("pipe round trip to a live `cat`", samples)
+    summarize("pipe round trip to a live `cat` (µs)", [x * 1000 for x in samples], unit="µs")
     out(f"load average {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}, {psutil.cpu_count()} cores")
     return {"loop_ms": loop_ms, "pipe_ms": statistics.median(samples)}
 
@@ -186,9 +186,17 @@ async def memory(cluster: RayCluster, front_ends: list[ServerProcess], sessions:
         f"processes (bwrap + bash, {len(shells)} processes for {sessions} sessions)")  # fmt: skip
     out(f"front ends: {fe_before / 2 / 1024:.0f} MB PSS each; +{(fe_after - fe_before) / sessions:.1f} kB per "
         "session (they keep no session state)")  # fmt: skip
+    others = set(hosts) | {f.process.pid for f in front_ends} | set(shells)
+    ray_pids = [pid for pid in cluster.network.processes() if pid not in others and procs.name(pid) != "bwrap"]
+    out(f"Ray itself (GCS, 2 raylets, agents, registry and idle workers: {len(ray_pids)} processes): "
+        f"{procs.pss_kb(ray_pids) / 1024:.0f} MB PSS")  # fmt: skip
     for client in reversed(clients):
         await client.close()
-    return {"host_mb": per_host / 1024, "session_kb": per_session + shell_kb / sessions}
+    return {
+        "host_mb": per_host / 1024,
+        "session_kb": per_session + shell_kb / sessions,
+        "ray_mb": procs.pss_kb(ray_pids) / 1024,
+    }
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -228,22 +236,29 @@ async def run(cluster: RayCluster, directory: Path, quick: bool) -> None:
 def conclude(
     calib: dict[str, float], overhead: float, local_rate: float, one: float, two: float, mem: dict[str, float]
 ) -> None:
+    load = psutil.getloadavg()[0]
     out("\n== what this says ==")
     out(
-        f"On this 2-core machine everything (the client's workers, the front ends, both raylets, the session-host "
-        f"actors and the shells) shares the same 2 cores, so a second front end cannot add CPU: 2 front ends gave "
-        f"{two:.0f} calls/s against {one:.0f} with 1 and {local_rate:.0f} for one local server. Each Ray call adds "
-        f"~{overhead:.2f} ms (an extra process hop: front end -> host actor over Ray's gRPC, serialisation of the "
-        f"call and the envelope) and that hop's CPU, so on one machine the local executor is faster per call and "
-        "in total. The front ends hold no session state and a session host is a process of its own, so on a real "
-        "cluster the work divides: each front end is one Python process (~1 core of JSON-RPC and HTTP work), each "
-        "node's host actors run that node's sessions on that node's cores. Throughput should then grow about "
-        "linearly with front ends until the hosts of a node saturate it, and with nodes after that (one front end "
-        "core per few hundred calls/s, as measured here for one core's worth); per-call latency stays the local "
-        f"figure plus the network round trip and the ~{overhead:.1f} ms hop. Memory per session is the local "
-        f"figure (~{mem['session_kb']:.0f} kB for a bash session) plus a share of a ~{mem['host_mb']:.0f} MB host "
-        "actor per (node, resource), which is why hosts hold many sessions each rather than an actor per session. "
-        f"(Calibration: loop {calib['loop_ms']:.0f} ms, pipe {calib['pipe_ms']:.3f} ms: compare runs by these.)"
+        f"One server process uses at most one core (one Python interpreter): one local server did {local_rate:.0f} "
+        f"calls/s and one Ray front end {one:.0f}; two front ends did {two:.0f} ({two / one:.2f}x one), because the "
+        "HTTP and JSON-RPC work of the second runs on the second core. That is this machine's ceiling: the client's "
+        "workers (one Python process), the session hosts, both raylets and the shells share the same 2 cores "
+        f"(load average now {load:.1f}), so a third front end would add nothing here. Per call the Ray executor "
+        f"adds ~{overhead:.1f} ms at the median: the front end asks the registry actor where the session lives, "
+        "then calls its host actor (two gRPC hops, each a serialisation and a process switch)."
+    )
+    out(
+        "On a bigger cluster the parts divide. Front ends keep no state, so they scale out behind a load balancer "
+        f"at about one core's worth of calls each ({one:.0f} calls/s here on a loaded shared core, more on an idle "
+        "one). Each node's session hosts run that node's sessions on its own cores; a host is one Python process "
+        "per (node, resource), so one core of engine work per node and resource is the next limit. The registry "
+        "is one actor asked on every call, the limit after that (a Ray actor call costs ~0.6 ms: on the order of "
+        "a thousand or two lookups per second unless front ends cache where sessions live). Up to those limits "
+        "throughput should grow about linearly with front ends, and session capacity with nodes: a bash session "
+        f"costs ~{mem['session_kb']:.0f} kB plus its share of a ~{mem['host_mb']:.0f} MB host actor, and Ray "
+        f"itself ~{mem['ray_mb'] / 2:.0f} MB per node (GCS included). "
+        f"(Calibration: loop {calib['loop_ms']:.0f} ms, pipe {calib['pipe_ms'] * 1000:.1f} µs: compare runs by "
+        "these.)"
     )
 
 
