@@ -40,7 +40,7 @@ from bench._common import measure, summarize
 from sandbox import Sandbox
 from tests.support import leaks, procs
 from tests.support.netns import PrivateNetwork
-from tests.support.ray_cluster import RayCluster
+from tests.support.ray_multinode import RayCluster
 from tests.support.servers import ServerProcess, start_http_server
 
 

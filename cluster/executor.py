@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Any, Self
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 #: A front end renews its lease this often; a lease not renewed for LEASE_TTL has lapsed.
 LEASE_INTERVAL = 2.0
 LEASE_TTL = 10.0
+#: How long joining the cluster may take before the front end gives up.
+JOIN_TIMEOUT = 60.0
 #: Handle -> location entries a front end remembers (a session never moves, so they stay true).
 LOCATION_CACHE = 100_000
 
@@ -83,9 +85,14 @@ class RayExecutor:
 
     async def __aenter__(self) -> Self:
         try:
-            await anyio.to_thread.run_sync(connect, self.address, self.deployment)
+            # ray.init retries an unreachable address for ever: give up (and leave the thread) in time.
+            with anyio.fail_after(JOIN_TIMEOUT):
+                await anyio.to_thread.run_sync(connect, self.address, self.deployment, abandon_on_cancel=True)
             await anyio.to_thread.run_sync(self.placement.join_registry)
             await self._registry("heartbeat", self.front_end, LEASE_TTL)
+        except TimeoutError:
+            problem = f"no answer in {JOIN_TIMEOUT:g} s"
+            raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {problem}") from None
         except (ray.exceptions.RayError, ConnectionError, SandboxError) as exc:
             raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
         stack = AsyncExitStack()
@@ -153,10 +160,26 @@ class RayExecutor:
 
     def disconnect(self, worker_key: str) -> None:
         """A connection of this front end closed: the hosts holding its sessions start their grace."""
+        if self._tg is not None:
+            self._tg.start_soon(self.disconnect_and_wait, worker_key)
+
+    async def disconnect_and_wait(self, worker_key: str) -> None:
+        """`disconnect`, returning once every host concerned has started the grace."""
         principal, _, worker = worker_key.partition("/")
-        key = f"{principal}/{connection_worker(self.front_end, worker)}"
-        for host in list(self.placement.hosts.values()):
-            host.actor.disconnect.remote(key)
+        scoped = connection_worker(self.front_end, worker)
+        if scoped.startswith("conn:"):
+            # A connection's worker is routed by its own front end only: the hosts it knows are all.
+            hosts = list(self.placement.hosts.values())
+        else:
+            # A `_meta` key's sessions may have been made through any front end.
+            try:
+                hosts = await self._fan_out_hosts()
+            except SandboxError as exc:
+                log.warning("cannot tell the hosts that a client disconnected: %s", exc.message)
+                return
+        for host in hosts:
+            with suppress(ray.exceptions.RayError):  # a lost host has no sessions left to grace
+                await host.actor.disconnect.remote(f"{principal}/{scoped}")
 
     def status(self, caller: Caller | str | None = None) -> dict[str, Any]:
         return {
@@ -167,6 +190,31 @@ class RayExecutor:
             "disconnect_grace": self.disconnect_grace,
             "hosts_known": sorted(self.placement.hosts),
         }
+
+    async def hosts_of(self, resource: str) -> list[Host]:
+        """The running hosts of `resource` (diagnostics and tests)."""
+        return sorted((h for h in await self._fan_out_hosts() if h.resource == resource), key=lambda h: h.name)
+
+    async def stop_deployment(self) -> None:
+        """Stop every session host of this deployment (their sessions are destroyed) and its registry.
+
+        An operator's (and the tests') teardown; front ends of the deployment answer 5002 until
+        one of them starts a host again.
+        """
+        hosts = await self._registry("all_hosts")
+        async with anyio.create_task_group() as tg:
+            for name, info in hosts.items():
+                tg.start_soon(self._stop_host, Location(name, info.node_id, info.resource))
+        registry = self.placement.registry
+        await anyio.to_thread.run_sync(lambda: ray.kill(registry, no_restart=True))
+
+    async def _stop_host(self, where: Location) -> None:
+        host = await self._attach(where)
+        if host is None:
+            return
+        with suppress(ray.exceptions.RayActorError):  # it exits as it answers
+            await host.actor.stop.remote()
+        self.placement.forget(host.name)
 
     def _scoped(self, caller: Caller) -> Caller:
         if caller.worker is None:
@@ -393,23 +441,25 @@ class RayExecutor:
             self._locations.pop(digest(handle), None)
         return outcome
 
+    async def _fan_out_hosts(self) -> list[Host]:
+        """Every running host of the deployment (any front end may have started it)."""
+        hosts = await self._registry("all_hosts")
+        found = [await self._attach(Location(name, info.node_id, info.resource)) for name, info in hosts.items()]
+        return [host for host in found if host is not None]
+
     async def _fan_out(self, caller: Caller, tool_name: str, args: dict[str, Any]) -> list[tuple[Host, CallOutcome]]:
         """The call on every live host of the deployment, concurrently; lost hosts are skipped."""
-        hosts = await self._registry("all_hosts")
         results: list[tuple[Host, CallOutcome]] = []
 
-        async def one(name: str, node_id: str, resource: str) -> None:
-            host = await self._attach(Location(name, node_id, resource))
-            if host is None:
-                return
+        async def one(host: Host) -> None:
             try:
                 results.append((host, await self._forward(host, caller, tool_name, args)))
             except SessionError:
                 return  # lost with its node: nothing of it to list any more
 
         async with anyio.create_task_group() as tg:
-            for name, info in hosts.items():
-                tg.start_soon(one, name, info.node_id, info.resource)
+            for host in await self._fan_out_hosts():
+                tg.start_soon(one, host)
         return results
 
     async def _lost(self, host: Host) -> SandboxError:

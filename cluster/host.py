@@ -46,6 +46,7 @@ class SessionHost:
         self.engine: Engine | None = None
         self._ready: anyio.Event | None = None
         self._stop: anyio.Event | None = None
+        self._stopped: anyio.Event | None = None
         self._serving = False
         self._registry: Any = None
         # What the registry was last told: handle -> digest, (worker key, resource) -> digest pair.
@@ -61,7 +62,7 @@ class SessionHost:
             return
         self._serving = True
         ready = self._ready_event()
-        self._stop = anyio.Event()
+        self._stop, self._stopped = anyio.Event(), anyio.Event()
         self._registry = ray.get_actor(REGISTRY_NAME, namespace=self.deployment)
         await self._registry.register_host.remote(self.name, self.resource, self.node_id)
         await _sweep_dead_servers()
@@ -75,9 +76,11 @@ class SessionHost:
                     tg.cancel_scope.cancel()
         finally:
             self.engine = None
+            ready.set()  # callers waiting for an engine that will never be are told so
             with anyio.CancelScope(shield=True):
                 await self._registry.drop_host.remote(self.name)
             log.info("session host %s stopped", self.name)
+            self._stopped.set()
         ray.actor.exit_actor()
 
     def _ready_event(self) -> anyio.Event:
@@ -96,9 +99,12 @@ class SessionHost:
         return {"name": self.name, "node_id": self.node_id, "pid": os.getpid()}
 
     async def stop(self) -> None:
-        """Destroy every session and exit (an operator's clean stop)."""
-        if self._stop is not None:
-            self._stop.set()
+        """Destroy every session, then exit (an operator's clean stop); returns once the sessions are gone."""
+        if self._stop is None or self._stopped is None:
+            ray.actor.exit_actor()
+            return
+        self._stop.set()
+        await self._stopped.wait()
 
     # -- calls -----------------------------------------------------------------------
 

@@ -5,15 +5,19 @@ The helpers themselves live in tests/support (one definition each).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.executors import ExecutorFactory
 from tests.support import leaks
 from tests.support.manifests import write_manifest
+from tests.support.ray_cluster import RayHead, joined, start_head, stop_head
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +49,31 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture
 def bash_manifest(tmp_path: Path) -> Path:
     return write_manifest(tmp_path, resources={"bash": {"enabled": True, "config": {"timeout": 20}}})
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """One real single-node Ray cluster for the whole run, joined by this process as a front end."""
+    # Not imported here: Ray reads its environment (loopback only, the token) when first imported.
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the ray executor's tests need `pip install agentflow-sandbox[ray]`")
+    head = start_head(tmp_path_factory.mktemp("ray"))
+    try:
+        with joined(head):
+            yield head
+            import ray
+
+            ray.shutdown()
+    finally:
+        leftover = stop_head(head)
+        if leftover:
+            log.warning("the test Ray cluster needed SIGKILL for %d processes", len(leftover))
+
+
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.slow)])
+def executor(request: pytest.FixtureRequest) -> ExecutorFactory:
+    """Open an executor for a manifest: the local engine, or a Ray front end on the run's cluster
+    (a deployment of its own per test, stopped at its end)."""
+    kind: str = request.param
+    address = request.getfixturevalue("ray_head").address if kind == "ray" else None
+    return ExecutorFactory(kind, address)

@@ -87,6 +87,8 @@ class FakeBackend(Backend[FakeConfig, FakeState]):
         self.events: list[tuple[str, str]] = []
         self.live: set[int] = set()
         self.gate: anyio.Event | None = None
+        #: `work` calls running now, over all sessions (observable from outside the engine).
+        self.working = 0
 
     async def initialize(self, setup: SessionSetup[FakeConfig]) -> FakeState:
         config = setup.config
@@ -123,10 +125,12 @@ class FakeBackend(Backend[FakeConfig, FakeState]):
         state.running += 1
         state.max_running = max(state.max_running, state.running)
         state.order.append(args.seq)
+        self.working += 1
         try:
             await anyio.sleep(args.seconds)
         finally:
             state.running -= 1
+            self.working -= 1
         return Worked(seq=args.seq, session=ctx.session.session_id if ctx.session else None)
 
     @tool(description="Raise an unexpected exception.")

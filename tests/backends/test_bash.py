@@ -1,4 +1,10 @@
-"""The bash backend against a real bash: persistence, timeouts, caps, cleanup."""
+"""The bash backend against a real bash: persistence, timeouts, caps, cleanup.
+
+Tests taking the `executor` fixture run twice: on the backend directly (local) and in a
+session on a Ray session host, reached through a Ray front end's `bash_run` calls. The
+others read the session's state or scratch directory (not reachable through a front end)
+and run locally only.
+"""
 
 from __future__ import annotations
 
@@ -12,60 +18,103 @@ import pytest
 
 from backends.base import ToolContext
 from backends.bash import BashBackend, BashConfig, BashState, RunArgs
+from backends.bash.models import RunResult
 from backends.policy import Policy
-from session.errors import BackendError, ExecutionTimeout, ParameterError
+from session.errors import ERROR_CLASSES, BackendError, ExecutionTimeout, ParameterError, SandboxError
+from session.models import Caller
 from tests.backend_sessions import backend_session
+from tests.executors import Driver, ExecutorFactory, manifest_of
 from tests.security.bash_sandbox import Client, bash_engine, pid_alive, require_tier
 from tests.support import procs
 from tests.support.polling import eventually
 
 
+class RemoteShell:
+    """A bash session on a Ray session host, used through `bash_run` calls by handle."""
+
+    def __init__(self, driver: Driver, session_id: str) -> None:
+        self.driver = driver
+        self.session_id = session_id
+
+    async def run(self, command: str, limit: float | None) -> RunResult:
+        args: dict[str, object] = {"command": command, "session_id": self.session_id}
+        if limit is not None:
+            args["timeout"] = limit
+        envelope = (await self.driver.call_tool(CALLER, "bash_run", args)).envelope
+        if not envelope.ok:
+            raise ERROR_CLASSES.get(envelope.code, SandboxError)(envelope.message, data=envelope.data)
+        return RunResult.model_validate(envelope.data)
+
+
+CALLER = Caller("local", "bash-tests")
+
+
 @asynccontextmanager
 async def shell(
-    policy: Policy | None = None, **config: object
-) -> AsyncIterator[tuple[BashBackend, ToolContext[BashConfig, BashState]]]:
-    """A bash session without the sandbox (these tests are about the shell; tests/security covers tiers)."""
+    policy: Policy | None = None, *, on: ExecutorFactory | None = None, **config: object
+) -> AsyncIterator[tuple[BashBackend | RemoteShell, ToolContext[BashConfig, BashState] | None]]:
+    """A bash session without the sandbox (these tests are about the shell; tests/security covers tiers).
+
+    `on` a ray executor: the same session on a Ray session host (no context: its state is remote).
+    """
+    policy = policy or Policy(isolation="none")
+    if on is not None and on.kind == "ray":
+        manifest = manifest_of({"bash": "backends.bash:BashBackend"}, policies={"bash": policy.model_dump(mode="json")})
+        async with on(manifest) as driver:
+            made = (await driver.call_tool(CALLER, "create_session", {"resource": "bash", "config": config})).envelope
+            if not made.ok:
+                raise ERROR_CLASSES.get(made.code, SandboxError)(made.message, data=made.data)
+            yield RemoteShell(driver, made.data["session_id"]), None
+        return
     backend = BashBackend("bash")
-    async with backend_session(backend, config, policy=policy or Policy(isolation="none")) as ctx:
+    async with backend_session(backend, config, policy=policy) as ctx:
         yield backend, ctx
 
 
-async def run(backend: BashBackend, ctx: ToolContext[BashConfig, BashState], command: str, limit: float | None = None):
+async def run(
+    backend: BashBackend | RemoteShell,
+    ctx: ToolContext[BashConfig, BashState] | None,
+    command: str,
+    limit: float | None = None,
+) -> RunResult:
+    if isinstance(backend, RemoteShell):
+        return await backend.run(command, limit)
+    assert ctx is not None
     return await backend.run(ctx, RunArgs(command=command, timeout=limit))
 
 
-async def test_state_persists_between_commands():
-    async with shell() as (b, ctx):
+async def test_state_persists_between_commands(executor):
+    async with shell(on=executor) as (b, ctx):
         await run(b, ctx, 'cd /tmp && export GREETING=hi; say() { echo "$GREETING $1"; }; declare -A m=([k]=v)')
         result = await run(b, ctx, "pwd; say there; echo ${m[k]}")
         assert result.stdout == "/tmp\nhi there\nv\n"
         assert result.exit_code == 0
 
 
-async def test_stdout_stderr_and_exit_code_are_separate_and_exact():
-    async with shell() as (b, ctx):
+async def test_stdout_stderr_and_exit_code_are_separate_and_exact(executor):
+    async with shell(on=executor) as (b, ctx):
         result = await run(b, ctx, "printf 'no newline'; echo oops >&2; exit_code() { return 3; }; exit_code")
         assert result.stdout == "no newline"
         assert result.stderr == "oops\n"
         assert result.exit_code == 3
 
 
-async def test_quotes_heredocs_and_unicode_pass_through_unchanged():
-    async with shell() as (b, ctx):
+async def test_quotes_heredocs_and_unicode_pass_through_unchanged(executor):
+    async with shell(on=executor) as (b, ctx):
         command = "cat <<'EOF'\n'single' \"double\" \\back $HOME `tick` 中文\nEOF"
         result = await run(b, ctx, command)
         assert result.stdout == "'single' \"double\" \\back $HOME `tick` 中文\n"
 
 
-async def test_commands_cannot_read_the_shells_stdin():
-    async with shell() as (b, ctx):
+async def test_commands_cannot_read_the_shells_stdin(executor):
+    async with shell(on=executor) as (b, ctx):
         result = await run(b, ctx, 'read -r line; echo "got:$line:$?"', limit=5)
         assert result.stdout == "got::1\n"
         assert (await run(b, ctx, "echo still-alive")).stdout == "still-alive\n"
 
 
-async def test_a_timed_out_command_is_interrupted_and_the_shell_keeps_its_state():
-    async with shell() as (b, ctx):
+async def test_a_timed_out_command_is_interrupted_and_the_shell_keeps_its_state(executor):
+    async with shell(on=executor) as (b, ctx):
         await run(b, ctx, "export KEEP=1; cd /tmp")
         with pytest.raises(ExecutionTimeout) as caught:
             await run(b, ctx, "echo started; sleep 30; echo never", limit=0.5)
@@ -78,16 +127,16 @@ async def test_a_timed_out_command_is_interrupted_and_the_shell_keeps_its_state(
         assert not result.shell_restarted
 
 
-async def test_a_busy_builtin_loop_is_interrupted_too():
-    async with shell() as (b, ctx):
+async def test_a_busy_builtin_loop_is_interrupted_too(executor):
+    async with shell(on=executor) as (b, ctx):
         await run(b, ctx, "export KEEP=2")
         with pytest.raises(ExecutionTimeout):
             await run(b, ctx, "while true; do :; done", limit=0.3)
         assert (await run(b, ctx, "echo $KEEP")).stdout == "2\n"
 
 
-async def test_background_jobs_from_earlier_commands_survive_a_timeout():
-    async with shell() as (b, ctx):
+async def test_background_jobs_from_earlier_commands_survive_a_timeout(executor):
+    async with shell(on=executor) as (b, ctx):
         await run(b, ctx, "sleep 60 & echo $! > bg.pid")
         with pytest.raises(ExecutionTimeout):
             await run(b, ctx, "sleep 30", limit=0.3)
@@ -95,8 +144,8 @@ async def test_background_jobs_from_earlier_commands_survive_a_timeout():
         assert await anyio.Path(f"/proc/{pid}").exists()
 
 
-async def test_output_beyond_the_cap_keeps_head_and_tail():
-    async with shell(max_output_bytes=4096) as (b, ctx):
+async def test_output_beyond_the_cap_keeps_head_and_tail(executor):
+    async with shell(on=executor, max_output_bytes=4096) as (b, ctx):
         result = await run(b, ctx, "seq 1 100000")
         assert result.truncated
         assert result.stdout_bytes == len("".join(f"{i}\n" for i in range(1, 100001)))
@@ -106,8 +155,8 @@ async def test_output_beyond_the_cap_keeps_head_and_tail():
         assert len(result.stdout) < 4096 + 200
 
 
-async def test_exit_restarts_a_fresh_shell_on_the_next_command():
-    async with shell() as (b, ctx):
+async def test_exit_restarts_a_fresh_shell_on_the_next_command(executor):
+    async with shell(on=executor) as (b, ctx):
         await run(b, ctx, "export GONE=1")
         result = await run(b, ctx, "exit 7")
         assert result.exit_code == 7
@@ -162,17 +211,17 @@ async def test_a_cwd_missing_inside_the_sandbox_is_refused_at_start(tier):
             pass
 
 
-async def test_cwd_is_a_path_inside_the_sandbox():
+async def test_cwd_is_a_path_inside_the_sandbox(executor):
     require_tier("sandbox")
-    async with shell(SANDBOX, cwd="/usr/share") as (b, ctx):
+    async with shell(SANDBOX, on=executor, cwd="/usr/share") as (b, ctx):
         assert (await run(b, ctx, "pwd")).stdout == "/usr/share\n"
         await run(b, ctx, "exit 3")
         # A fresh shell (after exit) starts in the configured directory again.
         assert (await run(b, ctx, "pwd")).stdout == "/usr/share\n"
 
 
-async def test_nul_bytes_are_a_parameter_error():
-    async with shell() as (b, ctx):
+async def test_nul_bytes_are_a_parameter_error(executor):
+    async with shell(on=executor) as (b, ctx):
         with pytest.raises(ParameterError):
             await run(b, ctx, "echo a\0b")
 
@@ -223,11 +272,11 @@ async def test_cancelling_a_call_stops_its_command(tier):
 SANDBOX = Policy(isolation="sandbox", network="none")
 
 
-async def test_isolated_shell_sees_a_read_only_host_and_a_private_tmp(tmp_path):
+async def test_isolated_shell_sees_a_read_only_host_and_a_private_tmp(tmp_path, executor):
     require_tier("sandbox")
     host_file = tmp_path / "host-secret"
     host_file.write_text("x")
-    async with shell(SANDBOX) as (b, ctx):
+    async with shell(SANDBOX, on=executor) as (b, ctx):
         await run(b, ctx, "cd /; export KEEP=3")
         result = await run(b, ctx, "pwd; echo $KEEP; touch /usr/af-test 2>&1 || true; ls /tmp; echo ok > ~/f; cat ~/f")
         lines = result.stdout.splitlines()
@@ -239,17 +288,17 @@ async def test_isolated_shell_sees_a_read_only_host_and_a_private_tmp(tmp_path):
         assert (await run(b, ctx, "echo $HOME")).stdout == "/home/user\n"
 
 
-async def test_isolated_shell_without_network_has_only_loopback():
+async def test_isolated_shell_without_network_has_only_loopback(executor):
     require_tier("sandbox")
-    async with shell(SANDBOX) as (b, ctx):
+    async with shell(SANDBOX, on=executor) as (b, ctx):
         result = await run(b, ctx, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
         assert result.stdout.split() == ["lo"]
 
 
 @pytest.mark.parametrize("tier", ["none", "sandbox", "gvisor"])
-async def test_timeouts_keep_the_shell_and_its_jobs_in_every_tier(tier):
+async def test_timeouts_keep_the_shell_and_its_jobs_in_every_tier(tier, executor):
     require_tier(tier)
-    async with shell(Policy(isolation=tier)) as (b, ctx):
+    async with shell(Policy(isolation=tier), on=executor) as (b, ctx):
         await run(b, ctx, "export KEEP=4; sleep 300 & echo $! > bg.pid")
         with pytest.raises(ExecutionTimeout) as caught:
             await run(b, ctx, "echo started; sleep 30; echo never", limit=0.5)
@@ -305,8 +354,8 @@ async def test_get_status_and_list_sessions_show_the_sandbox():
         assert view.policy["limits"]["memory_mb"] == 300
 
 
-async def test_shell_options_and_function_purges_do_not_break_the_protocol():
-    async with shell() as (b, ctx):
+async def test_shell_options_and_function_purges_do_not_break_the_protocol(executor):
+    async with shell(on=executor) as (b, ctx):
         await run(b, ctx, "set -u -o pipefail; unset -f $(declare -F | awk '{print $3}') 2>/dev/null; trap - INT")
         assert (await run(b, ctx, "echo still; false")).stdout == "still\n"
         with pytest.raises(ExecutionTimeout):

@@ -1,6 +1,6 @@
 """Fixtures of the multi-node tests: a private network, a real two-node Ray cluster, front ends.
 
-See tests/support/ray_cluster.py (the cluster) and tests/support/netns.py (why the test thread
+See tests/support/ray_multinode.py (the cluster) and tests/support/netns.py (why the test thread
 moves into a private network namespace for the module's duration, and how).
 """
 
@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import netns
 from tests.support.netns import PrivateNetwork
-from tests.support.ray_cluster import RayCluster, executor_missing, ray_missing, wait_no_leftovers
+from tests.support.ray_multinode import RayCluster, executor_missing, ray_missing, wait_no_leftovers
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tests.cluster.helpers import (
 )
 from tests.support import leaks
 from tests.support.polling import eventually
-from tests.support.ray_cluster import HEAD_PORT, RayCluster
+from tests.support.ray_multinode import HEAD_PORT, RayCluster
 from tests.support.servers import TOKEN_ENV, ServerProcess, server_command
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from tests.cluster.helpers import (
 from tests.support import leaks, netns
 from tests.support.netns import PrivateNetwork
 from tests.support.polling import eventually
-from tests.support.ray_cluster import RayCluster, ray_missing, wait_no_leftovers
+from tests.support.ray_multinode import RayCluster, ray_missing, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.support.netns import PrivateNetwork, namespace_id
-from tests.support.ray_cluster import HEAD_PORT, RayCluster, wait_no_leftovers
+from tests.support.ray_multinode import HEAD_PORT, RayCluster, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,10 @@
-"""The session engine against an in-process fake backend: semantics, isolation, concurrency, TTL."""
+"""The session engine against an in-process fake backend: semantics, isolation, concurrency, TTL.
+
+Tests taking the `executor` fixture run twice: on the local engine and through a Ray front
+end on a real single-node cluster (`tests/executors.py`). The few that reach into a
+session's state object or the engine's own methods (not reachable through a front end's
+tool calls) run on the local engine only; each says so.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import anyio.lowlevel
 import pytest
 
 from backends.base import BackendKind
-from session.budget import Limits
 from session.engine import Engine
 from session.errors import ParameterError, ResourceTypeNotFound, ResourceUnavailable, SessionError
+from tests.executors import FAKES, TWO_FAKES, manifest_of
 from tests.fakes import FakeBackend, SharedFake
 from tests.support.polling import eventually
 
@@ -31,8 +37,8 @@ async def test_backend_kinds_follow_the_hooks_they_override():
     assert SharedFake.kind() is BackendKind.SHARED
 
 
-async def test_explicit_session_keeps_state_between_calls():
-    async with make_engine() as engine:
+async def test_explicit_session_keeps_state_between_calls(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         [(view, created)] = await engine.create_sessions("w1", "fake", {"label": "mine", "custom_name": "n"})
         assert created
         assert view.session_name == "n"
@@ -44,20 +50,20 @@ async def test_explicit_session_keeps_state_between_calls():
         assert got.meta.expires_at is not None
 
 
-async def test_temporary_sessions_are_fresh_private_and_unlisted():
-    async with make_engine() as engine:
+async def test_temporary_sessions_are_fresh_private_and_unlisted(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         first = (await engine.call_tool("w1", "fake:set", {"key": "a", "value": 1})).envelope
         second = (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope
         assert first.meta.temporary_session
         assert second.meta.temporary_session
         assert first.meta.session_id != second.meta.session_id
         assert second.data["value"] is None
-        assert engine.list_sessions("w1") == []
-        assert fake(engine).live == set()
+        assert await engine.list_sessions("w1") == []
+        assert await engine.backend_attr("fake", "live") == set()
 
 
-async def test_concurrent_temporary_calls_of_one_worker_never_share_a_session():
-    async with make_engine() as engine:
+async def test_concurrent_temporary_calls_of_one_worker_never_share_a_session(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         results = []
 
         async def call(seq: int) -> None:
@@ -68,10 +74,12 @@ async def test_concurrent_temporary_calls_of_one_worker_never_share_a_session():
                 tg.start_soon(call, seq)
         assert all(r.code == 0 for r in results)
         assert len({r.meta.session_id for r in results}) == 10
-        assert fake(engine).live == set()
+        assert await engine.backend_attr("fake", "live") == set()
 
 
 async def test_calls_on_one_session_run_one_at_a_time_in_arrival_order():
+    # Local only: it reads the session's state object. (Through Ray, concurrent calls reach a
+    # host in no order the caller fixes; the session's FIFO lock on the host is this same code.)
     async with make_engine() as engine:
         await engine.create_sessions("w1", "fake")
         state = engine.workers["local/w1"].sessions["fake"].state
@@ -84,6 +92,7 @@ async def test_calls_on_one_session_run_one_at_a_time_in_arrival_order():
 
 
 async def test_calls_on_different_sessions_run_in_parallel():
+    # Local only: it reads the sessions' state objects while their calls run.
     async with make_engine() as engine:
         await engine.create_sessions("w1", "fake")
         await engine.create_sessions("w2", "fake")
@@ -101,6 +110,8 @@ async def test_calls_on_different_sessions_run_in_parallel():
 
 
 async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_calls():
+    # Local only: it holds the backend's gate (an in-process event); the next test covers the
+    # same guarantee on both executors with a slow initialize instead.
     async with make_engine() as engine:
         await engine.create_sessions("fast", "fake")
         backend = fake(engine)
@@ -119,8 +130,8 @@ async def test_slow_initialize_of_one_worker_does_not_delay_another_workers_call
         assert engine.list_sessions("slow")[0].status == "active"
 
 
-async def test_a_slow_initialize_does_not_block_other_workers():
-    async with make_engine() as engine:
+async def test_a_slow_initialize_does_not_block_other_workers(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         await engine.create_sessions("b", "fake")
         started = anyio.Event()
         finished_b = anyio.Event()
@@ -132,7 +143,7 @@ async def test_a_slow_initialize_does_not_block_other_workers():
         async def b_calls() -> None:
             await started.wait()
             for _ in range(20):
-                await engine.call_tool("b", "fake:get", {"key": "x"})
+                assert (await engine.call_tool("b", "fake:get", {"key": "x"})).envelope.code == 0
             finished_b.set()
 
         async with anyio.create_task_group() as tg:
@@ -141,56 +152,56 @@ async def test_a_slow_initialize_does_not_block_other_workers():
             await finished_b.wait()
             # B finished all its calls while A is still inside its initialize (an ordering, not
             # a timing: the initialize never ends by itself within the test's time limit)
-            assert engine.workers["local/a"].sessions["fake"].status == "creating"
+            assert [v.status for v in await engine.list_sessions("a")] == ["creating"]
             tg.cancel_scope.cancel()
 
 
-async def test_workers_are_isolated():
-    async with make_engine() as engine:
+async def test_workers_are_isolated(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         await engine.create_sessions("a", "fake")
         await engine.call_tool("a", "fake:set", {"key": "secret", "value": 7})
-        assert engine.list_sessions("b") == []
+        assert await engine.list_sessions("b") == []
         with pytest.raises(SessionError, match="no 'fake' session"):
             await engine.destroy_sessions("b", ["fake"])
         seen = (await engine.call_tool("b", "fake:get", {"key": "secret"})).envelope
         assert seen.data["value"] is None
         assert seen.meta.temporary_session
-        assert engine.list_sessions("a")[0].status == "active"
+        assert (await engine.list_sessions("a"))[0].status == "active"
 
 
-async def test_create_accepts_one_a_list_or_a_mapping():
-    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}) as engine:
+async def test_create_accepts_one_a_list_or_a_mapping(executor):
+    async with executor(manifest_of(TWO_FAKES)) as engine:
         await engine.create_sessions("w1", "fake")
         await engine.create_sessions("w2", ["fake", "other"])
         await engine.create_sessions("w3", {"fake": {"label": "m"}, "other": None})
-        assert {v.resource_type for v in engine.list_sessions("w2")} == {"fake", "other"}
+        assert {v.resource_type for v in await engine.list_sessions("w2")} == {"fake", "other"}
         assert (await engine.call_tool("w3", "fake:get", {"key": "k"})).envelope.data["label"] == "m"
         again = await engine.create_sessions("w1", "fake")
         assert again[0][1] is False  # existed: kept, not re-created
         destroyed = await engine.destroy_sessions("w2")
         assert len(destroyed) == 2
-        assert engine.list_sessions("w2") == []
+        assert await engine.list_sessions("w2") == []
 
 
-async def test_failed_initialize_rolls_back_and_is_not_sticky():
-    async with make_engine() as engine:
+async def test_failed_initialize_rolls_back_and_is_not_sticky(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         with pytest.raises(SessionError, match="init exploded"):
             await engine.create_sessions("w1", "fake", {"fail_init": True})
-        assert engine.list_sessions("w1") == []
+        assert await engine.list_sessions("w1") == []
         await engine.create_sessions("w1", "fake")
-        assert engine.list_sessions("w1")[0].status == "active"
+        assert (await engine.list_sessions("w1"))[0].status == "active"
 
 
-async def test_multi_create_is_all_or_nothing():
-    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}) as engine:
+async def test_multi_create_is_all_or_nothing(executor):
+    async with executor(manifest_of(TWO_FAKES)) as engine:
         with pytest.raises(SessionError):
             await engine.create_sessions("w1", {"fake": None, "other": {"fail_init": True}})
-        assert engine.list_sessions("w1") == []
-        assert fake(engine).live == set()
+        assert await engine.list_sessions("w1") == []
+        assert await engine.backend_attr("fake", "live") == set()
 
 
-async def test_bad_config_and_unknown_resource_are_parameter_and_resource_errors():
-    async with make_engine() as engine:
+async def test_bad_config_and_unknown_resource_are_parameter_and_resource_errors(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         with pytest.raises(ParameterError, match="'nope' is not a known field"):
             await engine.create_sessions("w1", "fake", {"nope": 1})
         with pytest.raises(ResourceTypeNotFound, match="this server has: fake, search"):
@@ -199,8 +210,8 @@ async def test_bad_config_and_unknown_resource_are_parameter_and_resource_errors
             await engine.create_sessions("w1", "search")
 
 
-async def test_errors_come_back_as_envelopes_with_the_spec_codes():
-    async with make_engine() as engine:
+async def test_errors_come_back_as_envelopes_with_the_spec_codes(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         cases = {
             ("fake:nope", None): 1001,
             ("ghost_run", None): 1001,
@@ -220,6 +231,7 @@ async def test_errors_come_back_as_envelopes_with_the_spec_codes():
 
 
 async def test_broken_session_reports_1003_instead_of_hanging():
+    # Local only: it breaks the session's state object directly.
     async with make_engine() as engine:
         await engine.create_sessions("w1", "fake")
         engine.workers["local/w1"].sessions["fake"].state.broken = "the X server died"
@@ -229,11 +241,11 @@ async def test_broken_session_reports_1003_instead_of_hanging():
         assert "reinitialize" in env.message
 
 
-async def test_reinitialize_replaces_one_session_and_leaves_others():
-    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}) as engine:
+async def test_reinitialize_replaces_one_session_and_leaves_others(executor):
+    async with executor(manifest_of(TWO_FAKES)) as engine:
         await engine.create_sessions("w1", {"fake": {"label": "old"}, "other": None})
         await engine.call_tool("w1", "other:set", {"key": "keep", "value": 1})
-        old_id = engine.list_sessions("w1")[0].session_id
+        old_id = next(v.session_id for v in await engine.list_sessions("w1") if v.resource_type == "fake")
         result = await engine.reinitialize("w1", "fake", {"label": "new"})
         assert result["status"] == "success"
         assert result["old_session_id"] == old_id
@@ -241,52 +253,51 @@ async def test_reinitialize_replaces_one_session_and_leaves_others():
         assert result["config_applied"] == {"label": "new"}
         assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.data["label"] == "new"
         assert (await engine.call_tool("w1", "other:get", {"key": "keep"})).envelope.data["value"] == 1
-        assert len(fake(engine).live) == 1
+        assert len(await engine.backend_attr("fake", "live")) == 1
 
 
-async def test_reinitialize_with_a_bad_config_keeps_the_old_session():
-    async with make_engine() as engine:
+async def test_reinitialize_with_a_bad_config_keeps_the_old_session(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         await engine.create_sessions("w1", "fake", {"label": "old"})
         with pytest.raises(SessionError):
             await engine.reinitialize("w1", "fake", {"fail_init": True})
         assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.data["label"] == "old"
 
 
-async def test_idle_sessions_expire_after_the_ttl_and_calls_refresh_it():
-    backend = FakeBackend()
+async def test_idle_sessions_expire_after_the_ttl_and_calls_refresh_it(executor):
     # TTL and gaps chosen so a loaded machine stalling the loop 0.7 s still passes
-    async with Engine({"fake": backend}, session_ttl=1.0) as engine:
+    async with executor(manifest_of({"fake": FAKES["fake"]}, session_ttl=1.0)) as engine:
         await engine.create_sessions("w1", "fake")
         for _ in range(5):  # 1.5 s of activity (longer than the TTL): each call pushes the deadline
             await anyio.sleep(0.3)  # the gap between calls is what is under test
             assert (await engine.call_tool("w1", "fake:get", {"key": "a"})).envelope.meta.temporary_session is False
-        await eventually(lambda: not engine.list_sessions("w1"))
-        assert backend.live == set()
-        assert ("cleanup", "local/w1") in backend.events
+        await eventually(lambda: _none(engine.list_sessions("w1")))
+        assert await engine.backend_attr("fake", "live") == set()
+        assert ("cleanup", "local/w1") in await engine.backend_attr("fake", "events")
 
 
-async def test_refresh_sessions_extends_the_lease():
-    async with Engine({"fake": FakeBackend()}, session_ttl=1.0) as engine:
+async def test_refresh_sessions_extends_the_lease(executor):
+    async with executor(manifest_of({"fake": FAKES["fake"]}, session_ttl=1.0)) as engine:
         await engine.create_sessions("w1", "fake")
         for _ in range(4):  # 1.2 s, longer than the TTL
             await anyio.sleep(0.3)
-            engine.refresh_sessions("w1", "fake")
-        assert engine.list_sessions("w1")
-        engine.refresh_sessions("w1")
-        assert engine.list_sessions("w1")[0].expires_at is not None
+            await engine.refresh_sessions("w1", "fake")
+        assert await engine.list_sessions("w1")
+        await engine.refresh_sessions("w1")
+        assert (await engine.list_sessions("w1"))[0].expires_at is not None
 
 
-async def test_a_session_with_a_call_in_progress_is_never_reaped():
-    async with Engine({"fake": FakeBackend()}, session_ttl=1.0) as engine:
+async def test_a_session_with_a_call_in_progress_is_never_reaped(executor):
+    async with executor(manifest_of({"fake": FAKES["fake"]}, session_ttl=1.0)) as engine:
         await engine.create_sessions("w1", "fake")
         env = (await engine.call_tool("w1", "fake:work", {"seconds": 2.0})).envelope
         assert env.code == 0
         assert not env.meta.temporary_session
-        assert engine.list_sessions("w1")  # the TTL counts from the end of the call
+        assert await engine.list_sessions("w1")  # the TTL counts from the end of the call
 
 
-async def test_destroy_during_a_call_cancels_it_with_a_session_error():
-    async with make_engine() as engine:
+async def test_destroy_during_a_call_cancels_it_with_a_session_error(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         await engine.create_sessions("w1", "fake")
         result = {}
 
@@ -295,27 +306,33 @@ async def test_destroy_during_a_call_cancels_it_with_a_session_error():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(long_call)
-            state = engine.workers["local/w1"].sessions["fake"].state
-            await eventually(lambda: state.running == 1, what="the call to start working")
+            await eventually(lambda: _equals(engine.backend_attr("fake", "working"), 1), what="the call to start")
             with anyio.fail_after(15):
                 await engine.destroy_sessions("w1", ["fake"])
         assert result["env"].code == 1003
         assert "destroyed during this call" in result["env"].message
 
 
-async def test_shared_backend_warms_once_and_shuts_down_with_the_engine():
-    shared = SharedFake()
-    async with Engine({"search": shared, "fake": FakeBackend()}) as engine:
+async def test_shared_backend_warms_once(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         one = (await engine.call_tool("w1", "search:query", {"key": "q"})).envelope
         two = (await engine.call_tool("w2", "search_query", {"key": "q"})).envelope
         assert one.data == {"echo": "q", "warmups": 1}
         assert two.data["warmups"] == 1
         assert one.meta.session_id is None
         assert await engine.warmup(["search"]) == {"search": "already warm"}
+
+
+async def test_shared_backend_shuts_down_with_the_engine():
+    # Local only: on Ray the backend object lives in its host, which stops with the deployment.
+    shared = SharedFake()
+    async with Engine({"search": shared, "fake": FakeBackend()}) as engine:
+        await engine.call_tool("w1", "search:query", {"key": "q"})
     assert shared.shutdowns == 1
 
 
 async def test_engine_exit_destroys_every_session():
+    # Local only: a Ray front end's exit leaves the sessions to the cluster (by design).
     backend = FakeBackend()
     async with Engine({"fake": backend}) as engine:
         for worker in ("a", "b", "c"):
@@ -325,6 +342,7 @@ async def test_engine_exit_destroys_every_session():
 
 
 async def test_close_worker_destroys_its_sessions_only():
+    # Local only: close_worker is the in-process Sandbox's call, not a tool.
     async with make_engine() as engine:
         await engine.create_sessions("a", "fake")
         await engine.create_sessions("b", "fake")
@@ -334,8 +352,8 @@ async def test_close_worker_destroys_its_sessions_only():
         assert len(fake(engine).live) == 1
 
 
-async def test_session_limits_give_resource_unavailable():
-    async with Engine({"fake": FakeBackend()}, limits=Limits(per_resource={"fake": 1})) as engine:
+async def test_session_limits_give_resource_unavailable(executor):
+    async with executor(manifest_of({"fake": FAKES["fake"]}, per_resource={"fake": 1})) as engine:
         await engine.create_sessions("a", "fake")
         with pytest.raises(ResourceUnavailable, match="limit of 1"):
             await engine.create_sessions("b", "fake")
@@ -345,8 +363,16 @@ async def test_session_limits_give_resource_unavailable():
         await engine.create_sessions("b", "fake")
 
 
-async def test_images_travel_beside_the_envelope():
-    async with make_engine() as engine:
+async def test_images_travel_beside_the_envelope(executor):
+    async with executor(manifest_of(FAKES)) as engine:
         outcome = await engine.call_tool("w1", "fake:picture", {})
         assert outcome.envelope.data == {"width": 1, "height": 1}
         assert outcome.images[0].data.startswith(b"\x89PNG")
+
+
+async def _none(views) -> bool:
+    return not await views
+
+
+async def _equals(value, expected) -> bool:
+    return await value == expected
