@@ -6,12 +6,14 @@ These hold without the ray executor; tests/cluster/test_cluster.py uses the same
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import psutil
 import pytest
 
 from tests.support.netns import PrivateNetwork, namespace_id
-from tests.support.ray_multinode import HEAD_PORT, RayCluster, wait_no_leftovers
+from tests.support.ray_multinode import HEAD_PORT, REPO_ROOT, RayCluster, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +69,15 @@ def test_a_cluster_stopped_leaves_nothing(private_network: PrivateNetwork) -> No
         wait_no_leftovers(cluster)
         assert not cluster.root.exists()
     assert namespace_id() == private_network.id  # back where the module's fixture put the thread
+
+
+def test_ray_refuses_a_driver_without_the_cluster_token(ray_cluster: RayCluster) -> None:
+    """The cluster runs with Ray's token authentication: a driver without the token is not let in."""
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    env["RAY_AUTH_TOKEN"] = "0" * 64
+    refused = subprocess.run(
+        [sys.executable, "-m", "tests.support.ray_query", ray_cluster.address, "nodes"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0, refused.stdout
+    assert "auth" in refused.stderr.lower() or "token" in refused.stderr.lower(), refused.stderr[-2000:]

@@ -9,7 +9,8 @@ Layout (all inside one `PrivateNetwork`, see tests/support/netns.py for why and 
 - each node with its own `--temp-dir` (short: Ray's unix sockets live under it and a socket path
   is limited to 107 bytes) and its own fixed ports: the namespace is private, so fixed ports
   cannot collide with anything else on the machine;
-- Ray's environment: RAY_USAGE_STATS_ENABLED=0, RAY_prestart_worker_first_driver=0 (spares the 2
+- Ray's environment: Ray's token authentication on (RAY_AUTH_MODE=token, a token per cluster),
+  RAY_USAGE_STATS_ENABLED=0, RAY_prestart_worker_first_driver=0 (spares the 2
   cores), HOME under the cluster's scratch directory, `--include-dashboard false`, `--num-cpus 1`,
   and this test run's AGENTFLOW_RUN_ID, so the sessions the nodes' actors start are this run's
   for tests/support/leaks.py.
@@ -28,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -152,6 +154,7 @@ class RayCluster:
     front_ends: list[ServerProcess] = field(default_factory=list)
     token: str = field(default_factory=new_token, repr=False)
     run_marker: str = field(default_factory=leaks.new_test_marker)
+    ray_token: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
     @property
     def address(self) -> str:
@@ -166,6 +169,10 @@ class RayCluster:
         """
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(
+            # Ray's own token authentication, as a deployment should run it (every node, driver and
+            # front end of the cluster shares the token).
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.ray_token,
             RAY_USAGE_STATS_ENABLED="0",
             RAY_prestart_worker_first_driver="0",
             HOME=str(self.root / "home"),
