@@ -206,6 +206,7 @@ class RayExecutor:
             for name, info in hosts.items():
                 tg.start_soon(self._stop_host, Location(name, info.node_id, info.resource))
         registry = self.placement.registry
+        self._stopped = True  # no lease left to release
         await anyio.to_thread.run_sync(lambda: ray.kill(registry, no_restart=True))
 
     async def _stop_host(self, where: Location) -> None:

@@ -9,6 +9,7 @@ from manifests import build_backends
 from manifests.schema import Manifest
 from session.budget import Limits
 from session.engine import Engine
+from session.errors import ConfigurationError
 
 
 def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> Engine:
@@ -44,6 +45,8 @@ def executor_from_manifest(manifest: Manifest, *, ray_address: str | None = None
     """
     if manifest.server.executor == "local":
         return engine_from_manifest(manifest)
+    if not (ray_address or manifest.server.ray_address):
+        raise ConfigurationError("executor 'ray' needs the cluster's address: --ray-address or server.ray_address")
     from cluster.executor import RayExecutor  # the only import of the ray executor (and of ray)
 
     # The front end implements the part of Engine's surface the server uses (call, disconnect,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.executors import ExecutorFactory
-from tests.support import leaks
+from tests.support import leaks, ray_cluster
 from tests.support.manifests import write_manifest
 from tests.support.ray_cluster import RayHead, joined, start_head, stop_head
 
@@ -27,6 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # the environment) then names its ids, scratch root and cgroups after this run, and the
     # leak checks in tests/support/leaks.py count only what this run made.
     os.environ[leaks.RUN_ID_ENV] = leaks.new_run_id()
+    ray_cluster.configure_environment()
     # (A run started with SIGINT ignored, e.g. `scripts/test &`, is fine: the bash backend
     # resets SIGINT for its shells; tests/backends/test_bash.py checks that.)
 

@@ -54,14 +54,29 @@ class RayHead:
         return found
 
 
+#: Ray reads these when it is first imported, so the run sets them before any test starts
+#: (`configure_environment`): whichever test imports ray first, it sees them.
+RAY_TEST_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Single node on loopback only (a multi-node test clears it in its own subprocesses).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_AUTH_MODE": "token",
+}
+
+
+def configure_environment() -> None:
+    """Put the Ray settings and a token made for this run into this process's environment."""
+    for key, value in RAY_TEST_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
 def ray_env(scratch: Path) -> dict[str, str]:
-    """The environment of the cluster's processes and of the joining test process."""
+    """The environment of the cluster's processes (and of the joining test process)."""
     return {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_prestart_worker_first_driver": "0",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        **RAY_TEST_ENV,
+        "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32),
         "HOME": str(scratch / "home"),
     }
 
