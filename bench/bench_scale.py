@@ -21,6 +21,7 @@ their actors all share the same 2 cores, so absolute figures are this machine's,
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -99,10 +100,30 @@ async def per_call(servers: dict[str, ServerProcess], n: int) -> dict[str, float
 # -- throughput ----------------------------------------------------------------------------
 
 
-async def throughput(urls: list[ServerProcess], workers: int, calls: int, label: str) -> tuple[float, list[float]]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of `pids` and their children so far (vanished ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def machine_cpu_seconds() -> float:
+    times = psutil.cpu_times()
+    return float(times.user + times.system + times.nice + times.irq + times.softirq)
+
+
+async def throughput(
+    urls: list[ServerProcess], workers: int, calls: int, label: str, cluster: RayCluster
+) -> tuple[float, list[float]]:
     """`workers` Sandbox workers spread round-robin over `urls`, each in its own session, `calls` bash_run each.
 
-    Returns (calls/s, create_session latencies in ms).
+    Prints where the CPU went during the calls (this client, the servers, the rest of the cluster's
+    processes, everything else on the machine). Returns (calls/s, create_session latencies in ms).
     """
     latencies: list[float] = []
     creates: list[float] = []
@@ -124,15 +145,25 @@ async def throughput(urls: list[ServerProcess], workers: int, calls: int, label:
                 raise RuntimeError(f"bash_run failed: {result}")
 
     await run_all(create, sandboxes)
+    servers = [server.process.pid for server in urls]
+    ray_side = [pid for pid in cluster.network.processes() if pid not in servers]
+    groups = {"client": [os.getpid()], "servers": servers, "Ray side": ray_side}
+    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    machine = machine_cpu_seconds()
     t0 = time.perf_counter()
     await run_all(work, sandboxes)
     elapsed = time.perf_counter() - t0
+    used = {name: cpu_seconds(pids) - before[name] for name, pids in groups.items()}
+    machine = machine_cpu_seconds() - machine
+    used["everything else (shells, other jobs)"] = max(0.0, machine - sum(used.values()))
+    shares = ", ".join(f"{name} {seconds / elapsed:.2f}" for name, seconds in used.items())
     for sandbox in reversed(sandboxes):
         await sandbox.close()
     total = workers * calls
     rate = total / elapsed
     out(f"{label:<58} {rate:8.0f} calls/s   ({total} calls in {elapsed:.2f} s)")
     summarize(f"{label}: per-call latency", latencies)
+    out(f"{'':<4}cores busy during the calls: {shares} (of {psutil.cpu_count()})")
     return rate, creates
 
 
@@ -216,9 +247,13 @@ async def run(cluster: RayCluster, directory: Path, quick: bool) -> None:
 
         workers, calls = (50, 10) if quick else (200, 20)
         out(f"\n== throughput: {workers} workers x {calls} bash_run, each in its own session ==")
-        local_rate, local_creates = await throughput([local], workers, calls, f"1 local server, {workers} workers")
-        one_rate, _ = await throughput([a], workers, calls, f"1 Ray front end, {workers} workers")
-        two_rate, ray_creates = await throughput([a, b], workers, calls, f"2 Ray front ends, {workers} workers")
+        local_rate, local_creates = await throughput(
+            [local], workers, calls, f"1 local server, {workers} workers", cluster
+        )
+        one_rate, _ = await throughput([a], workers, calls, f"1 Ray front end, {workers} workers", cluster)
+        two_rate, ray_creates = await throughput(
+            [a, b], workers, calls, f"2 Ray front ends, {workers} workers", cluster
+        )
 
         out("\n== create_session (bash, sandbox tier) ==")
         summarize("local: sequential create", await sequential_creates(local, 50 if quick else 100))
@@ -238,14 +273,22 @@ def conclude(
 ) -> None:
     load = psutil.getloadavg()[0]
     out("\n== what this says ==")
+    gain = two / one
+    if gain >= 1.2:
+        why = "the HTTP and JSON-RPC work of the second front end ran on the second core"
+    else:
+        why = (
+            "there was no idle core for the second front end to use: the client's workers (one Python process), "
+            "the session hosts, both raylets, the shells and the machine's other jobs already kept both cores busy "
+            "(see 'cores busy' above)"
+        )
     out(
         f"One server process uses at most one core (one Python interpreter): one local server did {local_rate:.0f} "
-        f"calls/s and one Ray front end {one:.0f}; two front ends did {two:.0f} ({two / one:.2f}x one), because the "
-        "HTTP and JSON-RPC work of the second runs on the second core. That is this machine's ceiling: the client's "
-        "workers (one Python process), the session hosts, both raylets and the shells share the same 2 cores "
-        f"(load average now {load:.1f}), so a third front end would add nothing here. Per call the Ray executor "
-        f"adds ~{overhead:.1f} ms at the median: the front end asks the registry actor where the session lives, "
-        "then calls its host actor (two gRPC hops, each a serialisation and a process switch)."
+        f"calls/s and one Ray front end {one:.0f}; two front ends did {two:.0f} ({gain:.2f}x one): {why}. "
+        f"On 2 cores that is the ceiling (load average now {load:.1f}): a third front end would add nothing "
+        f"here. Per call the Ray executor adds ~{overhead:.1f} ms at the median: the front end asks the registry "
+        "actor where the session lives, then calls its host actor (two gRPC hops, each a serialisation and a "
+        "process switch)."
     )
     out(
         "On a bigger cluster the parts divide. Front ends keep no state, so they scale out behind a load balancer "
