@@ -119,11 +119,12 @@ def machine_cpu_seconds() -> float:
 
 async def throughput(
     urls: list[ServerProcess], workers: int, calls: int, label: str, cluster: RayCluster
-) -> tuple[float, list[float]]:
+) -> tuple[float, list[float], float]:
     """`workers` Sandbox workers spread round-robin over `urls`, each in its own session, `calls` bash_run each.
 
     Prints where the CPU went during the calls (this client, the servers, the rest of the cluster's
-    processes, everything else on the machine). Returns (calls/s, create_session latencies in ms).
+    processes, everything else on the machine). Returns (calls/s, create_session latencies in ms,
+    cores our processes got: client, servers and Ray side together).
     """
     latencies: list[float] = []
     creates: list[float] = []
@@ -164,7 +165,8 @@ async def throughput(
     out(f"{label:<58} {rate:8.0f} calls/s   ({total} calls in {elapsed:.2f} s)")
     summarize(f"{label}: per-call latency", latencies)
     out(f"{'':<4}cores busy during the calls: {shares} (of {psutil.cpu_count()})")
-    return rate, creates
+    ours = (used["client"] + used["servers"] + used["Ray side"]) / elapsed
+    return rate, creates, ours
 
 
 async def run_all(fn: Callable[[Sandbox], Coroutine[None, None, None]], sandboxes: list[Sandbox]) -> None:
@@ -247,11 +249,11 @@ async def run(cluster: RayCluster, directory: Path, quick: bool) -> None:
 
         workers, calls = (50, 10) if quick else (200, 20)
         out(f"\n== throughput: {workers} workers x {calls} bash_run, each in its own session ==")
-        local_rate, local_creates = await throughput(
+        local_rate, local_creates, _ = await throughput(
             [local], workers, calls, f"1 local server, {workers} workers", cluster
         )
-        one_rate, _ = await throughput([a], workers, calls, f"1 Ray front end, {workers} workers", cluster)
-        two_rate, ray_creates = await throughput(
+        one_rate, _, one_cores = await throughput([a], workers, calls, f"1 Ray front end, {workers} workers", cluster)
+        two_rate, ray_creates, two_cores = await throughput(
             [a, b], workers, calls, f"2 Ray front ends, {workers} workers", cluster
         )
 
@@ -265,39 +267,38 @@ async def run(cluster: RayCluster, directory: Path, quick: bool) -> None:
         mem = await memory(cluster, [a, b], 50 if quick else 200)
     finally:
         local.stop()
-    conclude(calib, overhead, local_rate, one_rate, two_rate, mem)
+    conclude(calib, overhead, local_rate, (one_rate, one_cores), (two_rate, two_cores), mem)
 
 
 def conclude(
-    calib: dict[str, float], overhead: float, local_rate: float, one: float, two: float, mem: dict[str, float]
+    calib: dict[str, float],
+    overhead: float,
+    local_rate: float,
+    one_front_end: tuple[float, float],
+    two_front_ends: tuple[float, float],
+    mem: dict[str, float],
 ) -> None:
+    (one, one_cores), (two, two_cores) = one_front_end, two_front_ends
     load = psutil.getloadavg()[0]
     out("\n== what this says ==")
-    gain = two / one
-    if gain >= 1.2:
-        why = "the HTTP and JSON-RPC work of the second front end ran on the second core"
-    else:
-        why = (
-            "there was no idle core for the second front end to use: the client's workers (one Python process), "
-            "the session hosts, both raylets, the shells and the machine's other jobs already kept both cores busy "
-            "(see 'cores busy' above)"
-        )
     out(
-        f"One server process uses at most one core (one Python interpreter): one local server did {local_rate:.0f} "
-        f"calls/s and one Ray front end {one:.0f}; two front ends did {two:.0f} ({gain:.2f}x one): {why}. "
-        f"On 2 cores that is the ceiling (load average now {load:.1f}): a third front end would add nothing "
-        f"here. Per call the Ray executor adds ~{overhead:.1f} ms at the median: the front end asks the registry "
-        "actor where the session lives, then calls its host actor (two gRPC hops, each a serialisation and a "
-        "process switch)."
+        f"One local server did {local_rate:.0f} calls/s, one Ray front end {one:.0f}, two front ends {two:.0f} "
+        f"({two / one:.2f}x one). Our processes (client, servers, Ray) got {one_cores:.2f} of the 2 cores with one "
+        f"front end and {two_cores:.2f} with two; none of them used a whole core (see 'cores busy' above), so "
+        "on this machine throughput follows the CPU the client, the servers, both raylets, the session hosts, the "
+        f"shells and the machine's other jobs (load average now {load:.1f}) leave each other, not the number of "
+        "front ends: a second front end helps only when a core is idle, and a third cannot here. Per call the Ray "
+        f"executor adds ~{overhead:.1f} ms at the median (a registry lookup by handle and the call to the host "
+        "actor: gRPC hops, each a serialisation and a process switch)."
     )
     out(
         "On a bigger cluster the parts divide. Front ends keep no state, so they scale out behind a load balancer "
-        f"at about one core's worth of calls each ({one:.0f} calls/s here on a loaded shared core, more on an idle "
-        "one). Each node's session hosts run that node's sessions on its own cores; a host is one Python process "
-        "per (node, resource), so one core of engine work per node and resource is the next limit. The registry "
-        "is one actor asked on every call, the limit after that (a Ray actor call costs ~0.6 ms: on the order of "
-        "a thousand or two lookups per second unless front ends cache where sessions live). Up to those limits "
-        "throughput should grow about linearly with front ends, and session capacity with nodes: a bash session "
+        "at up to one core's worth of calls each (one Python interpreter per front end). Each node's session "
+        "hosts run that node's sessions on its own cores; a host is one Python process per (node, resource), so "
+        "one core of engine work per node and resource is the next limit. The registry is one actor that front "
+        "ends ask where a session lives, the limit after that (a Ray actor call costs ~0.6 ms: on the order of a "
+        "thousand or two lookups per second, less what front ends remember). Up to those limits throughput "
+        "should grow about linearly with front ends, and session capacity with nodes: a bash session "
         f"costs ~{mem['session_kb']:.0f} kB plus its share of a ~{mem['host_mb']:.0f} MB host actor, and Ray "
         f"itself ~{mem['ray_mb'] / 2:.0f} MB per node (GCS included). "
         f"(Calibration: loop {calib['loop_ms']:.0f} ms, pipe {calib['pipe_ms'] * 1000:.1f} µs: compare runs by "
