@@ -20,11 +20,11 @@ import anyio
 import ray
 from anyio.abc import TaskGroup
 
-from backends.base import Backend, BackendKind, ToolSpec
+from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
 from cluster.keys import connection_worker, digest, host_name, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
-from cluster.placement import Host, Placement, connect
+from cluster.placement import Host, Placement, connect, gcs
 from cluster.registry import Location
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
@@ -73,6 +73,11 @@ class RayExecutor:
         self.disconnect_grace = self._schema.disconnect_grace
         self.placement = Placement(manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment)
         self._locations: dict[str, Location] = {}
+        # Connection worker -> resource -> host of its default session. Only this front end routes
+        # a connection's calls, so only its own calls can give one a default: the entry is dropped
+        # at each call that may (meta-tools, calls by handle). A default that ended meanwhile (TTL,
+        # grace) only sends the next call to a host that runs it in a temporary session, as it should.
+        self._defaults: dict[str, dict[str, Host]] = {}
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._stopped = False
@@ -140,7 +145,7 @@ class RayExecutor:
     async def call(
         self, caller: Caller | str | None, tool_name: str, arguments: Any, *, progress: Any = None
     ) -> CallOutcome:
-        """Route one tool call; always returns an envelope. (Progress reports stay on the host.)"""
+        """Route one tool call; always returns an envelope. Progress a backend tool reports reaches `progress`."""
         caller = self._scoped(Caller.of(caller))
         started = anyio.current_time()
         meta = ResultMeta(tool=tool_name[:MAX_TOOL_NAME])
@@ -150,7 +155,7 @@ class RayExecutor:
             args = dict(arguments or {})
             if spec.owner == "engine":
                 return await self._meta_tool(caller, spec, args, meta)
-            return await self._backend_tool(caller, spec, tool_name, args)
+            return await self._backend_tool(caller, spec, tool_name, args, progress)
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope = failure(exc, meta)
             meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
@@ -167,6 +172,7 @@ class RayExecutor:
         """`disconnect`, returning once every host concerned has started the grace."""
         principal, _, worker = worker_key.partition("/")
         scoped = connection_worker(self.front_end, worker)
+        self._defaults.pop(f"{principal}/{scoped}", None)
         if scoped.startswith("conn:"):
             # A connection's worker is routed by its own front end only: the hosts it knows are all.
             hosts = list(self.placement.hosts.values())
@@ -207,7 +213,7 @@ class RayExecutor:
                 tg.start_soon(self._stop_host, Location(name, info.node_id, info.resource))
         registry = self.placement.registry
         self._stopped = True  # no lease left to release
-        await anyio.to_thread.run_sync(lambda: ray.kill(registry, no_restart=True))
+        await gcs(lambda: ray.kill(registry, no_restart=True))
 
     async def _stop_host(self, where: Location) -> None:
         host = await self._attach(where)
@@ -224,25 +230,30 @@ class RayExecutor:
 
     # -- backend tools ---------------------------------------------------------------
 
-    async def _backend_tool(self, caller: Caller, spec: ToolSpec, tool_name: str, args: dict[str, Any]) -> CallOutcome:
+    async def _backend_tool(
+        self, caller: Caller, spec: ToolSpec, tool_name: str, args: dict[str, Any], progress: ProgressFn | None
+    ) -> CallOutcome:
         resource = spec.resource
         assert resource is not None
         if self.backends[resource].kind() is BackendKind.SHARED:
-            return await self._forward(await self._placed(resource), caller, tool_name, args)
+            return await self._forward(await self._placed(resource), caller, tool_name, args, progress=progress)
         handle = args.get("session_id") if spec.takes_session else None
         if handle is not None:
             if not isinstance(handle, str):
                 raise ParameterError("session_id must be the string create_session returned")
-            return await self._forward(await self._host_of(handle), caller, tool_name, args, handle=handle)
-        host = await self._default_host(caller, resource)
-        if host is not None:
-            return await self._forward(host, caller, tool_name, args)
-        return await self._forward(await self._placed(resource), caller, tool_name, args)
+            if caller.worker_key is not None:
+                self._defaults.pop(caller.worker_key, None)  # the call may adopt the session
+            host = await self._host_of(handle)
+            return await self._forward(host, caller, tool_name, args, handle=handle, progress=progress)
+        host = await self._default_host(caller, resource) or await self._placed(resource)
+        return await self._forward(host, caller, tool_name, args, progress=progress)
 
     # -- meta-tools ------------------------------------------------------------------
 
     async def _meta_tool(self, caller: Caller, spec: ToolSpec, args: dict[str, Any], meta: ResultMeta) -> CallOutcome:
         name = spec.name
+        if not spec.read_only and caller.worker_key is not None:
+            self._defaults.pop(caller.worker_key, None)
         parsed = validate_arguments(spec, args)
         if name == "create_session":
             assert isinstance(parsed, CreateSessionArgs)
@@ -274,16 +285,18 @@ class RayExecutor:
         wanted = normalise_request(parsed.resource, parsed.config)
         for resource in wanted:
             self._schema.pool.session_backend(resource)
+        defaults = {resource: await self._default_host(caller, resource) for resource in wanted}
+        await self._admit(caller, sum(1 for host in defaults.values() if host is None))
         if len(wanted) == 1:
             [resource] = wanted
-            host = await self._default_host(caller, resource) or await self._placed(resource, reserve=True)
+            host = defaults[resource] or await self._placed(resource, reserve=True)
             return await self._forward(host, caller, "create_session", args)
         # Several resources live on several hosts: one create each, all or nothing.
         outcomes: dict[str, CallOutcome | BaseException] = {}
 
         async def create_one(resource: str, config: Any) -> None:
             try:
-                host = await self._default_host(caller, resource) or await self._placed(resource, reserve=True)
+                host = defaults[resource] or await self._placed(resource, reserve=True)
                 outcomes[resource] = await self._forward(
                     host, caller, "create_session", {"resource": {resource: config}}
                 )
@@ -320,8 +333,27 @@ class RayExecutor:
         self._schema.pool.session_backend(parsed.resource)
         host = await self._default_host(caller, parsed.resource)
         if host is None:
+            await self._admit(caller, 1)
             host = await self._placed(parsed.resource, reserve=True)
         return await self._forward(host, caller, "reinitialize", args)
+
+    async def _admit(self, caller: Caller, count: int) -> None:
+        """The caps per principal and per worker, across the cluster (each host also applies the
+        manifest's caps to its own sessions). Raises: ResourceUnavailable (2004), as the engine words it."""
+        limits = self._schema.budget.limits
+        if count == 0 or (limits.per_principal is None and limits.per_worker is None):
+            return
+        worker = digest(caller.worker_key) if caller.worker_key is not None else None
+        over = await self._registry("admit", caller.principal, worker, count, limits.per_principal, limits.per_worker)
+        if over == "principal":
+            raise ResourceUnavailable(
+                f"your credentials' session limit ({limits.per_principal}) is reached; destroy sessions you no "
+                "longer need"
+            )
+        if over == "worker":
+            raise ResourceUnavailable(
+                f"this client's session limit ({limits.per_worker}) is reached; destroy sessions you no longer need"
+            )
 
     async def _by_default(self, caller: Caller, name: str, resources: list[str], meta: ResultMeta) -> CallOutcome:
         """destroy/refresh naming resources: each is the caller's default session of it, wherever it lives."""
@@ -395,10 +427,17 @@ class RayExecutor:
 
     async def _default_host(self, caller: Caller, resource: str) -> Host | None:
         """The host holding the caller's worker's default session of `resource`, if it has one."""
-        if caller.worker_key is None:
+        key = caller.worker_key
+        if key is None:
             return None
-        where = await self._registry("default", digest(caller.worker_key), resource)
-        return None if where is None else await self._attach(where)
+        cached = self._defaults.get(key, {}).get(resource)
+        if cached is not None:
+            return cached
+        where = await self._registry("default", digest(key), resource)
+        host = None if where is None else await self._attach(where)
+        if host is not None and caller.worker is not None and caller.worker.startswith("conn:"):
+            self._defaults.setdefault(key, {})[resource] = host
+        return host
 
     async def _placed(self, resource: str, *, reserve: bool = False) -> Host:
         """A host for a new (or temporary) session: an eligible node's, the one with the fewest sessions."""
@@ -426,14 +465,25 @@ class RayExecutor:
             raise faults.unreachable(exc) from exc
 
     async def _forward(
-        self, host: Host, caller: Caller, tool_name: str, args: dict[str, Any], *, handle: str | None = None
+        self,
+        host: Host,
+        caller: Caller,
+        tool_name: str,
+        args: dict[str, Any],
+        *,
+        handle: str | None = None,
+        progress: ProgressFn | None = None,
     ) -> CallOutcome:
-        ref = host.actor.call.remote(caller, tool_name, args)
         try:
-            outcome: CallOutcome = await ref
-        except anyio.get_cancelled_exc_class():
-            ray.cancel(ref)  # the client gave up: stop the call on the host too
-            raise
+            if progress is None:
+                ref = host.actor.call.remote(caller, tool_name, args)
+                try:
+                    outcome: CallOutcome = await ref
+                except anyio.get_cancelled_exc_class():
+                    ray.cancel(ref)  # the client gave up: stop the call on the host too
+                    raise
+            else:
+                outcome = await self._streamed(host, caller, tool_name, args, progress)
         except ray.exceptions.RayError as exc:
             if faults.is_actor_dead(exc):
                 raise await self._lost(host) from None
@@ -441,6 +491,23 @@ class RayExecutor:
         if handle is not None and outcome.envelope.code == SessionError.code:
             self._locations.pop(digest(handle), None)
         return outcome
+
+    async def _streamed(
+        self, host: Host, caller: Caller, tool_name: str, args: dict[str, Any], progress: ProgressFn
+    ) -> CallOutcome:
+        """A call whose progress reports reach `progress` as the host sends them."""
+        stream = host.actor.call_streaming.options(num_returns="streaming").remote(caller, tool_name, args)
+        try:
+            async for ref in stream:
+                item = await ref
+                if item[0] == "done":
+                    done: CallOutcome = item[1]
+                    return done
+                await progress(*item[1:])
+        except anyio.get_cancelled_exc_class():
+            ray.cancel(stream)
+            raise
+        raise ServiceUnavailable(f"the {host.resource!r} session host ended the call without a result; retry")
 
     async def _fan_out_hosts(self) -> list[Host]:
         """Every running host of the deployment (any front end may have started it)."""
@@ -467,6 +534,9 @@ class RayExecutor:
         """A host that is gone: forget it everywhere; say whether its node was lost."""
         self.placement.forget(host.name)
         self._locations = {k: v for k, v in self._locations.items() if v.host != host.name}
+        for hosts in self._defaults.values():
+            for resource in [r for r, h in hosts.items() if h.name == host.name]:
+                del hosts[resource]
         try:
             alive = await self.placement.node_alive(host.node_id)
             self.placement.registry.drop_host.remote(host.name)
@@ -481,7 +551,8 @@ class RayExecutor:
             return await getattr(self.placement.registry, method).remote(*args)
         except ray.exceptions.RayError as exc:
             if faults.is_actor_dead(exc):
-                await anyio.to_thread.run_sync(self.placement.join_registry)
+                # (A restarted cluster has lost it: a new, empty one answers from now on.)
+                await gcs(self.placement.join_registry)
             raise faults.unreachable(exc) from None
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 import anyio
 import ray
+from anyio.abc import TaskGroup
 
 from backends.processes import sweep_orphan_dirs, sweep_orphans
 from backends.sandbox import sweep_orphans as sweep_sandbox_orphans
@@ -23,11 +26,13 @@ from cluster.keys import REGISTRY_NAME, digest, front_end_of
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
 from session.engine import Engine
-from session.models import Caller
+from session.models import Caller, Session
 from session.tool_calls import CallOutcome
 
 log = logging.getLogger(__name__)
 
+#: Progress reports a streaming call may have waiting for its front end (more are dropped).
+PROGRESS_BUFFER = 64
 #: How often a host reports reaped sessions and looks for lapsed front ends.
 HOUSEKEEPING_INTERVAL = 1.0
 
@@ -48,6 +53,7 @@ class SessionHost:
         self._stop: anyio.Event | None = None
         self._stopped: anyio.Event | None = None
         self._serving = False
+        self._tg: TaskGroup | None = None
         self._registry: Any = None
         # What the registry was last told: handle -> digest, (worker key, resource) -> digest pair.
         self._handles: dict[str, str] = {}
@@ -71,6 +77,7 @@ class SessionHost:
                 self.engine = engine
                 ready.set()
                 async with anyio.create_task_group() as tg:
+                    self._tg = tg
                     tg.start_soon(self._housekeeping)
                     await self._stop.wait()
                     tg.cancel_scope.cancel()
@@ -81,7 +88,7 @@ class SessionHost:
                 await self._registry.drop_host.remote(self.name)
             log.info("session host %s stopped", self.name)
             self._stopped.set()
-        ray.actor.exit_actor()
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
     def _ready_event(self) -> anyio.Event:
         if self._ready is None:
@@ -101,7 +108,7 @@ class SessionHost:
     async def stop(self) -> None:
         """Destroy every session, then exit (an operator's clean stop); returns once the sessions are gone."""
         if self._stop is None or self._stopped is None:
-            ray.actor.exit_actor()
+            ray.actor.exit_actor()  # type: ignore[no-untyped-call]
             return
         self._stop.set()
         await self._stopped.wait()
@@ -113,6 +120,38 @@ class SessionHost:
         outcome = await engine.call(caller, tool_name, arguments)
         await self._sync()
         return outcome
+
+    async def call_streaming(
+        self, caller: Caller, tool_name: str, arguments: dict[str, Any]
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """`call`, as a Ray streaming generator: ("progress", done, total, message) items as the tool
+        reports them, then ("done", outcome). Closing it (the front end's caller gave up) cancels the call."""
+        engine = await self._engine()
+        assert self._tg is not None
+        send, receive = anyio.create_memory_object_stream[tuple[Any, ...]](max_buffer_size=PROGRESS_BUFFER)
+        scope = anyio.CancelScope()
+
+        async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+            with suppress(anyio.WouldBlock, anyio.ClosedResourceError):  # advisory: drop what cannot be sent
+                send.send_nowait(("progress", done, total, message))
+
+        async def run() -> None:
+            with scope:
+                outcome = await engine.call(caller, tool_name, arguments, progress=progress)
+                await self._sync()
+                with suppress(anyio.ClosedResourceError):
+                    await send.send(("done", outcome))
+            send.close()
+
+        # Run in the host's task group, not in this generator: a generator must not hold a task group
+        # open across its yields.
+        self._tg.start_soon(run)
+        try:
+            async with receive:
+                async for item in receive:
+                    yield item
+        finally:
+            scope.cancel()
 
     async def disconnect(self, worker_key: str) -> None:
         engine = await self._engine()
@@ -153,7 +192,7 @@ class SessionHost:
             self._defaults[pair] = (digest(pair[0]), pair[1])
         update = self._registry.sync.remote(
             self.name,
-            [known[h] for h in added],
+            [(known[h], *self._counted_against(live[h])) for h in added],
             [known.pop(h) for h in removed],
             [self._defaults[p] for p in defaults_added],
             [self._defaults.pop(p) for p in defaults_removed],
@@ -161,6 +200,12 @@ class SessionHost:
         )
         if added or defaults_added:
             await update
+
+    @staticmethod
+    def _counted_against(session: Session) -> tuple[str | None, str | None]:
+        """The (principal, worker digest) the engine's budget counts `session` against."""
+        principal, worker = session.budget_key or (None, None)
+        return principal, digest(worker) if worker is not None else None
 
     async def _housekeeping(self) -> None:
         idle_since: float | None = None

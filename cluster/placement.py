@@ -11,19 +11,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster.faults import CLUSTER_UNREACHABLE
 from cluster.host import SessionHost
 from cluster.keys import REGISTRY_NAME, host_name, node_label, node_resource
 from cluster.registry import Registry
 from manifests.schema import Manifest
+from session.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How long the list of live nodes is trusted before asking Ray again.
 NODES_TTL = 2.0
@@ -31,6 +35,8 @@ NODES_TTL = 2.0
 HOST_IDLE_EXIT = 60.0
 #: How long a new host may take to start its engine (a node that died meanwhile never starts it).
 HOST_START_TIMEOUT = 60.0
+#: How long one request to Ray's control plane (GCS) may take before the call answers 5002.
+GCS_TIMEOUT = 10.0
 #: Concurrent calls one host accepts (each is a coroutine in its event loop).
 HOST_CONCURRENCY = 10_000
 
@@ -73,6 +79,16 @@ def connect(address: str, deployment: str) -> None:
     )
 
 
+async def gcs(fn: Callable[[], T]) -> T:
+    """Run one blocking request to Ray's control plane in a thread, bounded: when the GCS is away
+    Ray retries for ever, so the caller is answered 5002 and the thread is left to finish."""
+    try:
+        with anyio.fail_after(GCS_TIMEOUT):
+            return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+    except TimeoutError:
+        raise ServiceUnavailable(f"{CLUSTER_UNREACHABLE} (no answer in {GCS_TIMEOUT:g} s)") from None
+
+
 class Placement:
     """One front end's view of the cluster: nodes, host actors, the registry actor."""
 
@@ -86,7 +102,7 @@ class Placement:
 
     def join_registry(self) -> None:
         """Get the deployment's registry actor, starting it on the head node if it is not running."""
-        self.registry = _RegistryActor.options(  # type: ignore[attr-defined]
+        self.registry = _RegistryActor.options(
             name=REGISTRY_NAME,
             namespace=self.deployment,
             lifetime="detached",
@@ -98,7 +114,7 @@ class Placement:
 
     async def nodes(self, *, fresh: bool = False) -> list[Node]:
         if fresh or time.monotonic() - self._nodes_at > NODES_TTL:
-            raw = await anyio.to_thread.run_sync(ray.nodes)
+            raw = await gcs(ray.nodes)
             self._nodes = [Node(n["NodeID"], bool(n["Alive"]), dict(n.get("Resources") or {})) for n in raw]
             self._nodes_at = time.monotonic()
         return self._nodes
@@ -123,17 +139,20 @@ class Placement:
         known = self.hosts.get(name)
         if known is not None:
             return known
-        actor = _HostActor.options(  # type: ignore[attr-defined]
-            name=name,
-            namespace=self.deployment,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            resources={node_resource(resource): 0.001},
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            max_restarts=0,
-            max_concurrency=HOST_CONCURRENCY,
-        ).remote(self.manifest, resource, node_id, name, self.deployment, HOST_IDLE_EXIT)
+        # Looking up (or registering) a named actor asks the GCS: off the event loop, bounded.
+        actor: Any = await gcs(
+            lambda: _HostActor.options(
+                name=name,
+                namespace=self.deployment,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                resources={node_resource(resource): 0.001},
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                max_restarts=0,
+                max_concurrency=HOST_CONCURRENCY,
+            ).remote(self.manifest, resource, node_id, name, self.deployment, HOST_IDLE_EXIT)
+        )
         actor.serve.remote()  # runs for the host's life; a no-op on a host already serving
         # Bounded: a node that died since the node list was read never schedules it.
         with anyio.fail_after(HOST_START_TIMEOUT):
@@ -147,7 +166,7 @@ class Placement:
         if known is not None:
             return known
         try:
-            actor = await anyio.to_thread.run_sync(lambda: ray.get_actor(name, namespace=self.deployment))
+            actor = await gcs(lambda: ray.get_actor(name, namespace=self.deployment))
         except ValueError:
             return None
         host = self.hosts[name] = Host(name, node_id, resource, actor)

@@ -9,6 +9,7 @@ and the front ends' leases. Hosts write their own entries; front ends read them.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -31,6 +32,11 @@ class Registry:
 
     def __init__(self) -> None:
         self.sessions: dict[str, Location] = {}
+        # Who each session counts against (principal, worker digest), fixed at its creation as
+        # the engine's own budget does: the caps per principal and per worker span the cluster.
+        self.owners: dict[str, tuple[str | None, str | None]] = {}
+        self.by_principal: Counter[str] = Counter()
+        self.by_worker: Counter[str] = Counter()
         self.defaults: dict[tuple[str, str], str] = {}
         self.hosts: dict[str, HostInfo] = {}
         self.leases: dict[str, float] = {}
@@ -44,23 +50,27 @@ class Registry:
     def sync(
         self,
         host: str,
-        added: list[str],
+        added: list[tuple[str, str | None, str | None]],
         removed: list[str],
         defaults_added: list[tuple[str, str]],
         defaults_removed: list[tuple[str, str]],
         live: int,
     ) -> None:
-        """A host's changes since its last sync; `live` is its session count now."""
+        """A host's changes since its last sync; `live` is its session count now.
+
+        `added` holds (handle digest, principal, worker digest) of each new session."""
         info = self.hosts.get(host)
         if info is None:
             return  # dropped (its node was declared lost): late news from it must not resurrect it
         info.sessions = live
         where = Location(host, info.node_id, info.resource)
-        for key in added:
+        for key, principal, worker in added:
             self.sessions[key] = where
+            self._count(key, (principal, worker))
         for key in removed:
             if self.sessions.get(key) == where:
                 del self.sessions[key]
+                self._count(key, None)
         for pair in defaults_added:
             self.defaults[pair] = host
         for pair in defaults_removed:
@@ -68,6 +78,32 @@ class Registry:
             # whose default expired must not erase the one another host has since created.
             if self.defaults.get(pair) == host:
                 del self.defaults[pair]
+
+    def _count(self, key: str, owner: tuple[str | None, str | None] | None) -> None:
+        """Start (owner given) or stop counting session `key` against its principal and worker."""
+        principal, worker = self.owners.pop(key, (None, None))
+        if principal is not None:
+            self.by_principal[principal] -= 1
+        if worker is not None:
+            self.by_worker[worker] -= 1
+        if owner is None:
+            return
+        self.owners[key] = owner
+        principal, worker = owner
+        if principal is not None:
+            self.by_principal[principal] += 1
+        if worker is not None:
+            self.by_worker[worker] += 1
+
+    def admit(
+        self, principal: str, worker: str | None, count: int, per_principal: int | None, per_worker: int | None
+    ) -> str | None:
+        """Which cluster-wide cap `count` more sessions would pass ("principal", "worker"), if any."""
+        if per_principal is not None and self.by_principal[principal] + count > per_principal:
+            return "principal"
+        if worker is not None and per_worker is not None and self.by_worker[worker] + count > per_worker:
+            return "worker"
+        return None
 
     def lookup(self, key: str) -> Location | None:
         return self.sessions.get(key)
@@ -97,6 +133,7 @@ class Registry:
         lost = [key for key, where in self.sessions.items() if where.host == host]
         for key in lost:
             del self.sessions[key]
+            self._count(key, None)
         for pair in [pair for pair, h in self.defaults.items() if h == host]:
             del self.defaults[pair]
         return len(lost)

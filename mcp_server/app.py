@@ -11,6 +11,7 @@ from typing import Any
 
 import mcp_types as t
 from mcp.server import Server, ServerRequestContext
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 
 from backends.base import BackendKind, ProgressFn
 from backends.policy import Policy
@@ -66,7 +67,11 @@ def build_server(engine: Engine) -> Server[RunScope]:
         except SandboxError as exc:
             return to_result(CallOutcome(failure(exc, ResultMeta(tool=params.name[:128]))))
         try:
-            outcome = await engine.call(caller, params.name, params.arguments or {}, progress=_progress(ctx))
+            # The ray executor streams a call only when its progress can reach the client: a request
+            # with a progress token (in-process clients, whose callbacks need none, are always local).
+            wants_progress = isinstance(engine, Engine) or progress_token_from_params(ctx.params) is not None
+            progress = _progress(ctx) if wants_progress else None
+            outcome = await engine.call(caller, params.name, params.arguments or {}, progress=progress)
         except Exception as exc:  # the engine returns envelopes; this is the backstop
             outcome = CallOutcome(failure(exc, ResultMeta(tool=params.name[:128])))
         return to_result(outcome)

@@ -269,6 +269,20 @@ async def test_cancelling_a_call_stops_its_command(tier):
         assert not await anyio.Path(ctx.state.home / "should-not-exist").exists()
 
 
+async def test_a_cancelled_call_interrupts_its_command(executor):
+    # On Ray the front end cancels the call on the host (ray.cancel), which interrupts the command.
+    async with shell(on=executor) as (b, ctx):
+        with anyio.move_on_after(0.5):
+            await run(b, ctx, "sleep 41.2345; touch should-not-exist")
+
+        async def interrupted() -> bool:
+            check = await run(b, ctx, "pgrep -fx 'sleep 41.2345' >/dev/null && echo running || echo gone")
+            return check.stdout == "gone\n"
+
+        await eventually(interrupted, 15, what="the cancelled command to be interrupted")
+        assert (await run(b, ctx, "ls should-not-exist 2>/dev/null || echo absent")).stdout == "absent\n"
+
+
 SANDBOX = Policy(isolation="sandbox", network="none")
 
 

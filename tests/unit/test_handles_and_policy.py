@@ -130,11 +130,10 @@ async def test_reinitialize_ends_the_old_handle_and_returns_a_new_one(executor):
         assert (await engine.call(ALICE, "fake_get", {"key": "k"})).envelope.data["label"] == "new"
 
 
-async def test_caps_per_worker_and_per_principal_give_2004():
-    # Local only: on Ray each (node, resource) host counts its own sessions, so a cap spanning two
-    # resources (here per_worker=1 over fake and other) is not enforced across hosts (a known gap).
-    limits = Limits(per_worker=1, per_principal=2)
-    async with Engine({"fake": FakeBackend(), "other": FakeBackend("other")}, limits=limits) as engine:
+async def test_caps_per_worker_and_per_principal_give_2004(executor):
+    # On Ray fake and other live on different hosts: the caps still span both.
+    manifest = manifest_of({"fake": FAKE["fake"], "other": FAKE["fake"]}, per_worker=1, per_principal=2)
+    async with executor(manifest) as engine:
         await engine.create_sessions(ALICE, "fake")
         with pytest.raises(ResourceUnavailable, match="client's session limit"):
             await engine.create_sessions(ALICE, "other")

@@ -87,13 +87,17 @@ def test_registry_keeps_digests_leases_and_only_the_holders_removals():
     registry = Registry()
     registry.register_host("h1", "bash", "n1")
     registry.register_host("h2", "bash", "n2")
-    registry.sync("h1", ["d1"], [], [("w", "bash")], [], 1)
-    assert registry.lookup("d1").host == "h1"  # type: ignore[union-attr]
+    registry.sync("h1", [("d1", "alice", "w")], [], [("w", "bash")], [], 1)
+    assert registry.admit("alice", "w", 1, per_principal=2, per_worker=1) == "worker"
+    assert registry.admit("alice", "v", 1, per_principal=1, per_worker=None) == "principal"
+    assert registry.admit("bob", "x", 1, per_principal=1, per_worker=1) is None
+    assert registry.lookup("d1").host == "h1"
     # the default moved to h2; h1's late removal must not erase it
     registry.sync("h2", [], [], [("w", "bash")], [], 0)
     registry.sync("h1", [], ["d1"], [], [("w", "bash")], 0)
-    assert registry.default("w", "bash").host == "h2"  # type: ignore[union-attr]
+    assert registry.default("w", "bash").host == "h2"
     assert registry.lookup("d1") is None
+    assert registry.admit("alice", "w", 1, per_principal=1, per_worker=1) is None  # released with the session
     assert registry.place(["h1", "h2"], True) == "h1"
     assert registry.place(["h1", "h2"], True) == "h2"  # the first placement counted at once
     registry.heartbeat("fe", 0.0)
@@ -144,6 +148,9 @@ async def test_a_session_made_through_one_front_end_is_used_through_another(ray_
         [listed] = (await b.call(ALICE_STATELESS, "list_sessions", {"all": True})).envelope.data["sessions"]
         assert listed["details"]["host"] == f"host-fake-{listed['details']['node_id']}"
         assert len(listed["details"]["node_id"]) == 56  # a Ray node id in hex
+        status = (await b.call(ALICE_STATELESS, "get_status", {})).envelope.data
+        assert (status["executor"], status["live_sessions"]) == ("ray", 1)
+        assert [h["resource"] for h in status["hosts"]] == ["fake"]
 
 
 @pytest.mark.slow
@@ -242,3 +249,22 @@ async def test_serve_executor_ray_two_front_ends_over_http(ray_head, tmp_path: P
             assert listed["details"]["host"].startswith("host-bash-")
             await through_b.destroy_session()
             assert (await through_a.list_sessions())["sessions"] == []
+
+
+@pytest.mark.slow
+async def test_progress_of_a_long_call_streams_back_through_the_front_end(ray_head):
+    reports: list[tuple[float, str | None]] = []
+
+    async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+        reports.append((done, message))
+
+    manifest = manifest_of({"bash": "backends.bash:BashBackend"}, policies={"bash": {"isolation": "none"}})
+    async with front_ends(ray_head.address, manifest, count=1) as (front,):
+        made = await front.call(
+            ALICE_STATELESS, "create_session", {"resource": "bash", "config": {"progress_interval": 0.3}}
+        )
+        args = {"command": "sleep 1.5; echo done", "session_id": made.envelope.data["session_id"]}
+        result = (await front.call(ALICE_STATELESS, "bash_run", args, progress=progress)).envelope
+        assert result.data["stdout"] == "done\n"
+    assert len(reports) >= 2
+    assert all(message and "running for" in message for _, message in reports)
