@@ -6,6 +6,12 @@ The only package that imports `ray` (the local executor never loads it). Pieces:
 each session lives, by digest, and the front ends' leases), `placement` (nodes, hosts),
 `faults` (Ray's failures as the spec's codes), `merge` (fan-out replies as one).
 
+Sessions live in one host actor per (node, resource); resources that link to each other
+(a browser drawn on a vm's display) share one host per node, since a link hands one
+session's live state to the other's start. The caps per principal and per worker span the
+cluster (the registry counts them); `max_sessions` and the per-resource caps apply per
+host, i.e. per node, which on one node is exactly the local executor's.
+
 Why one host actor per (node, resource) holding many sessions, not an actor per session
 (measured on this 2-core machine, Ray 2.60, single node, while other work ran):
 

@@ -22,9 +22,9 @@ from anyio.abc import TaskGroup
 
 from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
-from cluster.keys import connection_worker, digest, host_name, node_resource
+from cluster.keys import connection_worker, digest, host_name, link_groups, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
-from cluster.placement import Host, Placement, connect, gcs
+from cluster.placement import HOST_IDLE_EXIT, Host, Placement, connect, gcs
 from cluster.registry import Location
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
@@ -57,7 +57,13 @@ class RayExecutor:
     """Front end of the ray executor; an async context manager (joins the cluster on entry)."""
 
     def __init__(
-        self, manifest: Manifest, *, address: str | None = None, front_end_id: str | None = None
+        self,
+        manifest: Manifest,
+        *,
+        address: str | None = None,
+        front_end_id: str | None = None,
+        lease_ttl: float = LEASE_TTL,
+        host_idle_exit: float = HOST_IDLE_EXIT,
     ) -> None:
         settings = manifest.server
         address = address or settings.ray_address
@@ -66,12 +72,16 @@ class RayExecutor:
         self.address = address
         self.deployment = settings.deployment
         self.front_end = front_end_id or secrets.token_hex(6)
+        self.lease_ttl = lease_ttl
         # Built for its catalog and schemas only: never entered, so no backend process starts here.
         self._schema = engine_from_manifest(manifest.model_copy(update={"resources": _without_pools(manifest)}))
         self.catalog: dict[str, ToolSpec] = self._schema.catalog
         self.session_ttl = self._schema.session_ttl
         self.disconnect_grace = self._schema.disconnect_grace
-        self.placement = Placement(manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment)
+        groups = link_groups({name: set(b.links.values()) for name, b in self._schema.backends.items()})
+        self.placement = Placement(
+            manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment, groups, host_idle_exit
+        )
         self._locations: dict[str, Location] = {}
         # Connection worker -> resource -> host of its default session. Only this front end routes
         # a connection's calls, so only its own calls can give one a default: the entry is dropped
@@ -94,7 +104,7 @@ class RayExecutor:
             with anyio.fail_after(JOIN_TIMEOUT):
                 await anyio.to_thread.run_sync(connect, self.address, self.deployment, abandon_on_cancel=True)
             await anyio.to_thread.run_sync(self.placement.join_registry)
-            await self._registry("heartbeat", self.front_end, LEASE_TTL)
+            await self._registry("heartbeat", self.front_end, self.lease_ttl)
         except TimeoutError:
             problem = f"no answer in {JOIN_TIMEOUT:g} s"
             raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {problem}") from None
@@ -134,9 +144,9 @@ class RayExecutor:
 
     async def _lease_forever(self) -> None:
         while True:
-            await anyio.sleep(LEASE_INTERVAL)
+            await anyio.sleep(min(LEASE_INTERVAL, self.lease_ttl / 3))
             try:
-                await self._registry("heartbeat", self.front_end, LEASE_TTL)
+                await self._registry("heartbeat", self.front_end, self.lease_ttl)
             except SandboxError as exc:
                 log.warning("front end %s cannot renew its lease: %s", self.front_end, exc.message)
 
@@ -154,7 +164,10 @@ class RayExecutor:
             meta.tool, meta.resource_type = spec.name, spec.resource
             args = dict(arguments or {})
             if spec.owner == "engine":
-                return await self._meta_tool(caller, spec, args, meta)
+                outcome = await self._meta_tool(caller, spec, args, meta)
+                if outcome.envelope.meta is meta:  # merged here from several hosts' replies
+                    meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
+                return outcome
             return await self._backend_tool(caller, spec, tool_name, args, progress)
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope = failure(exc, meta)
@@ -199,7 +212,8 @@ class RayExecutor:
 
     async def hosts_of(self, resource: str) -> list[Host]:
         """The running hosts of `resource` (diagnostics and tests)."""
-        return sorted((h for h in await self._fan_out_hosts() if h.resource == resource), key=lambda h: h.name)
+        hosts = [h for h in await self._fan_out_hosts() if resource in h.resource.split("+")]
+        return sorted(hosts, key=lambda h: h.name)
 
     async def stop_deployment(self) -> None:
         """Stop every session host of this deployment (their sessions are destroyed) and its registry.
@@ -236,16 +250,18 @@ class RayExecutor:
         resource = spec.resource
         assert resource is not None
         if self.backends[resource].kind() is BackendKind.SHARED:
-            return await self._forward(await self._placed(resource), caller, tool_name, args, progress=progress)
+            return await self._placed_call(resource, caller, tool_name, args, progress=progress)
         handle = args.get("session_id") if spec.takes_session else None
         if handle is not None:
             if not isinstance(handle, str):
                 raise ParameterError("session_id must be the string create_session returned")
             if caller.worker_key is not None:
                 self._defaults.pop(caller.worker_key, None)  # the call may adopt the session
-            host = await self._host_of(handle)
-            return await self._forward(host, caller, tool_name, args, handle=handle, progress=progress)
-        host = await self._default_host(caller, resource) or await self._placed(resource)
+            holder = await self._host_of(handle)
+            return await self._forward(holder, caller, tool_name, args, handle=handle, progress=progress)
+        host = await self._default_host(caller, resource)
+        if host is None:
+            return await self._placed_call(resource, caller, tool_name, args, progress=progress)
         return await self._forward(host, caller, tool_name, args, progress=progress)
 
     # -- meta-tools ------------------------------------------------------------------
@@ -289,17 +305,21 @@ class RayExecutor:
         await self._admit(caller, sum(1 for host in defaults.values() if host is None))
         if len(wanted) == 1:
             [resource] = wanted
-            host = defaults[resource] or await self._placed(resource, reserve=True)
+            host = defaults[resource] or await self._linked_host(resource, wanted[resource])
+            if host is None:
+                return await self._placed_call(resource, caller, "create_session", args, reserve=True)
             return await self._forward(host, caller, "create_session", args)
         # Several resources live on several hosts: one create each, all or nothing.
         outcomes: dict[str, CallOutcome | BaseException] = {}
 
         async def create_one(resource: str, config: Any) -> None:
             try:
-                host = defaults[resource] or await self._placed(resource, reserve=True)
-                outcomes[resource] = await self._forward(
-                    host, caller, "create_session", {"resource": {resource: config}}
-                )
+                one = {"resource": {resource: config}}
+                host = defaults[resource]
+                if host is None:
+                    outcomes[resource] = await self._placed_call(resource, caller, "create_session", one, reserve=True)
+                else:
+                    outcomes[resource] = await self._forward(host, caller, "create_session", one)
             except SandboxError as exc:
                 outcomes[resource] = exc
 
@@ -320,6 +340,23 @@ class RayExecutor:
             raise failed
         return failed
 
+    async def _linked_host(self, resource: str, config: Any) -> Host | None:
+        """The host of the session a new `resource` session links to (a browser on a vm's display):
+        a link hands that session's live state to the new one's start, so both live on one host."""
+        for field, target in self.backends[resource].links.items():
+            handle = (config or {}).get(field) if isinstance(config, dict) else None
+            if not isinstance(handle, str):
+                continue
+            try:
+                return await self._host_of(handle)
+            except SessionError:
+                # As the engine words it; the value is not echoed (it may be a handle).
+                raise ParameterError(
+                    f"{field} must be the session_id of one of your live {target!r} sessions "
+                    "(the value given names none)"
+                ) from None
+        return None
+
     async def _destroy_quietly(self, caller: Caller, handle: str) -> None:
         try:
             host = await self._host_of(handle)
@@ -334,7 +371,7 @@ class RayExecutor:
         host = await self._default_host(caller, parsed.resource)
         if host is None:
             await self._admit(caller, 1)
-            host = await self._placed(parsed.resource, reserve=True)
+            return await self._placed_call(parsed.resource, caller, "reinitialize", args, reserve=True)
         return await self._forward(host, caller, "reinitialize", args)
 
     async def _admit(self, caller: Caller, count: int) -> None:
@@ -409,6 +446,8 @@ class RayExecutor:
         where = self._locations.get(key)
         if where is None:
             where = await self._registry("lookup", key)
+            if where is True:
+                raise ServiceUnavailable("the session registry is being rebuilt after a fault; retry in a few seconds")
             if where is None:
                 raise SessionError(UNKNOWN_HANDLE)
             if len(self._locations) >= LOCATION_CACHE:
@@ -439,6 +478,27 @@ class RayExecutor:
             self._defaults.setdefault(key, {})[resource] = host
         return host
 
+    async def _placed_call(
+        self,
+        resource: str,
+        caller: Caller,
+        tool_name: str,
+        args: dict[str, Any],
+        *,
+        reserve: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> CallOutcome:
+        """A call that makes a new (or temporary) session, on a host placement picks; a host found gone
+        (exited, or lost with its node) is forgotten and the call placed once more."""
+        try:
+            return await self._forward(
+                await self._placed(resource, reserve=reserve), caller, tool_name, args, progress=progress
+            )
+        except faults.HostLost:
+            return await self._forward(
+                await self._placed(resource, reserve=reserve), caller, tool_name, args, progress=progress
+            )
+
     async def _placed(self, resource: str, *, reserve: bool = False) -> Host:
         """A host for a new (or temporary) session: an eligible node's, the one with the fewest sessions."""
         try:
@@ -452,7 +512,8 @@ class RayExecutor:
                 f"no live node of the Ray cluster runs {resource!r} sessions (a node does when it advertises "
                 f"the custom resource {node_resource(resource)!r}{where})"
             )
-        candidates = [host_name(resource, node) for node in nodes]
+        group = self.placement.groups.get(resource, resource)
+        candidates = [host_name(group, node) for node in nodes]
         chosen = candidates[0] if len(candidates) == 1 else await self._registry("place", candidates, reserve)
         return await self._start_host(resource, nodes[candidates.index(chosen)])
 
@@ -553,14 +614,17 @@ class RayExecutor:
         return faults.lost(alive)
 
     async def _registry(self, method: str, *args: Any) -> Any:
-        """One registry call; Ray's failures become 5002 (and a lost registry is looked up again next time)."""
-        try:
-            return await getattr(self.placement.registry, method).remote(*args)
-        except ray.exceptions.RayError as exc:
-            if faults.is_actor_dead(exc):
-                # (A restarted cluster has lost it: a new, empty one answers from now on.)
-                await gcs(self.placement.join_registry)
-            raise faults.unreachable(exc) from None
+        """One registry call; Ray's failures become 5002. A lost registry is replaced (a new, empty one,
+        which the hosts refill) and the call made once more."""
+        for attempt in range(2):
+            try:
+                return await getattr(self.placement.registry, method).remote(*args)
+            except ray.exceptions.RayError as exc:
+                if attempt == 0 and faults.is_actor_dead(exc):
+                    await gcs(self.placement.join_registry)
+                    continue
+                raise faults.unreachable(exc) from None
+        raise AssertionError("unreachable")
 
 
 def _without_pools(manifest: Manifest) -> dict[str, Any]:

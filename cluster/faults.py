@@ -36,8 +36,13 @@ def is_actor_dead(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayActorError) and not is_actor_unavailable(exc)
 
 
+class HostLost(SessionError):
+    """The host a call went to is gone (1003): for a session it held, final; for a new or
+    temporary session, the front end places the call again."""
+
+
 def lost(node_alive: bool) -> SandboxError:
-    return SessionError(HOST_LOST if node_alive else NODE_LOST)
+    return HostLost(HOST_LOST if node_alive else NODE_LOST)
 
 
 def unreachable(exc: BaseException) -> SandboxError:

@@ -1,7 +1,8 @@
-"""A session host: one Ray actor holding many sessions of one resource on one node.
+"""A session host: one Ray actor holding many sessions of one resource (group) on one node.
 
 It runs a normal local `session.engine.Engine` built from the deployment's manifest
-(reduced to its one resource), so TTL, grace, adoption, temporary sessions, limits and
+(reduced to its resource, or to its group of linked resources: a browser drawn on a desktop
+lives beside it), so TTL, grace, adoption, temporary sessions, limits and
 isolation tiers are the local code; the backends and sandboxes run on the actor's node.
 Beside the engine it keeps the registry's entries for its sessions current, puts the
 connection workers of front ends whose lease lapsed into the disconnect grace, and exits
@@ -40,10 +41,10 @@ HOUSEKEEPING_INTERVAL = 1.0
 class SessionHost:
     """Plain Python; `cluster.placement` runs it as a detached, named Ray actor (asyncio)."""
 
-    def __init__(self, manifest: Manifest, resource: str, node_id: str, name: str, deployment: str, idle_exit: float):
-        spec = manifest.resources[resource]
-        self.manifest = manifest.model_copy(update={"resources": {resource: spec}})
-        self.resource = resource
+    def __init__(self, manifest: Manifest, group: str, node_id: str, name: str, deployment: str, idle_exit: float):
+        members = group.split("+")
+        self.manifest = manifest.model_copy(update={"resources": {r: manifest.resources[r] for r in members}})
+        self.resource = group
         self.node_id = node_id
         self.name = name
         self.deployment = deployment
@@ -59,6 +60,7 @@ class SessionHost:
         self._handles: dict[str, str] = {}
         self._defaults: dict[tuple[str, str], tuple[str, str]] = {}
         self._handled_front_ends: set[str] = set()
+        self._epoch: str | None = None
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -158,10 +160,10 @@ class SessionHost:
         engine.disconnect(worker_key)
         await self._sync()
 
-    async def probe(self, attribute: str) -> Any:
+    async def probe(self, resource: str, attribute: str) -> Any:
         """One attribute of this host's backend object (diagnostics and tests: e.g. how many live states)."""
         engine = await self._engine()
-        return getattr(engine.backends[self.resource], attribute)
+        return getattr(engine.backends[resource], attribute)
 
     async def counts(self) -> dict[str, int]:
         engine = await self._engine()
@@ -215,13 +217,16 @@ class SessionHost:
             if engine is None:
                 return
             try:
+                epoch, lapsed_now, live_front_ends = await self._registry.host_tick.remote()
+                if epoch != self._epoch:
+                    await self._rejoin(epoch)
                 await self._sync()
-                lapsed = set(await self._registry.lapsed_front_ends.remote()) - self._handled_front_ends
+                lapsed = set(lapsed_now) - self._handled_front_ends
                 if lapsed:
                     self._disconnect_front_ends(engine, lapsed)
                 # Workers without sessions hold nothing (a `_meta` key worker is never forgotten by the
                 # engine): counting them kept a host alive forever once such a worker had called it.
-                if engine.sessions or await self._registry.live_front_ends.remote():
+                if engine.sessions or live_front_ends:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = anyio.current_time()
@@ -231,6 +236,19 @@ class SessionHost:
                     self._stop.set()
             except ray.exceptions.RayError as exc:
                 log.warning("session host %s cannot reach the registry: %s", self.name, exc)
+                with suppress(ValueError, ray.exceptions.RayError):  # a replaced registry is found next time
+                    self._registry = await anyio.to_thread.run_sync(
+                        lambda: ray.get_actor(REGISTRY_NAME, namespace=self.deployment)
+                    )
+
+    async def _rejoin(self, epoch: str) -> None:
+        """A registry started afresh knows nothing of this host: tell it everything (the next sync)."""
+        if self._epoch is not None:
+            log.warning("session host %s re-registers its sessions with a new registry", self.name)
+        self._handles.clear()
+        self._defaults.clear()
+        await self._registry.register_host.remote(self.name, self.resource, self.node_id)
+        self._epoch = epoch
 
     def _disconnect_front_ends(self, engine: Engine, front_ends: set[str]) -> None:
         """Connections of a front end that died (its lease lapsed) will never close: start their grace."""

@@ -21,9 +21,33 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def host_name(resource: str, node_id: str) -> str:
-    """The named actor holding `resource` sessions on one node."""
-    return f"host-{resource}-{node_id}"
+def host_name(group: str, node_id: str) -> str:
+    """The named actor holding the sessions of a resource (or group of linked resources) on one node."""
+    return f"host-{group}-{node_id}"
+
+
+def link_groups(links: dict[str, set[str]]) -> dict[str, str]:
+    """Resource -> its group: resources that link to each other (a browser drawn on a vm's display)
+    share a host, since a link hands one session's live state to another's start.
+
+    `links` maps each resource to the resources it links to; a group is named by its members
+    sorted and joined with "+" ("bash", "browser+vm").
+    """
+    parent = {name: name for name in links}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for name, targets in links.items():
+        for target in targets:
+            if target in parent:
+                parent[root(name)] = root(target)
+    members: dict[str, list[str]] = {}
+    for name in links:
+        members.setdefault(root(name), []).append(name)
+    return {name: "+".join(sorted(members[root(name)])) for name in links}
 
 
 def node_resource(resource: str) -> str:

@@ -59,9 +59,9 @@ def merge_warmup(results: list[tuple[Host, CallOutcome]], meta: ResultMeta) -> C
         for name, state in outcome.envelope.data.get("backends", {}).items():
             per_resource.setdefault(name, {})[host.node_id] = state
     backends = {
-        name: next(iter(states.values())) if len(set(states.values())) == 1 else "; ".join(
-            f"node {node[:12]}: {state}" for node, state in states.items()
-        )
+        name: next(iter(states.values()))
+        if len(set(states.values())) == 1
+        else "; ".join(f"node {node[:12]}: {state}" for node, state in states.items())
         for name, states in per_resource.items()
     }
     return CallOutcome(success({"status": "success", "backends": backends}, meta))

@@ -2,8 +2,9 @@
 
 A node is eligible for resource NAME iff it is alive and advertises the custom resource
 `agentflow.NAME` (and, when the manifest pins NAME to node labels, one of
-`agentflow.node.LABEL`). Each (node, resource) has one detached, named host actor,
-started on first use by whichever front end needs it.
+`agentflow.node.LABEL`). Each (node, resource) has one detached, named host actor
+(resources that link to each other share one: `cluster.keys.link_groups`), started on
+first use by whichever front end needs it.
 """
 
 from __future__ import annotations
@@ -92,9 +93,13 @@ async def gcs(fn: Callable[[], T]) -> T:
 class Placement:
     """One front end's view of the cluster: nodes, host actors, the registry actor."""
 
-    def __init__(self, manifest: Manifest, deployment: str) -> None:
+    def __init__(
+        self, manifest: Manifest, deployment: str, groups: dict[str, str], idle_exit: float = HOST_IDLE_EXIT
+    ) -> None:
         self.manifest = manifest
         self.deployment = deployment
+        self.groups = groups
+        self.idle_exit = idle_exit
         self.hosts: dict[str, Host] = {}
         self._nodes: list[Node] = []
         self._nodes_at = -NODES_TTL
@@ -110,7 +115,7 @@ class Placement:
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
             max_restarts=0,
-        ).remote()
+        ).remote(self.deployment)
 
     async def nodes(self, *, fresh: bool = False) -> list[Node]:
         if fresh or time.monotonic() - self._nodes_at > NODES_TTL:
@@ -134,8 +139,9 @@ class Placement:
         ]
 
     async def host(self, resource: str, node_id: str) -> Host:
-        """The host of `resource` on `node_id`, started if it is not running."""
-        name = host_name(resource, node_id)
+        """The host of `resource` (its group's) on `node_id`, started if it is not running."""
+        group = self.groups.get(resource, resource)
+        name = host_name(group, node_id)
         known = self.hosts.get(name)
         if known is not None:
             return known
@@ -151,13 +157,13 @@ class Placement:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                 max_restarts=0,
                 max_concurrency=HOST_CONCURRENCY,
-            ).remote(self.manifest, resource, node_id, name, self.deployment, HOST_IDLE_EXIT)
+            ).remote(self.manifest, group, node_id, name, self.deployment, self.idle_exit)
         )
         actor.serve.remote()  # runs for the host's life; a no-op on a host already serving
         # Bounded: a node that died since the node list was read never schedules it.
         with anyio.fail_after(HOST_START_TIMEOUT):
             await actor.ready.remote()
-        host = self.hosts[name] = Host(name, node_id, resource, actor)
+        host = self.hosts[name] = Host(name, node_id, group, actor)
         return host
 
     async def known_host(self, name: str, node_id: str, resource: str) -> Host | None:

@@ -8,9 +8,26 @@ and the front ends' leases. Hosts write their own entries; front ends read them.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
+
+#: How long a replacement registry answers misses with "retry" (hosts report every second).
+REBUILD_WINDOW = 5.0
+
+
+def _hosts_running(deployment: str | None) -> bool:
+    """True when `deployment` already has session hosts (asked only inside a Ray actor)."""
+    import ray  # here: the registry's logic is plain Python (and tested without Ray)
+
+    if deployment is None or not ray.is_initialized():
+        return False
+    try:
+        named = ray.util.list_named_actors(all_namespaces=True)
+    except ray.exceptions.RayError:
+        return False
+    return any(a["namespace"] == deployment and a["name"].startswith("host-") for a in named)
 
 
 @dataclass
@@ -30,7 +47,12 @@ class Location:
 class Registry:
     """Plain Python; `cluster.placement` runs it as a Ray actor (its methods run one at a time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deployment: str | None = None) -> None:
+        #: Changes when the registry is started afresh (its actor was lost): hosts then tell it everything again.
+        self.epoch = secrets.token_hex(8)
+        # A registry started while hosts run replaces a lost one: until the hosts have told it their
+        # sessions (their next tick), a miss is "retry", not "unknown".
+        self.rebuilding_until = time.monotonic() + REBUILD_WINDOW if _hosts_running(deployment) else 0.0
         self.sessions: dict[str, Location] = {}
         # Who each session counts against (principal, worker digest), fixed at its creation as
         # the engine's own budget does: the caps per principal and per worker span the cluster.
@@ -105,8 +127,12 @@ class Registry:
             return "worker"
         return None
 
-    def lookup(self, key: str) -> Location | None:
-        return self.sessions.get(key)
+    def lookup(self, key: str) -> Location | bool | None:
+        """Where session `key` lives; None if nowhere; True while a miss may only mean "not told yet"."""
+        found = self.sessions.get(key)
+        if found is None and time.monotonic() < self.rebuilding_until:
+            return True
+        return found
 
     def default(self, worker: str, resource: str) -> Location | None:
         host = self.defaults.get((worker, resource))
@@ -160,6 +186,10 @@ class Registry:
             if since < now - 3600:
                 del self.lapsed[front_end]
         return list(self.lapsed)
+
+    def host_tick(self) -> tuple[str, list[str], int]:
+        """A host's periodic look: this registry's epoch, the lapsed front ends, how many are alive."""
+        return self.epoch, self.lapsed_front_ends(), self.live_front_ends()
 
     def live_front_ends(self) -> int:
         now = time.monotonic()

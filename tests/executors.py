@@ -189,7 +189,8 @@ class RayDriver:
 
     async def backend_attr(self, resource: str, attribute: str) -> Any:
         """The attribute of `resource`'s backend object on every host of it, combined (sets, lists, numbers)."""
-        values = [await host.actor.probe.remote(attribute) for host in await self.executor.hosts_of(resource)]
+        hosts = await self.executor.hosts_of(resource)
+        values = [await host.actor.probe.remote(resource, attribute) for host in hosts]
         if not values:
             return set()
         first = values[0]

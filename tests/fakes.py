@@ -163,3 +163,9 @@ class SharedFake(Backend[Any, None]):
     @tool(description="Echo the query.", read_only=True)
     async def query(self, ctx: ToolContext[Any, None], args: GetArgs) -> Echo:
         return Echo(echo=args.key, warmups=self.warmups)
+
+
+class LinkedFake(FakeBackend):
+    """A session backend whose `label` names a live `fake` session to link to (as a browser names a vm)."""
+
+    links = {"label": "fake"}  # noqa: RUF012 - a class-level table, as backends declare it

@@ -293,13 +293,9 @@ async def test_a_disconnect_puts_adopted_sessions_in_the_grace_too(executor):
         await eventually(lambda: _not(engine.backend_attr("fake", "live")), 10)
 
 
-async def test_a_link_to_a_foreign_session_is_refused_without_echoing_the_handle():
-    # Local only: its backend is a class made inside the test; and on Ray a link reaches only sessions
-    # on the same host (the resource linked to lives on another host), a known gap.
-    class Linked(FakeBackend):
-        links = {"label": "fake"}  # noqa: RUF012 - a class-level table, as backends declare it
-
-    async with Engine({"fake": FakeBackend(), "linked": Linked("linked")}) as engine:
+async def test_a_link_to_a_foreign_session_is_refused_without_echoing_the_handle(executor):
+    # On Ray linked resources share a host (a link hands one session's state to another's start).
+    async with executor(manifest_of({"fake": FAKE["fake"], "linked": "tests.fakes.LinkedFake"})) as engine:
         [(view, _)] = await engine.create_sessions(ALICE, "fake")
         refused = (
             await engine.call(BOB, "create_session", {"resource": "linked", "config": {"label": view.session_id}})

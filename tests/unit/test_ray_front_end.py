@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.keys import connection_worker, front_end_of
+from cluster.keys import connection_worker, front_end_of, link_groups
 from cluster.registry import Registry
 from manifests.schema import Manifest
 from mcp_server.cli import cli_logic
@@ -81,6 +81,11 @@ def test_connection_workers_are_unique_per_front_end_and_meta_keys_are_not():
     assert connection_worker("fe1", "key:Zk3") == "key:Zk3"
     assert front_end_of("alice/conn:fe1:abc") == "fe1"
     assert front_end_of("alice/key:Zk3") is None
+
+
+def test_linked_resources_share_a_host_group():
+    groups = link_groups({"bash": set(), "vm": set(), "browser": {"vm"}, "lone": {"absent"}})
+    assert groups == {"bash": "bash", "vm": "browser+vm", "browser": "browser+vm", "lone": "lone"}
 
 
 def test_registry_keeps_digests_leases_and_only_the_holders_removals():
@@ -268,3 +273,81 @@ async def test_progress_of_a_long_call_streams_back_through_the_front_end(ray_he
         assert result.data["stdout"] == "done\n"
     assert len(reports) >= 2
     assert all(message and "running for" in message for _, message in reports)
+
+
+@pytest.mark.slow
+async def test_a_lost_registry_is_rebuilt_from_the_hosts(ray_head):
+    import ray
+
+    from tests.support.polling import eventually
+
+    async with front_ends(ray_head.address, manifest_of(FAKES)) as (a, b):
+        made = await a.call(ALICE_STATELESS, "create_session", {"resource": "fake"})
+        handle = made.envelope.data["session_id"]
+        await a.call(ALICE_STATELESS, "fake_set", {"key": "k", "value": 5, "session_id": handle})
+        ray.kill(a.placement.registry, no_restart=True)
+
+        async def served_again() -> bool:
+            # b never used the handle: it has to find it in the (new) registry
+            got = (await b.call(ALICE_STATELESS, "fake_get", {"key": "k", "session_id": handle})).envelope
+            assert got.code in (0, 5002), got.message  # "retry" while rebuilding, never "unknown"
+            return got.code == 0 and got.data["value"] == 5
+
+        await eventually(served_again, 30, every=0.2, what="the handle to work again")
+
+
+def _deployment_of(manifest: Manifest) -> Manifest:
+    server = manifest.server.model_copy(update={"executor": "ray", "deployment": f"test-{secrets.token_hex(4)}"})
+    return manifest.model_copy(update={"server": server})
+
+
+@pytest.mark.slow
+async def test_a_front_end_whose_lease_lapses_puts_its_connections_sessions_in_the_grace(ray_head):
+    from cluster.executor import RayExecutor
+    from tests.support.polling import eventually
+
+    manifest = _deployment_of(manifest_of(FAKES, disconnect_grace=30))
+    async with RayExecutor(manifest, address=ray_head.address) as survivor:
+        try:
+            dying = RayExecutor(manifest, address=ray_head.address, lease_ttl=1.0)
+            async with dying:
+                made = (await dying.call(ALICE_A, "create_session", {"resource": "fake"})).envelope
+                # As a SIGKILLed front end: its heartbeats stop and it never releases its lease.
+                dying._stopped = True
+
+            async def orphaned() -> bool:
+                listed = (await survivor.call(ALICE_STATELESS, "list_sessions", {"all": True})).envelope
+                return [s["orphaned"] for s in listed.data["sessions"]] == [True]
+
+            await eventually(orphaned, 15, what="the lapsed front end's session to enter the grace")
+            args = {"key": "k", "session_id": made.data["session_id"]}
+            assert (await survivor.call(Caller("alice", "conn:other"), "fake_get", args)).envelope.code == 0
+        finally:
+            await survivor.stop_deployment()
+
+
+@pytest.mark.slow
+async def test_a_host_with_nothing_left_and_no_front_end_exits(ray_head):
+    import ray
+
+    from cluster.executor import RayExecutor
+    from cluster.keys import REGISTRY_NAME
+    from tests.support.polling import eventually
+
+    manifest = _deployment_of(manifest_of(FAKES))
+    deployment = manifest.server.deployment
+    async with RayExecutor(manifest, address=ray_head.address, host_idle_exit=1.0) as front:
+        made = (await front.call(ALICE_STATELESS, "create_session", {"resource": "fake"})).envelope
+        await front.call(ALICE_STATELESS, "destroy_session", {"session_id": made.data["session_id"]})
+        [host] = await front.hosts_of("fake")
+    # the front end left (lease released) and the host holds nothing: it exits by itself
+
+    def gone() -> bool:
+        try:
+            ray.get_actor(host.name, namespace=deployment)
+        except ValueError:
+            return True
+        return False
+
+    await eventually(gone, 30, what="the idle host to exit")
+    ray.kill(ray.get_actor(REGISTRY_NAME, namespace=deployment), no_restart=True)
