@@ -288,8 +288,9 @@ def conclude(
         "on this machine throughput follows the CPU the client, the servers, both raylets, the session hosts, the "
         f"shells and the machine's other jobs (load average now {load:.1f}) leave each other, not the number of "
         "front ends: a second front end helps only when a core is idle, and a third cannot here. Per call the Ray "
-        f"executor adds ~{overhead:.1f} ms at the median (a registry lookup by handle and the call to the host "
-        "actor: gRPC hops, each a serialisation and a process switch)."
+        f"executor adds ~{overhead:.1f} ms at the median (the call to the session's host actor over Ray's gRPC: a "
+        "serialisation each way and a process switch; the registry is asked only when a front end first meets "
+        "a session)."
     )
     out(
         "On a bigger cluster the parts divide. Front ends keep no state, so they scale out behind a load balancer "
