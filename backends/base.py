@@ -390,6 +390,15 @@ class Backend(Generic[ConfigT, StateT]):
         """
         raise NotImplementedError
 
+    async def kill(self, setup: SessionSetup[ConfigT], state: StateT) -> bool:
+        """Stop every process of the session at once (SIGKILL), without waiting for them.
+
+        Return True when done: the engine then answers the destroy (or the temporary call)
+        and runs `cleanup` in the background, bounded and tracked. The default returns False:
+        `cleanup` runs before the destroy returns.
+        """
+        return False
+
     async def cleanup(self, setup: SessionSetup[ConfigT], state: StateT) -> None:
         """Free one session's resource: every process it started must be gone on return."""
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, cast
 
 import mcp_types as t
 from mcp.server import Server, ServerRequestContext
+from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
+from opentelemetry import trace
 
 from backends.base import BackendKind, ProgressFn
 from backends.policy import Policy
@@ -20,6 +22,7 @@ from mcp_server.worker_identity import RunScope, resolve_caller
 from session.engine import Engine
 from session.envelope import ResultMeta, failure
 from session.errors import SandboxError
+from session.models import Caller
 from session.tool_calls import CallOutcome
 
 log = logging.getLogger(__name__)
@@ -62,21 +65,21 @@ def build_server(engine: Engine) -> Server[RunScope]:
         return t.ListToolsResult(tools=tools)
 
     async def call_tool(ctx: ServerRequestContext[RunScope, Any], params: t.CallToolRequestParams) -> t.CallToolResult:
-        try:
-            caller = resolve_caller(ctx, engine.disconnect)
-        except SandboxError as exc:
-            return to_result(CallOutcome(failure(exc, ResultMeta(tool=params.name[:128]))))
-        try:
-            # The ray executor streams a call only when its progress can reach the client: a request
-            # with a progress token (in-process clients, whose callbacks need none, are always local).
-            wants_progress = isinstance(engine, Engine) or progress_token_from_params(ctx.params) is not None
-            progress = _progress(ctx) if wants_progress else None
-            outcome = await engine.call(caller, params.name, params.arguments or {}, progress=progress)
-        except Exception as exc:  # the engine returns envelopes; this is the backstop
-            outcome = CallOutcome(failure(exc, ResultMeta(tool=params.name[:128])))
-        return to_result(outcome)
+        # The ray executor streams a call only when its progress can reach the client: a request
+        # with a progress token (in-process clients, whose callbacks need none, are always local).
+        wants_progress = isinstance(engine, Engine) or progress_token_from_params(ctx.params) is not None
+        outcome = await run_call(
+            engine,
+            lambda: resolve_caller(ctx, engine.disconnect),
+            params.name,
+            params.arguments,
+            _progress(ctx) if wants_progress else None,
+        )
+        # The runner takes a wire-form dict as well as the model (and validates either against the
+        # protocol version's surface); the annotation names only the model.
+        return cast(t.CallToolResult, call_result(outcome))
 
-    return Server(
+    server = Server(
         SERVER_NAME,
         version=package_version(),
         instructions=INSTRUCTIONS,
@@ -86,6 +89,20 @@ def build_server(engine: Engine) -> Server[RunScope]:
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
+    drop_idle_tracing(server)
+    return server
+
+
+def drop_idle_tracing(server: Server[Any]) -> None:
+    """Remove the SDK's OpenTelemetry middleware when no tracer provider is installed.
+
+    The SDK wraps every request in a span; with only the OpenTelemetry API present (the
+    global provider is the API's default proxy) each span is recorded nowhere, yet costs
+    attribute dicts, context extraction and a context-manager frame per call. A process
+    that installs a provider before building the server (auto-instrumentation does) keeps it.
+    """
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        server.middleware[:] = [m for m in server.middleware if not isinstance(m, OpenTelemetryMiddleware)]
 
 
 #: Meta-tools whose `config` argument is a resource's session config.
@@ -155,15 +172,39 @@ def _progress(ctx: ServerRequestContext[RunScope, Any]) -> ProgressFn:
     return report
 
 
-def to_result(outcome: CallOutcome) -> t.CallToolResult:
+async def run_call(
+    engine: Engine,
+    resolve: Callable[[], Caller],
+    name: str,
+    arguments: Mapping[str, Any] | None,
+    progress: ProgressFn | None,
+) -> CallOutcome:
+    """One tool call, from its caller to its outcome: the SDK handler and the HTTP fast path
+    (`mcp_server.fast_calls`) both come through here, so they cannot drift apart."""
+    try:
+        caller = resolve()
+    except SandboxError as exc:
+        return CallOutcome(failure(exc, ResultMeta(tool=name[:128])))
+    try:
+        return await engine.call(caller, name, arguments or {}, progress=progress)
+    except Exception as exc:  # the engine returns envelopes; this is the backstop
+        return CallOutcome(failure(exc, ResultMeta(tool=name[:128])))
+
+
+def call_result(outcome: CallOutcome) -> dict[str, Any]:
+    """The `CallToolResult` of an outcome in its wire form: camelCase keys, in the order the
+    SDK's result sieve writes them, so the sieve (which the SDK's handler path applies) gives
+    it back unchanged and the HTTP fast path can send it as is (a test holds both to that)."""
     envelope = outcome.envelope
-    content: list[t.ContentBlock] = [t.TextContent(type="text", text=envelope.text())]
+    content: list[dict[str, Any]] = [{"text": outcome.text(), "type": "text"}]
     content += [
-        t.ImageContent(type="image", data=base64.b64encode(image.data).decode("ascii"), mime_type=image.mime_type)
+        {"data": base64.b64encode(image.data).decode("ascii"), "mimeType": image.mime_type, "type": "image"}
         for image in outcome.images
     ]
-    return t.CallToolResult(
-        content=content,
-        structured_content=envelope.model_dump(mode="json"),
-        is_error=not envelope.ok,
-    )
+    return {
+        "content": content,
+        "isError": not envelope.ok,
+        # What the model's dump carries; the handshake era's surface drops it.
+        "resultType": "complete",
+        "structuredContent": outcome.structured(),
+    }

@@ -63,6 +63,8 @@ class BearerAuth:
         self._open = tokens is None
         if not self._open and not self._tokens:
             raise ValueError("BearerAuth needs at least one token (or tokens=None for no authentication)")
+        # One SDK user object per principal, built once: it carries the name only, never the token.
+        self._users = {name: _user(name) for name, _ in self._tokens} | {DEFAULT_PRINCIPAL: _user(DEFAULT_PRINCIPAL)}
         self._limiter = AddressLimiter(failure_burst, failure_rate)
         self._refusals = RateLimitedLog(log)
 
@@ -74,7 +76,7 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         if self._open:
-            _admit(scope, DEFAULT_PRINCIPAL)
+            self._admit(scope, DEFAULT_PRINCIPAL)
             await self.app(scope, receive, send)
             return
         address = _client_address(scope)
@@ -94,7 +96,7 @@ class BearerAuth:
             self._refuse_log(scope, address, reason)
             await _reply(send, 401, _unauthorized_message(presented is None), invalid=presented is not None)
             return
-        _admit(scope, principal)
+        self._admit(scope, principal)
         await self.app(scope, receive, send)
 
     def _match(self, presented: bytes) -> str | None:
@@ -111,11 +113,14 @@ class BearerAuth:
             logging.WARNING, "refused %s %s from %s: %s", method, scope.get("path", "?"), address, reason
         )
 
+    def _admit(self, scope: Scope, principal: str) -> None:
+        scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+        scope["user"] = self._users[principal]
 
-def _admit(scope: Scope, principal: str) -> None:
-    scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+
+def _user(principal: str) -> AuthenticatedUser:
     # The SDK keys session ownership on client_id; the token itself is never kept.
-    scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal, scopes=[]))
+    return AuthenticatedUser(AccessToken(token="", client_id=principal, scopes=[]))
 
 
 def _client_address(scope: Scope) -> str:

@@ -19,7 +19,15 @@ from manifests.schema import Manifest
 from mcp_server.app import build_server, tool_listing
 from mcp_server.factory import engine_from_manifest, executor_from_manifest
 from mcp_server.tokens import TokenSource, resolve_credentials
-from mcp_server.transports import MCP_PATH, SSE_PATH, HttpListener, HttpOptions, serve_http, serve_stdio
+from mcp_server.transports import (
+    MCP_PATH,
+    SSE_PATH,
+    HttpListener,
+    HttpOptions,
+    http_backend_options,
+    serve_http,
+    serve_stdio,
+)
 from session.engine import Engine
 from session.errors import ConfigurationError
 
@@ -147,7 +155,7 @@ def _run(engine: Engine, listener: HttpListener | None, host: str, level: str) -
                 await serve_http(engine, server, listener=listener, log_level=level)
 
     try:
-        anyio.run(run)
+        anyio.run(run, backend_options={} if listener is None else http_backend_options())
     finally:
         if listener is not None:
             listener.close()

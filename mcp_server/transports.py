@@ -20,13 +20,13 @@ from mcp.server import Server
 from mcp.server.sse import SseServerTransport
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from mcp_server.auth import BearerAuth
+from mcp_server.fast_calls import FastToolCalls
 from mcp_server.http_protocol import guarded_protocol
 from mcp_server.ratelimit import RateLimitFilter
 from mcp_server.tokens import DEFAULT_PRINCIPAL, TokenSource, remove_token_file, write_token_file
@@ -94,11 +94,12 @@ def _security(host: str) -> TransportSecuritySettings | None:
     return None
 
 
-def http_app(engine: Engine, server: Server[Any], *, host: str = "127.0.0.1") -> Starlette:
+def http_app(engine: Engine, server: Server[Any], *, host: str = "127.0.0.1") -> ASGIApp:
     """Streamable HTTP (both protocol eras) at /mcp, legacy SSE at /sse, and GET /health.
 
     An MCP session idle for the session TTL is closed, which destroys its worker's
     sessions: a client that vanished without DELETE is reaped like an idle session.
+    Plain 2026-07-28 tool calls take the direct path of `mcp_server.fast_calls`.
     """
     security = _security(host)
     app = server.streamable_http_app(
@@ -125,7 +126,17 @@ def http_app(engine: Engine, server: Server[Any], *, host: str = "127.0.0.1") ->
             Route("/health", endpoint=health, methods=["GET"]),
         ]
     )
-    return app
+    return FastToolCalls(app, engine, server, security=security, path=MCP_PATH)
+
+
+def http_backend_options() -> dict[str, Any]:
+    """anyio backend options for serving HTTP: uvloop's event loop where it is installed (a declared
+    dependency; a libuv loop spends less CPU per socket event and per child process than asyncio's)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - only without the dependency
+        return {}
+    return {"use_uvloop": True}
 
 
 @dataclass(frozen=True)

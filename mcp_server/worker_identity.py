@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,12 +52,7 @@ def resolve_caller(ctx: ServerRequestContext[Any, Any], on_disconnect: Callable[
         ParameterError: the `_meta` worker key is malformed.
     """
     principal = _principal(ctx)
-    key = (ctx.meta or {}).get(WORKER_META_KEY)
-    if key is not None and (not isinstance(key, str) or not _KEY_PATTERN.match(key)):
-        raise ParameterError(
-            f"_meta[{WORKER_META_KEY!r}] must be 22-128 characters of letters, digits and ._:- "
-            "(a random id of at least 128 bits, e.g. secrets.token_urlsafe(16))"
-        )
+    key = worker_key_of(ctx.meta)
     scope = _connection_scope(ctx)
     if key is not None:
         worker = f"key:{key}"
@@ -80,12 +75,42 @@ def resolve_caller(ctx: ServerRequestContext[Any, Any], on_disconnect: Callable[
     return caller
 
 
+def modern_http_caller(principal: object, meta: Mapping[str, Any] | None) -> Caller:
+    """The caller of a 2026-07-28 HTTP request, from the principal the auth middleware set and
+    the request `_meta`: what `resolve_caller` decides for that row, without an SDK context
+    (the HTTP fast path has none). No connection outlives such a request, so nothing is registered.
+
+    Raises:
+        ParameterError: the `_meta` worker key is malformed.
+    """
+    key = worker_key_of(meta)
+    return Caller(_principal_name(principal), None if key is None else f"key:{key}")
+
+
+def worker_key_of(meta: Mapping[str, Any] | None) -> str | None:
+    """The request's `_meta` worker key, checked; None without one.
+
+    Raises:
+        ParameterError: the key is not a string of 22-128 safe characters.
+    """
+    key = (meta or {}).get(WORKER_META_KEY)
+    if key is not None and (not isinstance(key, str) or not _KEY_PATTERN.match(key)):
+        raise ParameterError(
+            f"_meta[{WORKER_META_KEY!r}] must be 22-128 characters of letters, digits and ._:- "
+            "(a random id of at least 128 bits, e.g. secrets.token_urlsafe(16))"
+        )
+    return key
+
+
 def _principal(ctx: ServerRequestContext[Any, Any]) -> str:
     """The authenticated principal's name (HTTP/SSE, set by the auth middleware), else local."""
     request = ctx.request
     if request is None:
         return LOCAL_PRINCIPAL
-    name = getattr(request.state, "principal", None)
+    return _principal_name(getattr(request.state, "principal", None))
+
+
+def _principal_name(name: object) -> str:
     return name if isinstance(name, str) and name else "default"
 
 

@@ -24,6 +24,11 @@ class BackendPool:
         self._warm: set[str] = set()
         self._locks: dict[str, anyio.Lock] = {}
 
+    @staticmethod
+    def checks_health(backend: Backend[Any, Any]) -> bool:
+        """Whether the backend has a health check (the base one answers None without looking)."""
+        return type(backend).health is not Backend.health
+
     def backend(self, resource: str) -> Backend[Any, Any]:
         """Raises: ResourceTypeNotFound (1005)."""
         backend = self.backends.get(resource) if isinstance(resource, str) else None

@@ -23,11 +23,17 @@ class Limits:
 
 
 class SessionBudget:
-    """Counts live sessions; `reserve` refuses past a cap (2004), `release` gives back."""
+    """Counts live sessions; `reserve` refuses past a cap (2004), `release` gives back.
+
+    Also counts cleanups still running after their session was released (a destroyed
+    session's processes are killed at once; reaping and removal finish in the background),
+    so `drained` waits for those too.
+    """
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.live = 0
+        self.cleanups = 0
         self.by_resource: Counter[str] = Counter()
         self.by_principal: Counter[str] = Counter()
         self.by_worker: Counter[str] = Counter()
@@ -52,8 +58,7 @@ class SessionBudget:
             raise ResourceUnavailable(
                 f"this client's session limit ({limits.per_worker}) is reached; destroy sessions you no longer need"
             )
-        if self.live == 0:
-            self._drained = anyio.Event()
+        self._busy()
         self.live += 1
         self.by_resource[resource] += 1
         if principal is not None:
@@ -68,10 +73,25 @@ class SessionBudget:
             self.by_principal[principal] -= 1
         if worker is not None:
             self.by_worker[worker] -= 1
-        if self.live == 0 and self._drained is not None:
+        self._maybe_drained()
+
+    def cleanup_started(self) -> None:
+        self._busy()
+        self.cleanups += 1
+
+    def cleanup_finished(self) -> None:
+        self.cleanups -= 1
+        self._maybe_drained()
+
+    def _busy(self) -> None:
+        if self.live == 0 and self.cleanups == 0:
+            self._drained = anyio.Event()
+
+    def _maybe_drained(self) -> None:
+        if self.live == 0 and self.cleanups == 0 and self._drained is not None:
             self._drained.set()
 
     async def drained(self) -> None:
-        """Return once no session is live (every cleanup under way has finished)."""
-        if self.live and self._drained is not None:
+        """Return once no session is live and no background cleanup is running."""
+        if (self.live or self.cleanups) and self._drained is not None:
             await self._drained.wait()

@@ -52,6 +52,9 @@ from session.warm_pool import WarmPool
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 30.0
+#: A background cleanup (after a kill) and a pool refill wait this long first, so the call
+#: that killed or took a session sends its result before their work competes for the loop.
+BACKGROUND_DELAY = 0.005
 #: After a pool member failed to start, wait this long before trying again.
 POOL_RETRY = 5.0
 DEFAULT_TTL = 300.0
@@ -157,6 +160,11 @@ class Engine:
                 for pool in self.warm.values():
                     while (member := pool.pop()) is not None:
                         tg.start_soon(self._stop, member)
+            # Members still starting stop themselves once started (they see _stopping); wait
+            # for that, so their cleanups are counted before the drain below.
+            with anyio.move_on_after(CLEANUP_TIMEOUT):
+                while any(pool.starting for pool in self.warm.values()):  # noqa: ASYNC110 - bounded, shutdown only
+                    await anyio.sleep(0.005)
             self.workers.clear()
             # Cleanups already under way (reaper, disconnects, temporaries) run elsewhere;
             # let them finish before the shared processes they may still use go away.
@@ -273,11 +281,14 @@ class Engine:
         label = f"the {session.resource_type!r} session"
         session.active_calls += 1
         try:
-            await session.ready.wait()
+            # Each of these awaits would cost an event-loop pass even when it has nothing to
+            # wait for (a started session, a free lock): skipped or made free on the hot path.
+            if not session.ready.is_set():
+                await session.ready.wait()
             async with session.lock:
                 if session.status is not SessionStatus.ACTIVE:
                     raise SessionError(f"{label} was destroyed before this call could run")
-                problem = await backend.health(session.state)
+                problem = await backend.health(session.state) if self.pool.checks_health(backend) else None
                 if problem:
                     raise SessionError(
                         f"{label} is broken: {problem}; "
@@ -388,7 +399,11 @@ class Engine:
     async def _take_pooled(
         self, caller: Caller, resource: str, config: Mapping[str, Any] | None, *, temporary: bool
     ) -> Session | None:
-        """A ready pool member given to `caller`, if the pool has one and the config is the default.
+        """A pool member given to `caller`, if the config is the default and the pool has one.
+
+        A ready member is taken at once. With none ready, a member whose start is already
+        under way is claimed and waited for: it is ready sooner than a start begun now would
+        be. None when neither exists (the caller starts its own session, as without a pool).
 
         Raises: ResourceUnavailable (2004) when a cap refuses the caller (the member stays pooled).
         """
@@ -404,15 +419,33 @@ class Engine:
             log.warning("pooled %s session %s is broken; starting another", resource, session.label)
             self._spawn(self._stop, session)
         self._wake_refill.set()
-        if session is None:
-            return None
         owner = None if temporary else caller.worker_key
         budget_key = (None if temporary else caller.principal, owner)
-        try:
-            self.budget.reserve(resource, *budget_key)
-        except BaseException:
-            pool.put_back(session)
-            raise
+        if session is None:
+            session = pool.claim()
+            if session is None:
+                return None
+            try:
+                self.budget.reserve(resource, *budget_key)
+            except BaseException:
+                pool.unclaim(session)
+                raise
+            try:
+                await session.ready.wait()
+            except BaseException:
+                self.budget.release(resource, *budget_key)
+                pool.unclaim(session)
+                raise
+            pool.claimed.discard(session)
+            if session.status is not SessionStatus.ACTIVE:
+                self.budget.release(resource, *budget_key)
+                return None
+        else:
+            try:
+                self.budget.reserve(resource, *budget_key)
+            except BaseException:
+                pool.put_back(session)
+                raise
         pool.taken += 1
         session.budget_key, session.owner, session.principal = budget_key, owner, caller.principal
         session.temporary, session.name = temporary, name
@@ -430,29 +463,52 @@ class Engine:
         self._tg.start_soon(fn, *args)
 
     async def _refill_forever(self) -> None:
-        """Keep every warm pool at its target, one start at a time, in the background."""
+        """Keep every warm pool at its target in the background, a few starts at a time.
+
+        Each missing member starts in its own task (up to the pool's `concurrency`), so a
+        burst that empties the pool is made good in about one start's time; a start that
+        fails pauses that pool's refill for POOL_RETRY seconds.
+        """
         while True:
             self._wake_refill = anyio.Event()
-            retry_later = False
+            now = anyio.current_time()
+            next_retry = float("inf")
             for pool in self.warm.values():
-                while pool.missing() and not self._stopping:
+                if pool.retry_at > now:
+                    next_retry = min(next_retry, pool.retry_at)
+                    continue
+                while pool.missing() and len(pool.starting) < pool.concurrency and not self._stopping:
                     member = self._new_session(Caller(), pool.resource, None, temporary=False, pooled=True)
                     pool.starting.append(member)
-                    try:
-                        await self._start(member)
-                    except SandboxError as exc:
-                        pool.failures += 1
-                        retry_later = True
-                        log.warning("could not start a pooled %s session: %s", pool.resource, exc.message)
-                        break
-                    finally:
-                        pool.starting.remove(member)
-                    if self._stopping:
-                        await self._stop(member)
-                    else:
-                        pool.ready.append(member)
-            with anyio.move_on_after(POOL_RETRY if retry_later else float("inf")):
+                    self._spawn(self._refill_one, pool, member)
+            with anyio.move_on_after(max(next_retry - now, 0.0)):
                 await self._wake_refill.wait()
+
+    async def _refill_one(self, pool: WarmPool, member: Session) -> None:
+        try:
+            await anyio.sleep(BACKGROUND_DELAY)
+            if self._stopping:
+                return
+            pool.launched.add(member)
+            await self._start(member)
+        except SandboxError as exc:
+            pool.failures += 1
+            pool.retry_at = anyio.current_time() + POOL_RETRY
+            log.warning("could not start a pooled %s session: %s", pool.resource, exc.message)
+            return
+        finally:
+            pool.starting.remove(member)
+            pool.launched.discard(member)
+            if not member.ready.is_set():  # cancelled before its start began: nobody may wait on it
+                member.status = SessionStatus.CLOSED
+                member.ready.set()
+            self._wake_refill.set()
+        if self._stopping:
+            pool.claimed.discard(member)
+            await self._stop(member)
+        elif member not in pool.claimed:
+            pool.ready.append(member)
+        # else: the caller that claimed it while it started takes it (see _take_pooled)
 
     def _links(self, caller: Caller, backend: Backend[Any, Any], config: BaseModel) -> dict[str, dict[str, Any]]:
         links: dict[str, dict[str, Any]] = {}
@@ -479,7 +535,12 @@ class Engine:
         try:
             await self.pool.ensure_warm(session.resource_type)
             scratch = self.runtime.scratch_root / session.label
-            await anyio.to_thread.run_sync(lambda: scratch.mkdir(mode=0o700, parents=True))
+            # One mkdir under a directory that exists: cheaper inline than a worker-thread hop.
+            try:
+                scratch.mkdir(mode=0o700)
+            except FileNotFoundError:  # another engine of this process left last and removed the root
+                self.runtime.scratch_root.mkdir(mode=0o711, exist_ok=True)
+                scratch.mkdir(mode=0o700)
             session.scratch = scratch
             session.setup = SessionSetup(
                 worker_id=session.owner or session.principal,
@@ -511,21 +572,54 @@ class Engine:
         session.touch()
         session.ready.set()
 
-    async def _release(self, session: Session) -> None:
+    def _release_budget(self, session: Session) -> None:
         if session.budget_key is not None:
             self.budget.release(session.resource_type, *session.budget_key)
-        if session.scratch is not None:
+            session.budget_key = None
+
+    async def _release(self, session: Session) -> None:
+        self._release_budget(session)
+        scratch, session.scratch = session.scratch, None
+        if scratch is not None:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, session.scratch, True)
+                await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
 
     async def _stop(self, session: Session) -> None:
-        """Run `cleanup` for a session once; shielded, bounded, logged, never raises."""
+        """End a session once: kill first, then clean up; shielded, bounded, logged, never raises.
+
+        A backend that kills its session at once (`Backend.kill`: every process SIGKILLed)
+        has its `cleanup` (reaping, removing cgroups, mounts and files) run in the
+        background: the caller (a destroy, a temporary call) gets its answer as soon as
+        nothing of the session runs any more. Background cleanups are counted in the budget,
+        so shutdown waits for them. A backend that cannot is cleaned up before this returns.
+        """
         if session.status in (SessionStatus.CLOSING, SessionStatus.CLOSED):
             return
         session.status = SessionStatus.CLOSING
         for scope in list(session.running):
             scope.cancel()
+        backend = self.pool.backends[session.resource_type]
+        killed = False
         with anyio.CancelScope(shield=True):
+            if session.setup is not None and self._tg is not None:
+                try:
+                    with anyio.fail_after(CLEANUP_TIMEOUT):
+                        killed = await backend.kill(session.setup, session.state)
+                except Exception:
+                    log.exception("kill of %s failed", session.label)
+            if not killed:
+                await self._cleanup(session)
+                return
+            self._release_budget(session)
+            self.budget.cleanup_started()
+            assert self._tg is not None
+            self._tg.start_soon(self._cleanup, session, True, name=f"cleanup {session.label}")
+
+    async def _cleanup(self, session: Session, counted: bool = False) -> None:
+        """Run `cleanup` for a session whose stop began; `counted`: a background cleanup."""
+        with anyio.CancelScope(shield=True):
+            if counted:
+                await anyio.sleep(BACKGROUND_DELAY)
             try:
                 with anyio.fail_after(CLEANUP_TIMEOUT):
                     async with session.lock:
@@ -536,6 +630,8 @@ class Engine:
             finally:
                 session.status = SessionStatus.CLOSED
                 await self._release(session)
+                if counted:
+                    self.budget.cleanup_finished()
 
     def _forget(self, session: Session) -> None:
         """Unlink a session from the handle table and from its owner's defaults."""

@@ -35,6 +35,17 @@ class ResultMeta(BaseModel):
     def _iso(self, value: datetime | None) -> str | None:
         return utc_iso(value) if value is not None else None
 
+    def plain(self) -> dict[str, Any]:
+        """`model_dump(mode="json")`, written out: it runs once per call."""
+        return {
+            "tool": self.tool,
+            "resource_type": self.resource_type,
+            "session_id": self.session_id,
+            "temporary_session": self.temporary_session,
+            "execution_time_ms": self.execution_time_ms,
+            "expires_at": utc_iso(self.expires_at) if self.expires_at is not None else None,
+        }
+
 
 class Envelope(BaseModel):
     """`{"code", "message", "data", "meta"}`; `code != 0` is an error (see `session.errors`)."""
@@ -48,8 +59,21 @@ class Envelope(BaseModel):
     def ok(self) -> bool:
         return self.code == 0
 
-    def text(self, limit: int = 4000) -> str:
-        """A short human/LLM-readable rendering for the MCP text content block."""
+    def structured(self, *, plain_data: bool = False) -> dict[str, Any]:
+        """The envelope as JSON-ready data, equal to `model_dump(mode="json")`.
+
+        With `plain_data` (the caller knows `data` holds only JSON types, e.g. a result model
+        dumped in JSON mode) it is assembled directly instead of by a serializer pass.
+        """
+        if not plain_data:
+            return self.model_dump(mode="json")
+        return {"code": self.code, "message": self.message, "data": self.data, "meta": self.meta.plain()}
+
+    def text(self, limit: int = 4000, *, data_json: str | None = None) -> str:
+        """A short human/LLM-readable rendering for the MCP text content block.
+
+        `data_json`: `data` already rendered as JSON (the result cap renders it to weigh it).
+        """
         head = f"[{self.meta.tool}] " if self.meta.tool else ""
         if not self.ok:
             head += f"error {self.code} ({ERROR_NAMES.get(self.code, 'error')}): {self.message}"
@@ -66,7 +90,7 @@ class Envelope(BaseModel):
                 head += f", expires {utc_iso(self.meta.expires_at)}"
             head += ")"
         if self.data:
-            body = json.dumps(self.data, ensure_ascii=False, default=str)
+            body = data_json if data_json is not None else json.dumps(self.data, ensure_ascii=False, default=str)
             if len(body) > limit:
                 body = body[:limit] + f"... [{len(body) - limit} more characters in structuredContent]"
             head += "\n" + body

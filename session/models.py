@@ -83,7 +83,8 @@ class Session:
     active_calls: int = 0
     calls: int = 0
     ready: anyio.Event = field(default_factory=anyio.Event)
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # FIFO as any anyio lock; `fast_acquire` skips the event-loop pass of an uncontended acquire.
+    lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     running: set[anyio.CancelScope] = field(default_factory=set)
     failure: str | None = None
     start_error: Exception | None = None

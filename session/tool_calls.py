@@ -46,6 +46,17 @@ class CallOutcome:
 
     envelope: Envelope
     images: list[Image] = field(default_factory=list)
+    data_json: str | None = None
+    """`envelope.data` as JSON text when it holds nothing but JSON types (set by `capped`,
+    which renders it to weigh it anyway); the text block and structured content reuse it."""
+
+    def text(self) -> str:
+        """The text content block: the envelope's short rendering."""
+        return self.envelope.text(data_json=self.data_json)
+
+    def structured(self) -> dict[str, Any]:
+        """The structured content: the whole envelope, JSON-ready."""
+        return self.envelope.structured(plain_data=self.data_json is not None)
 
     @classmethod
     def capped(cls, envelope: Envelope, images: list[Image]) -> CallOutcome:
@@ -63,24 +74,48 @@ class CallOutcome:
                     f"an image of {len(image.data)} bytes was dropped: it would exceed the 1 MiB result limit"
                 )
         # The data travels twice (structured content and, capped at a few KB, the text).
-        if _weight(envelope.data) > budget:
+        text, plain = _render(envelope.data)
+        if not _fits(text, budget):
             _shrink(envelope.data, budget)
-        return cls(envelope, kept)
+            text, plain = _render(envelope.data)
+        return cls(envelope, kept, text if plain else None)
 
 
-def _weight(data: Any) -> int:
-    return len(json.dumps(data, ensure_ascii=False, default=str).encode())
+def _render(data: Any) -> tuple[str, bool]:
+    """`data` as JSON text (what the text block shows), and whether it is plain JSON: no value
+    needed converting (a datetime, a path) and no float is NaN or infinite."""
+    converted = False
+
+    def fallback(value: Any) -> str:
+        nonlocal converted
+        converted = True
+        return str(value)
+
+    try:
+        text = json.dumps(data, ensure_ascii=False, default=fallback, allow_nan=False)
+    except ValueError:
+        return json.dumps(data, ensure_ascii=False, default=str), False
+    return text, not converted
+
+
+def _fits(text: str, budget: int) -> bool:
+    """Whether `text` is at most `budget` bytes of UTF-8; not encoded when even 4 bytes a character would fit."""
+    return len(text) * 4 <= budget or _weight(text) <= budget
+
+
+def _weight(text: str) -> int:
+    return len(text.encode())
 
 
 def _shrink(data: dict[str, Any], budget: int) -> None:
     """Cut the largest string values until the data fits (never more than needed)."""
-    while _weight(data) > budget:
+    while _weight(_render(data)[0]) > budget:
         path, value = _largest_string(data)
         if path is None or len(value) < 64:
             data.clear()
             data["notes"] = ["the result exceeded the 1 MiB limit and was dropped"]
             return
-        excess = _weight(data) - budget
+        excess = _weight(_render(data)[0]) - budget
         keep = max(len(value) - excess - 256, 0) // 2
         holder = path[0]
         holder[path[1]] = (

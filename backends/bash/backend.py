@@ -94,6 +94,11 @@ class BashBackend(Backend[BashConfig, BashState]):
             raise
         return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox))
 
+    async def kill(self, setup: SessionSetup[BashConfig], state: BashState) -> bool:
+        state.shell.signal_kill()
+        state.sandbox.kill_now()
+        return True
+
     async def cleanup(self, setup: SessionSetup[BashConfig], state: BashState) -> None:
         await state.shell.kill()
         await state.sandbox.aclose()

@@ -49,7 +49,7 @@ class BoundedCapture:
 
 
 class SentinelScanner:
-    """Finds `\\n<marker><exit code>__\\n` in a byte stream that arrives in chunks.
+    """Finds `<marker><exit code>__\\n` in a byte stream that arrives in chunks.
 
     Bytes before the sentinel go to the capture as they arrive, except a short tail
     that might be the start of a split sentinel; bytes after it are kept for the next
@@ -57,7 +57,7 @@ class SentinelScanner:
     """
 
     def __init__(self, marker: str) -> None:
-        self.pattern = re.compile(b"\n" + re.escape(marker.encode()) + rb"(\d+)__\n")
+        self.pattern = re.compile(re.escape(marker.encode()) + rb"(\d+)__\n")
         self.hold = len(marker) + 16
         self.pending = bytearray()
 

@@ -18,8 +18,10 @@ environment never appears on a host command line or in a host process's environm
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,8 +48,27 @@ def check_env(env: Mapping[str, str]) -> dict[str, str]:
     return dict(env)
 
 
+def bwrap_path() -> str:
+    """The bwrap binary (looked up once: the host does not change under a running server)."""
+    return _bwrap_path()
+
+
+@functools.cache
+def _bwrap_path() -> str:
+    return shutil.which("bwrap") or "/usr/bin/bwrap"
+
+
+@functools.cache
+def _base_layout() -> tuple[str, ...]:
+    return tuple(_layout())
+
+
 def base_layout() -> list[str]:
-    """The read-only host view every sandbox starts from."""
+    """The read-only host view every sandbox starts from (probed once per server)."""
+    return list(_base_layout())
+
+
+def _layout() -> list[str]:
     args: list[str] = []
     for path in RO_DIRS:
         if os.path.isdir(path):

@@ -150,7 +150,8 @@ def _read_pids(path: Path) -> list[int]:
         return []
 
 
-def _kill(pids: list[int]) -> None:
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL each pid; those already gone (or not ours to signal) are skipped."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -194,14 +195,18 @@ class SessionCgroup:
             raise
 
     def _write(self, ctrl: str, name: str, value: str) -> None:
-        (self.dirs[ctrl] / name).write_text(value)
+        fd = os.open(self.dirs[ctrl] / name, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
         self.limits_in_force[name] = value
 
     def _limit_v1(self, limits: Limits) -> None:
         memory = limits.memory_mb << 20
         if "memory" in self.dirs:
             self._write("memory", "memory.limit_in_bytes", str(memory))
-            if (self.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
+            if _has_memsw(self.host.bases["memory"]):
                 self._write("memory", "memory.memsw.limit_in_bytes", str(memory))
         if "pids" in self.dirs:
             self._write("pids", "pids.max", str(limits.pids))
@@ -259,7 +264,7 @@ class SessionCgroup:
             await self._freeze_and_kill(freezer)
         with anyio.move_on_after(within):
             while members := self.pids():
-                _kill(members)
+                kill_pids(members)
                 await anyio.sleep(0.005)
             return True
         log.warning("cgroup %s still has members after %.0fs: %s", self.primary, within, self.pids())
@@ -273,7 +278,7 @@ class SessionCgroup:
             with anyio.move_on_after(1.0):
                 while state.read_text().strip() != "FROZEN":  # noqa: ASYNC110 - the kernel offers no event
                     await anyio.sleep(0.002)
-            _kill(self.pids())
+            kill_pids(self.pids())
         except OSError as exc:
             log.debug("freezer %s: %s", freezer, exc)
         finally:
@@ -283,7 +288,14 @@ class SessionCgroup:
     def remove(self) -> None:
         """rmdir the session's directories (and its server's, once empty). Never raises."""
         for directory in dict.fromkeys(self.dirs.values()):
-            remove_tree(directory)
+            try:
+                # A session makes no child cgroups (it cannot: no write access), so a plain
+                # rmdir is the rule; the tree walk (a stat of every control file) is the fallback.
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                remove_tree(directory)
             with contextlib.suppress(OSError):
                 directory.parent.rmdir()  # the server's dir, if this was its last session
 
@@ -291,17 +303,30 @@ class SessionCgroup:
 def _make_session_dir(directory: Path, attempts: int = 5) -> None:
     """mkdir a session's cgroup under its server's directory.
 
-    Another session's `remove` may rmdir the server's directory (its last session gone)
-    between our parent mkdir and ours: make the parent again and retry.
+    Another session's `remove` (running in the background after a kill) may rmdir the
+    server's directory (its last session gone) around our parent mkdir: then the parent
+    mkdir sees it exist and vanish (FileExistsError from `exist_ok`), or ours finds no
+    parent. Make the parent again and retry.
     """
     for attempt in range(attempts):
-        directory.parent.mkdir(parents=True, exist_ok=True)
         try:
-            directory.mkdir()
+            if attempt:
+                directory.parent.mkdir(parents=True, exist_ok=True)
+            directory.mkdir()  # the server's directory usually exists: one mkdir, no stat
             return
         except FileNotFoundError:
             if attempt == attempts - 1:
                 raise
+            continue
+        except FileExistsError:
+            if directory.is_dir() or attempt == attempts - 1:
+                raise  # our own directory exists: never adopt another session's
+
+
+@functools.cache
+def _has_memsw(memory_base: Path) -> bool:
+    """Whether the memory controller accounts swap (a kernel setting: probed once)."""
+    return (memory_base / "memory.memsw.limit_in_bytes").exists()
 
 
 def _tree_pids(directory: Path) -> list[int]:
@@ -316,7 +341,7 @@ async def kill_tree(directory: Path, within: float = 10.0) -> list[int]:
             members = _tree_pids(directory)
             if not members:
                 break
-            _kill(members)
+            kill_pids(members)
             killed += members
             await anyio.sleep(0.005)
     return sorted(set(killed))

@@ -103,10 +103,21 @@ class SessionStorage:
             self.binds = list(binds)
             return
         server_id, label = self.stage_key
-        for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
-            _traversable_dir(directory)
         stage = STAGE_ROOT / server_id / label
-        stage.mkdir(mode=0o711)  # fails if it exists: never adopt (and later remove) another session's
+        for attempt in range(5):
+            # Another session's release (in the background after a kill) may remove the
+            # server's stage directory, its last session gone, while we make ours: retry.
+            try:
+                for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
+                    _traversable_dir(directory)
+                stage.mkdir(mode=0o711)  # fails if it exists: never adopt (and later remove) another session's
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+            except FileExistsError:
+                if stage.exists() or attempt == 4:
+                    raise
         self.stage = stage
         self.home_source = self._tmpfs("home", size_mb)
         below = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)

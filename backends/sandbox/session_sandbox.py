@@ -29,6 +29,7 @@ from anyio.abc import Process
 from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
+from backends.sandbox.spawn import spawn as spawn_process
 from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec
 from session.errors import ConfigurationError, ParameterError
 
@@ -106,6 +107,7 @@ class SessionSandbox:
         self.tier = tier
         self.uid = uid
         self._lease = lease
+        self._emptied = False
         self._cgroup: cgroups.SessionCgroup | None = None
         self._rlimit_prefix: list[str] = []
         self._storage = hostfs.SessionStorage(spec.server_id, spec.label, spec.home, uid)
@@ -120,23 +122,17 @@ class SessionSandbox:
 
     @classmethod
     async def create(cls, spec: SandboxSpec) -> SessionSandbox:
-        """Allocate the session's uid, cgroups and storage.
+        """Allocate the session's uid, cgroups and storage (one worker-thread hop in all).
 
         Raises:
             ConfigurationError: the tier or network the policy asks for cannot be provided
                 here (5001, with the reason); nothing is downgraded.
         """
         tier = spec.policy.isolation
-        await anyio.to_thread.run_sync(_check_tier, tier, spec.policy.network)
-        root = os.geteuid() == 0
-        lease = None
-        if tier != "none" and root:
-            try:
-                lease = await anyio.to_thread.run_sync(uids.allocate)
-            except OSError as exc:
-                raise ConfigurationError(f"cannot give the session its own uid: {exc}") from None
-        uid = lease.uid if lease else os.geteuid()
-        box = cls(spec, tier=tier, uid=uid, lease=lease)
+        if (tier, spec.policy.network) not in _TIERS_OK:
+            # The first check probes the host (subprocesses); later ones are a set lookup.
+            await anyio.to_thread.run_sync(_check_tier, tier, spec.policy.network)
+        box = cls(spec, tier=tier, uid=os.geteuid(), lease=None)
         try:
             await anyio.to_thread.run_sync(box._setup)
         except BaseException:
@@ -145,7 +141,17 @@ class SessionSandbox:
             raise
         return box
 
+    def _lease_uid(self) -> None:
+        if self.tier == "none" or os.geteuid() != 0:
+            return
+        try:
+            self._lease = uids.allocate()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot give the session its own uid: {exc}") from None
+        self.uid = self._storage.uid = self._lease.uid
+
     def _setup(self) -> None:
+        self._lease_uid()
         limits = self.spec.policy.limits
         host = cgroups.probe()
         if host.version is not None:
@@ -217,20 +223,22 @@ class SessionSandbox:
         host_cwd = "/"
         try:
             if self.tier == "sandbox":
-                command = await anyio.to_thread.run_sync(self._bwrap_command, argv, env, cwd, extra_fds)
+                # Inline: a few memfd writes (the layout is probed once per server), cheaper
+                # than the hop to a worker thread.
+                command = self._bwrap_command(argv, env, cwd, extra_fds)
             elif self.tier == "gvisor":
                 command = await anyio.to_thread.run_sync(self._gvisor_command, argv, env, cwd)
             else:
                 command = self._plain_command(argv)
                 host_cwd = cwd or str(self.spec.home)
-            process = await anyio.open_process(
+            # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
+            process = spawn_process(
                 [*prefix, *self._rlimit_prefix, *command],
                 env=env if self.tier == "none" else HOST_ENV,
                 cwd=host_cwd,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                start_new_session=True,
                 pass_fds=(*pass_fds, *extra_fds),
             )
         finally:
@@ -264,8 +272,7 @@ class SessionSandbox:
         fds.append(args_fd)
         os.write(args_fd, bwrap.encode_args(options))
         os.lseek(args_fd, 0, os.SEEK_SET)
-        bwrap_path = shutil.which("bwrap") or "/usr/bin/bwrap"
-        return [*self._setpriv(), bwrap_path, "--args", str(args_fd), "--", *argv]
+        return [*self._setpriv(), bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
@@ -375,6 +382,28 @@ class SessionSandbox:
 
     # -- teardown ---------------------------------------------------------------------
 
+    def kill_now(self) -> None:
+        """SIGKILL every process of the session at once, without waiting; `aclose` finishes.
+
+        In `sandbox` each spawn is bwrap (the spawned process, its own process group) over
+        the pid namespace's init (bwrap's child, in a group of its own): both get SIGKILL,
+        and the init's death makes the kernel kill everything in the namespace, with no
+        fork able to race it. Other tiers get one pass over the cgroup's members (`aclose`
+        then kills until the cgroup is empty, freezing it first in tier `none`). Never
+        raises, never blocks beyond a few system calls: destroy and temporary calls return
+        after this, and the reaping, cgroup removal and unmounting run in the background.
+        """
+        self._closed = True
+        for process in self._processes:
+            # Not once reaped: the pid may name another process by now.
+            alive = process.returncode is None
+            inits = _children(process.pid) if self.tier == "sandbox" and alive else []
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+            cgroups.kill_pids(inits)
+        if self._cgroup is not None and self.tier != "sandbox":
+            cgroups.kill_pids(self._cgroup.pids())
+
     async def aclose(self) -> None:
         """Kill every process of the session, remove its cgroups and storage, free its uid.
 
@@ -398,8 +427,11 @@ class SessionSandbox:
             with contextlib.suppress(ProcessLookupError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
         if self._cgroup is not None:
-            # gVisor's Sentry runs everything of the session; killing it cannot be raced by a fork.
-            await self._cgroup.kill_all(freeze=self.tier != "gvisor")
+            # Only tier `none` needs the freezer against a fork racing the kill. In `sandbox`
+            # every process lives in a pid namespace whose init died with its process group
+            # (the kernel kills the rest, and no new pid can be made there); gVisor's Sentry
+            # runs everything of the session, so killing it cannot be raced by a fork either.
+            self._emptied = await self._cgroup.kill_all(freeze=self.tier == "none")
         else:
             with anyio.move_on_after(10):
                 while members := self.pids():
@@ -411,7 +443,7 @@ class SessionSandbox:
             with anyio.move_on_after(5):
                 await process.wait()
         if self._cgroup is not None and self._cgroup.pids():
-            await self._cgroup.kill_all()
+            self._emptied = await self._cgroup.kill_all()
 
     def _release(self) -> None:
         if self._gvisor_state is not None:
@@ -426,7 +458,8 @@ class SessionSandbox:
             self._cgroup = None
         self._storage.release()
         if self._lease is not None:
-            self._lease.release()
+            # Every process of the uid was in the (now empty) cgroup: the uid can serve again.
+            self._lease.release(clean=self._emptied)
             self._lease = None
 
     # -- reporting --------------------------------------------------------------------
@@ -474,7 +507,16 @@ class SessionSandbox:
         return info
 
 
+#: (tier, network) pairs this host was found to provide (the host does not change under us).
+_TIERS_OK: set[tuple[str, str]] = set()
+
+
 def _check_tier(tier: str, network: str) -> None:
+    _check_tier_once(tier, network)
+    _TIERS_OK.add((tier, network))
+
+
+def _check_tier_once(tier: str, network: str) -> None:
     mech = host_mechanisms()
     if tier == "sandbox":
         if not mech["bwrap"]["path"]:

@@ -155,6 +155,34 @@ async def test_output_beyond_the_cap_keeps_head_and_tail(executor):
         assert len(result.stdout) < 4096 + 200
 
 
+async def test_a_stderr_flood_before_any_stdout_is_read_whole(executor):
+    # More than a pipe and asyncio's buffer hold on stderr while stdout is still silent: the
+    # quick one-stream read must hand over to reading both, not wait for the timeout.
+    async with shell(on=executor, max_output_bytes=4096) as (b, ctx):
+        result = await run(b, ctx, "head -c 600000 /dev/zero | tr '\\0' e >&2; echo done", limit=20)
+        assert result.exit_code == 0
+        assert result.stdout == "done\n"
+        assert result.stderr_bytes == 600000
+        assert result.stderr.startswith("eee")
+
+
+async def test_output_without_a_final_newline_and_slow_commands_are_exact(executor):
+    async with shell(on=executor) as (b, ctx):
+        slow = await run(b, ctx, "sleep 0.2; printf out; printf err >&2; (exit 4)")
+        assert (slow.stdout, slow.stderr, slow.exit_code) == ("out", "err", 4)
+        for _ in range(3):  # back to back: nothing of one command's sentinels leaks into the next
+            quick = await run(b, ctx, "printf a; printf b >&2")
+            assert (quick.stdout, quick.stderr, quick.exit_code) == ("a", "b", 0)
+
+
+async def test_what_an_exiting_shell_printed_last_is_kept(executor):
+    async with shell(on=executor) as (b, ctx):
+        result = await run(b, ctx, "echo bye; echo last words >&2; exit 5")
+        assert result.exit_code == 5
+        assert result.stdout == "bye\n"
+        assert "last words" in result.stderr
+
+
 async def test_exit_restarts_a_fresh_shell_on_the_next_command(executor):
     async with shell(on=executor) as (b, ctx):
         await run(b, ctx, "export GONE=1")

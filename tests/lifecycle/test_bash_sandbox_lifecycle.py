@@ -53,9 +53,10 @@ async def test_destroy_leaves_no_process_and_no_cgroup(tier: str) -> None:
         members = run_pids(label)
         assert members
         assert (await client.call("destroy_session", {"session_id": sid})).ok
-        assert not [pid for pid in members if pid_alive(pid)]
-        assert run_pids(label) == []
-        assert run_cgroup_dirs(label) == []
+        # Killed before the destroy answered; reaping and cgroup removal finish in the
+        # background within a bounded moment.
+        await eventually(lambda: not [pid for pid in members if pid_alive(pid)], 10)
+        await eventually(lambda: run_pids(label) == [] and run_cgroup_dirs(label) == [], 10)
 
 
 @pytest.mark.parametrize("tier", TIERS)

@@ -66,10 +66,16 @@ def has_cap_sys_resource() -> bool:
 
 
 def run_cgroup_dirs() -> list[Path]:
-    """This run's cgroup directories still on the host (should be none after cleanup)."""
+    """This run's cgroup directories still on the host (should be none after cleanup).
+
+    `os.walk` rather than `rglob`: other servers on the machine make and remove session
+    cgroups all the time, and rglob fails on a directory that vanishes under it.
+    """
     found = []
     for ctrl in Path("/sys/fs/cgroup").iterdir():
-        found += [p for p in ctrl.rglob(f"agentflow/{RUN_SERVER_ID}") if p.is_dir()]
+        for root, _, _ in os.walk(ctrl):
+            if Path(root).name == RUN_SERVER_ID and Path(root).parent.name == "agentflow":
+                found.append(Path(root))
     return found
 
 

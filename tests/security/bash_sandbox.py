@@ -49,8 +49,10 @@ def run_cgroup_dirs(label: str = "") -> list[Path]:
     found: list[Path] = []
     for base in set(cgroups.probe().bases.values()):
         root = base / "agentflow" / server_id()
-        if root.is_dir():
+        try:
             found += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(label)]
+        except FileNotFoundError:
+            continue  # no session of this server (its directory goes with the last one, maybe right now)
     return found
 
 
