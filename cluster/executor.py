@@ -586,9 +586,16 @@ class RayExecutor:
             except SessionError:
                 return  # lost with its node: nothing of it to list any more
 
-        async with anyio.create_task_group() as tg:
-            for host in await self._fan_out_hosts():
-                tg.start_soon(one, host)
+        try:
+            async with anyio.create_task_group() as tg:
+                for host in await self._fan_out_hosts():
+                    tg.start_soon(one, host)
+        except ExceptionGroup as group:
+            # A host unreachable (5002) makes the whole answer that, not an internal error (5000).
+            failure = next((e for e in group.exceptions if isinstance(e, SandboxError)), None)
+            if failure is None:
+                raise
+            raise failure from None
         return results
 
     async def _lost(self, host: Host) -> SandboxError:

@@ -224,7 +224,9 @@ class SessionHost:
                 lapsed = set(lapsed_now) - self._handled_front_ends
                 if lapsed:
                     self._disconnect_front_ends(engine, lapsed)
-                if engine.sessions or engine.workers or live_front_ends:
+                # Workers without sessions hold nothing (a `_meta` key worker is never forgotten by the
+                # engine): counting them kept a host alive forever once such a worker had called it.
+                if engine.sessions or live_front_ends:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = anyio.current_time()

@@ -56,9 +56,7 @@ async def churn(engine: Engine, worker: str, rng: random.Random, codes: list[int
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_random_lifecycles_leave_no_process_or_directory(
-    seed: int, tmp_path: Path
-) -> None:
+async def test_random_lifecycles_leave_no_process_or_directory(seed: int, tmp_path: Path) -> None:
     runtime = Runtime(tmp_path / "agentflow-churn", Runtime.for_process().server_id)  # scratch dirs land here
     run_id = new_test_marker()
     codes: list[int] = []

@@ -145,9 +145,10 @@ async def test_http_client_disconnect_destroys_its_desktop_and_context_while_the
     before = watched_pids()
     server = await anyio.to_thread.run_sync(lambda: start_http_server(tmp_path, manifest=manifest(tmp_path)))
     try:
-        async with server.http_client() as http, Client(
-            streamable_http_client(server.mcp_url, http_client=http), mode="legacy"
-        ) as client:  # Mcp-Session-Id
+        async with (
+            server.http_client() as http,
+            Client(streamable_http_client(server.mcp_url, http_client=http), mode="legacy") as client,
+        ):  # Mcp-Session-Id
             created = await client.call_tool("create_session", {"resource": ["vm", "browser"]})
             assert not created.is_error, created
             nav = await client.call_tool("browser_navigate", {"url": PAGE})

@@ -65,8 +65,6 @@ def has_cap_sys_resource() -> bool:
     return False
 
 
-
-
 def run_cgroup_dirs() -> list[Path]:
     """This run's cgroup directories still on the host (should be none after cleanup).
 

@@ -67,8 +67,6 @@ def run_pids(label: str = "") -> list[int]:
     return sorted(p for p in pids if pid_alive(p))
 
 
-
-
 def mounts_under(path: Path) -> list[str]:
     prefix = str(path).rstrip("/") + "/"
     with open("/proc/self/mountinfo") as fh:

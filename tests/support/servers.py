@@ -125,6 +125,7 @@ def start_http_server(
     token: str | None = "",
     server_settings: dict[str, Any] | None = None,
     extra_args: tuple[str, ...] = (),
+    base_env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """`agentflow-sandbox serve --transport http` on a free 127.0.0.1 port, healthy on return.
 
@@ -132,7 +133,9 @@ def start_http_server(
     (`server_settings` adds to its `[server]`). `token=""` (default): a fresh token in the
     server's AGENTFLOW_SANDBOX_TOKEN. `token=None`: no variable, so the server takes the
     manifest's tokens or generates one into its token file under `directory` (its
-    XDG_STATE_HOME); `server.token` is then read from that file.
+    XDG_STATE_HOME); `server.token` is then read from that file. `base_env` replaces this
+    process's environment as the server's (e.g. a front end of a test Ray cluster, whose Ray
+    settings must not mix with another cluster's this process may have joined).
     """
     marker = leaks.new_test_marker()
     if manifest is None:
@@ -145,7 +148,7 @@ def start_http_server(
         )
     log_path = directory / f"server-{marker}.log"
     state_home = directory / f"state-{marker}"
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env = {k: v for k, v in (os.environ if base_env is None else base_env).items() if k != TOKEN_ENV}
     env["XDG_STATE_HOME"] = str(state_home)
     if token == "":
         token = new_token()

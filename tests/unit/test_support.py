@@ -103,9 +103,7 @@ def test_scratch_dirs_are_this_runs_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["v1", "v2"])
-def test_cgroup_dirs_follow_the_documented_layout(
-    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cgroup_dirs_follow_the_documented_layout(layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / "memory" if layout == "v1" else tmp_path
     mine = base / "agentflow" / f"{leaks.run_id()}-{os.getpid()}-ab12"
     (mine / "bash-1").mkdir(parents=True)
