@@ -24,7 +24,7 @@ from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
 from cluster.keys import connection_worker, digest, host_name, link_groups, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
-from cluster.placement import HOST_IDLE_EXIT, Host, Placement, connect, gcs
+from cluster.placement import Host, Placement, connect, gcs
 from cluster.registry import Location
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
@@ -63,7 +63,7 @@ class RayExecutor:
         address: str | None = None,
         front_end_id: str | None = None,
         lease_ttl: float = LEASE_TTL,
-        host_idle_exit: float = HOST_IDLE_EXIT,
+        host_idle_exit: float | None = None,
     ) -> None:
         settings = manifest.server
         address = address or settings.ray_address
@@ -78,6 +78,8 @@ class RayExecutor:
         self.catalog: dict[str, ToolSpec] = self._schema.catalog
         self.session_ttl = self._schema.session_ttl
         self.disconnect_grace = self._schema.disconnect_grace
+        if host_idle_exit is None:
+            host_idle_exit = settings.ray_host_idle_exit
         groups = link_groups({name: set(b.links.values()) for name, b in self._schema.backends.items()})
         self.placement = Placement(
             manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment, groups, host_idle_exit

@@ -295,9 +295,9 @@ class RayCluster:
     # -- front ends ------------------------------------------------------------------------
 
     def manifest(self, directory: Path, *, disconnect_grace: float = 5.0, session_ttl: float = 300.0,
-                 browser: bool = False) -> Path:  # fmt: skip
+                 browser: bool = False, host_idle_exit: float | None = None) -> Path:  # fmt: skip
         """A front end manifest: bash in the default `sandbox` tier, shells tagged with the cluster's marker
-        (and `browser`, with its defaults, when asked)."""
+        (and `browser`, with its defaults, when asked; `server.ray_host_idle_exit` when given)."""
         config = {"timeout": 20, "env": {TEST_MARKER_ENV: self.run_marker}}
         resources: dict[str, Any] = {"bash": {"enabled": True, "config": config, "policy": {"isolation": "sandbox"}}}
         if browser:
@@ -308,6 +308,7 @@ class RayCluster:
             disconnect_grace=disconnect_grace,
             resources=resources,
             name=f"frontend-{uuid.uuid4().hex[:8]}.json",
+            server=None if host_idle_exit is None else {"ray_host_idle_exit": host_idle_exit},
         )
 
     def start_front_end(self, directory: Path, manifest: Path, *, address: str | None = None) -> ServerProcess:
