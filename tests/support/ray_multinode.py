@@ -209,7 +209,15 @@ class RayCluster:
 
     def start_node(self, label: str, *, head: bool = False) -> RayNode:
         index = ord(label) - ord("a")
-        node = RayNode(label, head, self.root / label, _ports(index), NODE_RESOURCES[label])
+        # A restarted node gets a fresh temp dir: `ray start --head` refuses to start when its temp dir
+        # names a bootstrap address that any GCS on the machine serves (other runs' clusters, in their own
+        # namespaces, use the same fixed port).
+        temp_dir = self.root / label
+        restarts = 0
+        while temp_dir.exists():
+            restarts += 1
+            temp_dir = self.root / f"{label}{restarts}"
+        node = RayNode(label, head, temp_dir, _ports(index), NODE_RESOURCES[label])
         argv = [str(ray_binary()), "start", "--head", "--port", str(HEAD_PORT)] if head else [
             str(ray_binary()), "start", "--address", self.address,
         ]  # fmt: skip
