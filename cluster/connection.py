@@ -26,10 +26,11 @@ from session.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
-#: How long the GCS port must refuse connections before the driver is given up.
-DOWN_AFTER = 3.0
-#: How often the GCS port is probed while joined.
-PROBE_EVERY = 1.0
+#: How long the GCS port must refuse connections before the driver is given up. Short: a head
+#: restarted within it would leave this driver talking to a new cluster, which Ray does not survive.
+DOWN_AFTER = 2.0
+#: How often the GCS port is probed while joined (a loopback or LAN TCP connect: cheap).
+PROBE_EVERY = 0.5
 #: A probe's own bound (a port that neither accepts nor refuses).
 PROBE_TIMEOUT = 2.0
 #: How long one join (`ray.init`) may take before it counts as failed.
