@@ -90,7 +90,9 @@ class RayConnection:
             try:
                 await self._join()
             except Exception as exc:  # any failure to join is retried; Ray raises many kinds
-                log.warning("cannot join the Ray cluster at %s (%s); retrying in %.1f s", self.address, exc, delay)
+                # Once per outage at warning level: the retries would flood the log.
+                level = logging.WARNING if delay == RETRY_FIRST else logging.DEBUG
+                log.log(level, "cannot join the Ray cluster at %s (%s); retrying", self.address, exc)
                 self.first_attempt.set()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
@@ -107,7 +109,12 @@ class RayConnection:
         with anyio.fail_after(JOIN_TIMEOUT):
             await anyio.to_thread.run_sync(connect, self.address, self.deployment, abandon_on_cancel=True)
         self.generation += 1
-        await self.on_join()
+        try:
+            await self.on_join()
+        except Exception:
+            # Not kept: a driver of a cluster that went away meanwhile would be reused by the next join.
+            await self._shutdown_driver()
+            raise
         self.connected = True
         log.info("joined the Ray cluster at %s (generation %d)", self.address, self.generation)
 
@@ -129,6 +136,10 @@ class RayConnection:
         log.warning("the Ray cluster at %s is unreachable: leaving it, and joining again when it returns", self.address)
         for scope in list(self._calls):
             scope.cancel()
+        await self._shutdown_driver()
+
+    async def _shutdown_driver(self) -> None:
+        # ~5 s when the GCS is gone (Ray's own timeouts); bounded in case it is slower.
         with anyio.move_on_after(30):
             await anyio.to_thread.run_sync(ray.shutdown, abandon_on_cancel=True)
 
