@@ -121,7 +121,7 @@ class RayExecutor:
         self._locations.clear()
         self._defaults.clear()
         try:
-            await anyio.to_thread.run_sync(self.placement.join_registry)
+            await gcs(self.placement.join_registry)
             await self._registry("heartbeat", self.front_end, self.lease_ttl)
         except (ray.exceptions.RayError, SandboxError) as exc:
             raise ConnectionError(f"the registry did not answer: {exc}") from exc
