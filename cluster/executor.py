@@ -22,9 +22,10 @@ from anyio.abc import TaskGroup
 
 from backends.base import Backend, BackendKind, ProgressFn, ToolSpec
 from cluster import faults
+from cluster.connection import JOIN_TIMEOUT, RayConnection
 from cluster.keys import connection_worker, digest, host_name, link_groups, node_resource
 from cluster.merge import merge_created, merge_listed, merge_status, merge_warmup
-from cluster.placement import HOST_IDLE_EXIT, Host, Placement, connect, gcs
+from cluster.placement import Host, Placement, gcs
 from cluster.registry import Location
 from manifests.schema import Manifest
 from mcp_server.factory import engine_from_manifest
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 #: A front end renews its lease this often; a lease not renewed for LEASE_TTL has lapsed.
 LEASE_INTERVAL = 2.0
 LEASE_TTL = 10.0
-#: How long joining the cluster may take before the front end gives up.
-JOIN_TIMEOUT = 60.0
 #: Handle -> location entries a front end remembers (a session never moves, so they stay true).
 LOCATION_CACHE = 100_000
 
@@ -63,7 +62,7 @@ class RayExecutor:
         address: str | None = None,
         front_end_id: str | None = None,
         lease_ttl: float = LEASE_TTL,
-        host_idle_exit: float = HOST_IDLE_EXIT,
+        host_idle_exit: float | None = None,
     ) -> None:
         settings = manifest.server
         address = address or settings.ray_address
@@ -78,6 +77,8 @@ class RayExecutor:
         self.catalog: dict[str, ToolSpec] = self._schema.catalog
         self.session_ttl = self._schema.session_ttl
         self.disconnect_grace = self._schema.disconnect_grace
+        if host_idle_exit is None:
+            host_idle_exit = settings.ray_host_idle_exit
         groups = link_groups({name: set(b.links.values()) for name, b in self._schema.backends.items()})
         self.placement = Placement(
             manifest.model_copy(update={"server": _without_tokens(manifest)}), self.deployment, groups, host_idle_exit
@@ -88,6 +89,7 @@ class RayExecutor:
         # at each call that may (meta-tools, calls by handle). A default that ended meanwhile (TTL,
         # grace) only sends the next call to a host that runs it in a temporary session, as it should.
         self._defaults: dict[str, dict[str, Host]] = {}
+        self.connection = RayConnection(self.address, self.deployment, self._joined)
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._stopped = False
@@ -99,24 +101,31 @@ class RayExecutor:
     # -- lifetime --------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        try:
-            # ray.init retries an unreachable address for ever: give up (and leave the thread) in time.
-            with anyio.fail_after(JOIN_TIMEOUT):
-                await anyio.to_thread.run_sync(connect, self.address, self.deployment, abandon_on_cancel=True)
-            await anyio.to_thread.run_sync(self.placement.join_registry)
-            await self._registry("heartbeat", self.front_end, self.lease_ttl)
-        except TimeoutError:
-            problem = f"no answer in {JOIN_TIMEOUT:g} s"
-            raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {problem}") from None
-        except (ray.exceptions.RayError, ConnectionError, SandboxError) as exc:
-            raise ConfigurationError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
         stack = AsyncExitStack()
         await stack.__aenter__()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
-        self._tg.start_soon(self._lease_forever, name="ray-front-end-lease")
         self._stack = stack
-        log.info("front end %s joined Ray at %s (deployment %r)", self.front_end, self.address, self.deployment)
+        # Serving does not wait for the cluster: until it is joined, calls answer 5002. The first
+        # attempt is awaited, so a reachable cluster is joined before the first call.
+        self._tg.start_soon(self.connection.run, name="ray-front-end-connection")
+        with anyio.move_on_after(JOIN_TIMEOUT):
+            await self.connection.first_attempt.wait()
+        self._tg.start_soon(self._lease_forever, name="ray-front-end-lease")
         return self
+
+    async def _joined(self) -> None:
+        """(Re)joined the cluster: nothing learned from an earlier one holds (a restarted head has
+        none of its actors), so routing starts afresh from the registry, which on a new cluster
+        knows no old handle (1003)."""
+        self.placement.reset()
+        self._locations.clear()
+        self._defaults.clear()
+        try:
+            await gcs(self.placement.join_registry)
+            await self._registry("heartbeat", self.front_end, self.lease_ttl)
+        except (ray.exceptions.RayError, SandboxError) as exc:
+            raise ConnectionError(f"the registry did not answer: {exc}") from exc
+        log.info("front end %s joined Ray at %s (deployment %r)", self.front_end, self.address, self.deployment)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -136,6 +145,8 @@ class RayExecutor:
         if self._stopped:
             return
         self._stopped = True
+        if not self.connection.connected:
+            return
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 await self._registry("release", self.front_end)
@@ -145,6 +156,8 @@ class RayExecutor:
     async def _lease_forever(self) -> None:
         while True:
             await anyio.sleep(min(LEASE_INTERVAL, self.lease_ttl / 3))
+            if not self.connection.connected:
+                continue
             try:
                 await self._registry("heartbeat", self.front_end, self.lease_ttl)
             except SandboxError as exc:
@@ -163,12 +176,19 @@ class RayExecutor:
             spec = self._schema.pool.find_tool(tool_name, self.catalog)
             meta.tool, meta.resource_type = spec.name, spec.resource
             args = dict(arguments or {})
-            if spec.owner == "engine":
-                outcome = await self._meta_tool(caller, spec, args, meta)
-                if outcome.envelope.meta is meta:  # merged here from several hosts' replies
-                    meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
-                return outcome
-            return await self._backend_tool(caller, spec, tool_name, args, progress)
+            self.connection.check()
+            with anyio.CancelScope() as scope:
+                self.connection.track(scope)
+                try:
+                    if spec.owner == "engine":
+                        outcome = await self._meta_tool(caller, spec, args, meta)
+                        if outcome.envelope.meta is meta:  # merged here from several hosts' replies
+                            meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
+                        return outcome
+                    return await self._backend_tool(caller, spec, tool_name, args, progress)
+                finally:
+                    self.connection.untrack(scope)
+            raise self.connection.unreachable()  # the cluster was given up during the call
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope = failure(exc, meta)
             meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)
@@ -178,7 +198,7 @@ class RayExecutor:
 
     def disconnect(self, worker_key: str) -> None:
         """A connection of this front end closed: the hosts holding its sessions start their grace."""
-        if self._tg is not None:
+        if self._tg is not None and self.connection.connected:
             self._tg.start_soon(self.disconnect_and_wait, worker_key)
 
     async def disconnect_and_wait(self, worker_key: str) -> None:
@@ -208,6 +228,7 @@ class RayExecutor:
             "session_ttl": self.session_ttl,
             "disconnect_grace": self.disconnect_grace,
             "hosts_known": sorted(self.placement.hosts),
+            "cluster_connected": self.connection.connected,
         }
 
     async def hosts_of(self, resource: str) -> list[Host]:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import anyio
 import ray
+from ray.core.generated import gcs_pb2
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.faults import CLUSTER_UNREACHABLE
@@ -80,6 +81,16 @@ def connect(address: str, deployment: str) -> None:
     )
 
 
+def _node_table() -> list[Node]:
+    """Every node the GCS knows. Not `ray.nodes()`: its request retries for ever, and when the head
+    restarts meanwhile Ray aborts the process (the reply comes from another cluster); this one
+    gives up after GCS_TIMEOUT."""
+    client: Any = getattr(ray._private.worker.global_worker, "gcs_client")  # noqa: B009 (set by ray.init)
+    table = client.get_all_node_info(timeout=GCS_TIMEOUT)
+    alive: int = getattr(gcs_pb2, "GcsNodeInfo").ALIVE  # noqa: B009 (generated; no stubs)
+    return [Node(info.node_id.hex(), info.state == alive, dict(info.resources_total)) for info in table.values()]
+
+
 async def gcs(fn: Callable[[], T]) -> T:
     """Run one blocking request to Ray's control plane in a thread, bounded: when the GCS is away
     Ray retries for ever, so the caller is answered 5002 and the thread is left to finish."""
@@ -117,10 +128,16 @@ class Placement:
             max_restarts=0,
         ).remote(self.deployment)
 
+    def reset(self) -> None:
+        """Forget everything learned from the cluster (it was joined afresh)."""
+        self.hosts.clear()
+        self._nodes = []
+        self._nodes_at = -NODES_TTL
+        self.registry = None
+
     async def nodes(self, *, fresh: bool = False) -> list[Node]:
         if fresh or time.monotonic() - self._nodes_at > NODES_TTL:
-            raw = await gcs(ray.nodes)
-            self._nodes = [Node(n["NodeID"], bool(n["Alive"]), dict(n.get("Resources") or {})) for n in raw]
+            self._nodes = await gcs(_node_table)
             self._nodes_at = time.monotonic()
         return self._nodes
 

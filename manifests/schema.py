@@ -71,6 +71,12 @@ class ServerSettings(BaseModel):
         description="Ray namespace of this deployment's actors: front ends of one deployment share sessions; "
         "two deployments on one cluster never mix.",
     )
+    ray_host_idle_exit: float = Field(
+        default=60.0,
+        gt=0,
+        description="Executor 'ray': seconds a session host with no sessions and no live front end waits "
+        "before it exits (its Ray actor ends).",
+    )
 
     @field_validator("tokens")
     @classmethod

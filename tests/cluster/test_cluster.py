@@ -29,13 +29,17 @@ from tests.support.servers import TOKEN_ENV, ServerProcess, server_command
 
 pytestmark = pytest.mark.slow
 
+#: server.ray_host_idle_exit of the module's front ends (default 60 s).
+HOST_IDLE_EXIT = 3.0
+
 
 @pytest.fixture(scope="module")
 def front_ends(
     ray_cluster: RayCluster, ray_executor: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     directory = tmp_path_factory.mktemp("front-ends")
-    manifest = ray_cluster.manifest(directory, browser=True)
+    # Hosts exit soon once idle with no front end, so the last test of the module need not wait long.
+    manifest = ray_cluster.manifest(directory, browser=True, host_idle_exit=HOST_IDLE_EXIT)
     a = ray_cluster.start_front_end(directory, manifest)
     b = ray_cluster.start_front_end(directory, manifest)
     yield a, b
@@ -203,5 +207,5 @@ async def test_session_hosts_exit_when_nothing_is_left(
     def hosts() -> list[str]:
         return [name for name in ray_cluster.named_actors() if name.startswith("host-")]
 
-    await eventually(lambda: not hosts(), 120, every=2.0, what=lambda: f"session hosts to exit; left: {hosts()}")
+    await eventually(lambda: not hosts(), 120, every=1.0, what=lambda: f"session hosts to exit; left: {hosts()}")
     assert leaks.session_pids(test_marker=ray_cluster.run_marker) == []

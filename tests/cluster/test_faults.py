@@ -187,11 +187,6 @@ async def test_the_cluster_gone_answers_5002(cluster: RayCluster, tmp_path: Path
             assert listing["code"] == 5002, listing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h-ray's front end keeps its Ray driver of the old cluster: after the head restarts it answers 5002 "
-    "for good instead of joining the new cluster",
-)
 @pytest.mark.timeout(300)
 async def test_a_restarted_cluster_is_served_again_and_old_handles_answer_1003(
     cluster: RayCluster, tmp_path: Path
@@ -218,11 +213,6 @@ async def test_a_restarted_cluster_is_served_again_and_old_handles_answer_1003(
             await call(client, "destroy_session", {"session_id": again["data"]["session_id"]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h-ray's front end joins Ray before it serves: with no cluster at the address it waits ~40 s in "
-    "ray.init and exits (configuration error) instead of serving 5002 until the cluster comes",
-)
 async def test_a_front_end_started_while_the_cluster_is_down_answers_5002_then_recovers(
     cluster: RayCluster, tmp_path: Path
 ) -> None:

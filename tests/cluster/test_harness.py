@@ -75,6 +75,8 @@ def test_ray_refuses_a_driver_without_the_cluster_token(ray_cluster: RayCluster)
     """The cluster runs with Ray's token authentication: a driver without the token is not let in."""
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_TOKEN"}
     env["RAY_AUTH_TOKEN"] = "0" * 64
+    # Ray retries a refused driver's GCS connection for ~20 s by default; a few tries show the refusal.
+    env["RAY_gcs_server_port_wait_time_s"] = "2"
     refused = subprocess.run(
         [sys.executable, "-m", "tests.support.ray_query", ray_cluster.address, "nodes"],
         capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT, check=False,

@@ -209,7 +209,15 @@ class RayCluster:
 
     def start_node(self, label: str, *, head: bool = False) -> RayNode:
         index = ord(label) - ord("a")
-        node = RayNode(label, head, self.root / label, _ports(index), NODE_RESOURCES[label])
+        # A restarted node gets a fresh temp dir: `ray start --head` refuses to start when its temp dir
+        # names a bootstrap address that any GCS on the machine serves (other runs' clusters, in their own
+        # namespaces, use the same fixed port).
+        temp_dir = self.root / label
+        restarts = 0
+        while temp_dir.exists():
+            restarts += 1
+            temp_dir = self.root / f"{label}{restarts}"
+        node = RayNode(label, head, temp_dir, _ports(index), NODE_RESOURCES[label])
         argv = [str(ray_binary()), "start", "--head", "--port", str(HEAD_PORT)] if head else [
             str(ray_binary()), "start", "--address", self.address,
         ]  # fmt: skip
@@ -295,9 +303,9 @@ class RayCluster:
     # -- front ends ------------------------------------------------------------------------
 
     def manifest(self, directory: Path, *, disconnect_grace: float = 5.0, session_ttl: float = 300.0,
-                 browser: bool = False) -> Path:  # fmt: skip
+                 browser: bool = False, host_idle_exit: float | None = None) -> Path:  # fmt: skip
         """A front end manifest: bash in the default `sandbox` tier, shells tagged with the cluster's marker
-        (and `browser`, with its defaults, when asked)."""
+        (and `browser`, with its defaults, when asked; `server.ray_host_idle_exit` when given)."""
         config = {"timeout": 20, "env": {TEST_MARKER_ENV: self.run_marker}}
         resources: dict[str, Any] = {"bash": {"enabled": True, "config": config, "policy": {"isolation": "sandbox"}}}
         if browser:
@@ -308,6 +316,7 @@ class RayCluster:
             disconnect_grace=disconnect_grace,
             resources=resources,
             name=f"frontend-{uuid.uuid4().hex[:8]}.json",
+            server=None if host_idle_exit is None else {"ray_host_idle_exit": host_idle_exit},
         )
 
     def start_front_end(self, directory: Path, manifest: Path, *, address: str | None = None) -> ServerProcess:

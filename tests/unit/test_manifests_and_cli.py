@@ -54,6 +54,7 @@ def test_an_unset_variable_without_default_names_the_field():
         ({"server": {"session_ttl": -1}}, "server.session_ttl"),
         ({"server": {"sesion_ttl": 5}}, "server.sesion_ttl"),
         ({"server": {"transport": "carrier-pigeon"}}, "server.transport"),
+        ({"server": {"ray_host_idle_exit": 0}}, "server.ray_host_idle_exit"),
         ({"resources": {"bash": {"enabled": "maybe"}}}, "resources.bash.enabled"),
         ({"resources": {"Bad_Name": {}}}, "resources"),
     ],
