@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from bench._common import http_server
+from bench._common import http_server, loop_ms, pipe_round_trip_us
 from mcp_server.worker_identity import WORKER_META_KEY
 from sandbox import Sandbox
 
@@ -43,25 +42,10 @@ Call = Callable[[], Awaitable[Any]]
 
 
 def calibration() -> str:
-    started = time.perf_counter()
-    total = 0
-    for i in range(1_000_000):
-        total += i
-    loop_ms = (time.perf_counter() - started) * 1000
-    cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert cat.stdin is not None
-    assert cat.stdout is not None
-    trips = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        cat.stdin.write(b"x\n")
-        cat.stdin.flush()
-        cat.stdout.readline()
-        trips.append((time.perf_counter() - t0) * 1000)
-    cat.stdin.close()
-    cat.wait()
-    trip = statistics.median(trips)
-    return f"calibration: 1M-iteration Python loop {loop_ms:.1f} ms; pipe round trip to a live cat {trip:.4f} ms"
+    return (
+        f"calibration: 1M-iteration Python loop {loop_ms():.1f} ms; "
+        f"pipe round trip to a live cat {pipe_round_trip_us() / 1000:.4f} ms"
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from mcp.client.streamable_http import streamable_http_client
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import loop_ms, measure, percentile, pipe_round_trip_us  # noqa: E402
 from mcp_server.tokens import read_token_file  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
@@ -86,46 +87,16 @@ def server_from(root: Path, label: str) -> Iterator[Target]:
 
 
 def calibration() -> str:
-    t0 = time.perf_counter()
-    total = 0
-    for i in range(1_000_000):
-        total += i
-    loop_ms = (time.perf_counter() - t0) * 1000
-    cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    assert cat.stdin is not None
-    assert cat.stdout is not None
-    samples = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        cat.stdin.write(b"x\n")
-        cat.stdout.read(2)
-        samples.append((time.perf_counter() - t0) * 1000)
-    cat.stdin.close()
-    cat.wait()
-    pipe_ms = statistics.median(samples)
-    return f"calibration: 1M-iteration loop {loop_ms:.1f} ms; pipe round trip to cat p50 {pipe_ms:.4f} ms"
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-async def timed(fn: Callable[[], Awaitable[object]], n: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        await fn()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return samples
+    return (
+        f"calibration: 1M-iteration loop {loop_ms():.1f} ms; "
+        f"pipe round trip to cat p50 {pipe_round_trip_us() / 1000:.4f} ms"
+    )
 
 
 async def health(target: Target, n: int) -> list[float]:
     async with httpx2.AsyncClient() as http:
         url = target.url.removesuffix("/mcp") + "/health"
-        return await timed(lambda: http.get(url), n)
+        return await measure(lambda: http.get(url), n, warmup=20)
 
 
 async def official_client(target: Target, stack: AsyncExitStack, mode: str) -> tuple[Client, dict[str, Any]]:
@@ -158,9 +129,9 @@ async def light_calls(target: Target, n: int) -> tuple[list[float], float]:
             return result
 
         await call("create_session", {"resource": "bash"})
-        await timed(lambda: call("bash_run", {"command": ":"}), 0, warmup=20)
+        await measure(lambda: call("bash_run", {"command": ":"}), 0, warmup=20)
         cpu0 = target.cpu()
-        samples = await timed(lambda: call("bash_run", {"command": ":"}), n, warmup=0)
+        samples = await measure(lambda: call("bash_run", {"command": ":"}), n, warmup=0)
         cpu_ms = (target.cpu() - cpu0) * 1000 / n
         await call("destroy_session", {})
     return samples, cpu_ms
@@ -174,9 +145,9 @@ async def sequential_calls(target: Target, n: int, mode: str) -> tuple[list[floa
             result = await client.call_tool("bash_run", {"command": ":"}, meta=meta)  # type: ignore[arg-type]
             assert not result.is_error, result
 
-        await timed(call, 0, warmup=20)
+        await measure(call, 0, warmup=20)
         cpu0 = target.cpu()
-        samples = await timed(call, n, warmup=0)
+        samples = await measure(call, n, warmup=0)
         cpu_ms = (target.cpu() - cpu0) * 1000 / n
         await client.call_tool("destroy_session", {}, meta=meta)  # type: ignore[arg-type]
     return samples, cpu_ms
@@ -288,10 +259,10 @@ async def measure_round(target: Target, n: int, workers: int, calls: int, raw_ca
     samples, cpu = await light_calls(target, n)
     figures["light_p50"], figures["light_cpu"] = statistics.median(samples), cpu
     rate, lat, cpu = await concurrent_official(target, workers, calls)
-    figures.update(official_rate=rate, official_p50=statistics.median(lat), official_p95=pct(lat, 0.95))
+    figures.update(official_rate=rate, official_p50=statistics.median(lat), official_p95=percentile(lat, 0.95))
     figures["official_cpu"] = cpu
     rate, lat, cpu = await concurrent_raw(target, workers, raw_calls)
-    figures.update(raw_rate=rate, raw_p50=statistics.median(lat), raw_p95=pct(lat, 0.95), raw_cpu=cpu)
+    figures.update(raw_rate=rate, raw_p50=statistics.median(lat), raw_p95=percentile(lat, 0.95), raw_cpu=cpu)
     return figures
 
 

@@ -24,7 +24,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import measure, summarize
+from bench._common import loop_ms, measure, pipe_round_trip_us, summarize
 from sandbox import Sandbox
 from tests.support import leaks, procs
 from tests.support.netns import PrivateNetwork
@@ -60,26 +59,12 @@ def percentile(samples: list[float], q: float) -> float:
 
 def calibration() -> dict[str, float]:
     out("== calibration (this machine, now) ==")
-    t0 = time.perf_counter()
-    total = 0
-    for i in range(1_000_000):
-        total += i
-    loop_ms = (time.perf_counter() - t0) * 1000
-    out(f"{'1M-iteration Python loop':<58} {loop_ms:8.1f} ms")
-    cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    assert cat.stdin is not None
-    assert cat.stdout is not None
-    samples = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        cat.stdin.write(b"x\n")
-        cat.stdout.readline()
-        samples.append((time.perf_counter() - t0) * 1000)
-    cat.stdin.close()
-    cat.wait()
-    summarize("pipe round trip to a live `cat` (µs)", [x * 1000 for x in samples], unit="µs")
+    loop = loop_ms()
+    out(f"{'1M-iteration Python loop':<58} {loop:8.1f} ms")
+    pipe_us = pipe_round_trip_us()
+    out(f"{'pipe round trip to a live `cat`, median':<58} {pipe_us:8.1f} µs")
     out(f"load average {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}, {psutil.cpu_count()} cores")
-    return {"loop_ms": loop_ms, "pipe_ms": statistics.median(samples)}
+    return {"loop_ms": loop, "pipe_ms": pipe_us / 1000}
 
 
 # -- per call ------------------------------------------------------------------------------

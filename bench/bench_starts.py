@@ -18,7 +18,6 @@ import contextlib
 import os
 import re
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, os.environ.get("BENCH_TREE") or str(Path(__file__).resolve().
 from backends.bash.shell import PersistentShell
 from backends.policy import Limits, Policy
 from backends.sandbox import SandboxSpec, SessionSandbox
-from bench._common import http_server, measure, summarize
+from bench._common import http_server, loop_ms, measure, pipe_round_trip_us, summarize
 from manifests import load_manifest
 from mcp_server.factory import engine_from_manifest
 from sandbox import Sandbox
@@ -58,26 +57,8 @@ def out(line: str = "") -> None:
 
 def calibration() -> None:
     out("== calibration ==")
-    loops = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        x = 0
-        for i in range(1_000_000):
-            x += i
-        loops.append((time.perf_counter() - t0) * 1000)
-    out(f"{'python loop, 1M iterations':<58} best {min(loops):8.1f} ms")
-    cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    assert cat.stdin is not None
-    assert cat.stdout is not None
-    trips = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        cat.stdin.write(b"x\n")
-        cat.stdout.read(2)
-        trips.append((time.perf_counter() - t0) * 1000)
-    cat.kill()
-    cat.wait()
-    summarize("pipe round trip to a live `cat`", trips[200:])
+    out(f"{'python loop, 1M iterations':<58} best {min(loop_ms() for _ in range(3)):8.1f} ms")
+    out(f"{'pipe round trip to a live `cat`, median':<58} {pipe_round_trip_us():8.1f} µs")
     out(f"{'load average (1 min)':<58} {os.getloadavg()[0]:8.2f}")
 
 
@@ -103,8 +84,13 @@ async def breakdown(n: int) -> None:
             spec = SandboxSpec(label=f"s{i}", policy=POLICY, server_id=server_id, home=home)
             box = await SessionSandbox.create(spec)
             t0 = lap("sandbox create (uid, cgroups, tmpfs home+tmp)", t0)
-            shell = PersistentShell(box, argv=SHELL, env={"PATH": "/usr/bin:/bin", "HOME": box.home_path},
-                                    cwd=None, max_output_bytes=1 << 20)
+            shell = PersistentShell(
+                box,
+                argv=SHELL,
+                env={"PATH": "/usr/bin:/bin", "HOME": box.home_path},
+                cwd=None,
+                max_output_bytes=1 << 20,
+            )
             await shell.start()
             t0 = lap("shell start (spawn chain + first round trip)", t0)
             lap("  = start total", start)
