@@ -34,7 +34,7 @@ from session.errors import PermissionDenied
 from tests.support.leaks import session_pids
 from tests.support.manifests import write_manifest
 from tests.support.polling import eventually
-from tests.support.ports import free_port
+from tests.support.ports import free_port, trickle_headers
 from tests.support.servers import TOKEN_ENV, ServerProcess, new_token, running_http_server, server_command
 
 pytestmark = pytest.mark.slow
@@ -406,23 +406,8 @@ async def test_slow_headers_are_cut_while_long_call_and_sse_stream_survive(tmp_p
                     result.update(await worker.execute("bash:run", {"command": "sleep 4; echo finished"}))
                 call_done.set()
 
-            def slowloris() -> str:
-                sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-                try:
-                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                    sock.settimeout(0.2)
-                    for _ in range(300):  # at most ~60 s of trickling, far beyond the 1 s deadline
-                        try:
-                            sock.sendall(b"X-Slow: y\r\n")
-                            if sock.recv(1024) == b"":
-                                return "closed"
-                        except TimeoutError:
-                            continue
-                        except (ConnectionResetError, BrokenPipeError):
-                            return "closed"
-                    return "still open"
-                finally:
-                    sock.close()
+            def slowloris() -> str:  # at most ~60 s of trickling, far beyond the 1 s deadline
+                return trickle_headers(server.port, "/health", every=0.2, rounds=300)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(long_call)

@@ -26,6 +26,7 @@ from tests.support import leaks
 from tests.support.leaks import session_pids
 from tests.support.manifests import write_manifest
 from tests.support.polling import eventually, eventually_sync
+from tests.support.ports import trickle_headers
 
 PARSERS: list[Parser] = ["httptools", "h11"]
 
@@ -90,20 +91,8 @@ async def test_keep_alive_requests_are_answered_whole(parser: Parser) -> None:
 async def test_trickled_headers_are_cut_at_the_deadline(parser: Parser) -> None:
     async with serving(hello, parser, header_timeout=0.5) as port:
 
-        def slowloris() -> str:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                sock.settimeout(0.1)
-                for _ in range(600):  # up to ~60 s of trickling, far past the 0.5 s deadline
-                    try:
-                        sock.sendall(b"X-Slow: y\r\n")
-                        if sock.recv(1024) == b"":
-                            return "closed"
-                    except TimeoutError:
-                        continue
-                    except (ConnectionResetError, BrokenPipeError):
-                        return "closed"
-                return "still open"
+        def slowloris() -> str:  # up to ~60 s of trickling, far past the 0.5 s deadline
+            return trickle_headers(port, "/", every=0.1, rounds=600)
 
         def silent() -> str:
             with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
