@@ -147,6 +147,9 @@ class SessionSetup(Generic[ConfigT]):
     links: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Config fields naming another session of the same principal (see `Backend.links`),
     resolved to what that session's backend `export`s."""
+    pooled: bool = False
+    """Started for the warm pool, before anyone asked for it: a backend may start it at a
+    background CPU priority, and restore the priority in `Backend.handed_out`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +404,13 @@ class Backend(Generic[ConfigT, StateT]):
 
     async def cleanup(self, setup: SessionSetup[ConfigT], state: StateT) -> None:
         """Free one session's resource: every process it started must be gone on return."""
+
+    async def handed_out(self, state: StateT) -> None:
+        """A warm-pool session (`SessionSetup.pooled`) was given to a caller; runs before its first call.
+
+        A backend that started it at a background priority restores the normal one here.
+        Keep it quick: the caller's `create_session` or temporary call waits for it.
+        """
 
     def export(self, state: StateT) -> dict[str, Any]:
         """What another session of the same principal may use of this one (see `links`)."""

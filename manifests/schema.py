@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from manifests.credentials import principal_problem, token_problem
 
 RESOURCE_NAME = r"^[a-z][a-z0-9]{0,31}$"
+#: The warm pool's growth cap when a manifest names none: covers a 50-create burst; 64 idle
+#: sandboxed shells hold ~70 MB (memory cgroups), 64 uids, 256 cgroup dirs, 128 tmpfs mounts.
+DEFAULT_POOL_MAX = 64
 
 
 class SessionLimits(BaseModel):
@@ -129,10 +132,40 @@ class ResourceSpec(BaseModel):
     pool: int = Field(
         default=0,
         ge=0,
-        le=64,
+        le=1024,
         description="Sessions kept started with the default config and policy, so create_session and "
-        "temporary calls take a ready one (each is used once, never recycled).",
+        "temporary calls take a ready one (each is used once, never recycled); the size when demand is "
+        "low. 0: no pool at all.",
     )
+    pool_max: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="The pool grows up to this many after bursts of demand (calls that wanted a pooled "
+        "session within 2 s); default max(pool, 64). An idle sandboxed shell costs ~1 MB, one uid, 4 cgroup "
+        "directories and 2 tmpfs mounts.",
+    )
+    pool_decay: float = Field(
+        default=120.0,
+        gt=0,
+        le=86400,
+        description="Seconds a grown pool keeps its size after the burst that grew it; then the surplus "
+        "idle sessions are stopped (oldest first) and the pool falls back toward `pool`.",
+    )
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ResourceSpec:
+        if self.pool_max is not None and self.pool == 0:
+            raise ValueError("pool_max needs pool >= 1 (pool = 0 turns the warm pool off)")
+        if self.pool_max is not None and self.pool_max < self.pool:
+            raise ValueError(f"pool_max ({self.pool_max}) must be at least pool ({self.pool})")
+        return self
+
+    def pool_cap(self) -> int:
+        """The most members the pool may grow to (0 when there is no pool)."""
+        if self.pool == 0:
+            return 0
+        return self.pool_max if self.pool_max is not None else max(self.pool, DEFAULT_POOL_MAX)
 
 
 class Manifest(BaseModel):

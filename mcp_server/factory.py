@@ -10,6 +10,7 @@ from manifests.schema import Manifest
 from session.budget import Limits
 from session.engine import Engine
 from session.errors import ConfigurationError
+from session.warm_pool import PoolSize
 
 
 def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> Engine:
@@ -25,7 +26,11 @@ def engine_from_manifest(manifest: Manifest, runtime: Runtime | None = None) -> 
         session_ttl=settings.session_ttl,
         disconnect_grace=settings.disconnect_grace,
         runtime=runtime,
-        pools={name: spec.pool for name, spec in manifest.enabled().items() if spec.pool},
+        pools={
+            name: PoolSize(spec.pool, spec.pool_cap(), spec.pool_decay)
+            for name, spec in manifest.enabled().items()
+            if spec.pool
+        },
         limits=Limits(
             max_sessions=settings.limits.max_sessions,
             per_resource={n: s.max_sessions for n, s in manifest.enabled().items() if s.max_sessions},

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
-from contextlib import AsyncExitStack, suppress
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -48,7 +49,7 @@ from session.errors import (
 from session.models import Caller, Session, SessionStatus, SessionView, Worker, new_handle
 from session.reaper import collect_expired
 from session.tool_calls import CallOutcome, ToolCall, invoke, normalise_request, validate_arguments
-from session.warm_pool import WarmPool
+from session.warm_pool import PoolSize, WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ CLEANUP_TIMEOUT = 30.0
 BACKGROUND_DELAY = 0.005
 #: After a pool member failed to start, wait this long before trying again.
 POOL_RETRY = 5.0
+#: Pool refills (and surplus stops) wait while more create/temporary calls than this are in
+#: flight: those calls are starting sessions of their own or running in them, so the cores are
+#: busy, and a background start would only slow them (a 50-create burst with refill running
+#: took ~10% longer than with refill paused, bench/bench_starts.py). Below it, refill runs: a
+#: member started between back-to-back calls is one start fewer on a later call's path.
+REFILL_DEFER_ABOVE = os.cpu_count() or 2
 DEFAULT_TTL = 300.0
 DEFAULT_GRACE = 60.0
 #: MCP tool names are at most 128 characters; a longer one is never echoed whole.
@@ -91,7 +98,8 @@ class Engine:
         disconnect_grace: float = DEFAULT_GRACE,
         limits: Limits | None = None,
         runtime: Runtime | None = None,
-        pools: Mapping[str, int] | None = None,
+        pools: Mapping[str, int | PoolSize] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         from session.meta_tools import META_TOOLS  # the meta-tools call back into the engine
 
@@ -107,10 +115,19 @@ class Engine:
         self._stack: AsyncExitStack | None = None
         self._wake_reaper = anyio.Event()
         self._stopping = False
-        self.warm = {name: WarmPool(name, size) for name, size in (pools or {}).items() if size > 0}
+        #: Monotonic seconds for the pools' sizing and back-off (tests pass a clock they drive).
+        self.clock: Callable[[], float] = clock if clock is not None else anyio.current_time
+        self.warm = {
+            name: WarmPool(name, PoolSize.of(size), self.clock)
+            for name, size in (pools or {}).items()
+            if (size.base if isinstance(size, PoolSize) else size) > 0
+        }
         for name in self.warm:
             self.pool.session_backend(name)
         self._wake_refill = anyio.Event()
+        #: create_session and temporary calls in flight (refill waits while there are many).
+        self.calls_starting = 0
+        self.refill_defer_above = REFILL_DEFER_ABOVE
 
     @property
     def backends(self) -> dict[str, Backend[Any, Any]]:
@@ -268,15 +285,27 @@ class Engine:
         """A session private to this one call: created, used, destroyed before returning."""
         resource = call.spec.resource
         assert resource is not None
-        session = await self._take_pooled(call.caller, resource, None, temporary=True)
-        if session is None:
-            session = self._new_session(call.caller, resource, None, temporary=True)
-            await self._start(session)
-        call.meta.session_id, call.meta.temporary_session = session.session_id, True
+        with self._starting_call():
+            session = await self._take_pooled(call.caller, resource, None, temporary=True)
+            if session is None:
+                session = self._new_session(call.caller, resource, None, temporary=True)
+                await self._start(session)
+            call.meta.session_id, call.meta.temporary_session = session.session_id, True
+            try:
+                return await self._run_in_session(session, call)
+            finally:
+                await self._stop(session)
+
+    @contextmanager
+    def _starting_call(self) -> Iterator[None]:
+        """Count a create/temporary call in flight; the refill resumes when few are left."""
+        self.calls_starting += 1
         try:
-            return await self._run_in_session(session, call)
+            yield
         finally:
-            await self._stop(session)
+            self.calls_starting -= 1
+            if self.calls_starting == self.refill_defer_above and self.warm:
+                self._wake_refill.set()
 
     async def _run_in_session(self, session: Session, call: ToolCall) -> tuple[BaseModel, list[Any]]:
         backend = self.pool.backends[session.resource_type]
@@ -406,6 +435,8 @@ class Engine:
         A ready member is taken at once. With none ready, a member whose start is already
         under way is claimed and waited for: it is ready sooner than a start begun now would
         be. None when neither exists (the caller starts its own session, as without a pool).
+        Every such request counts as demand (the pool grows to it); the backend's
+        `handed_out` runs before the caller gets the session (its priority is restored).
 
         Raises: ResourceUnavailable (2004) when a cap refuses the caller (the member stays pooled).
         """
@@ -415,6 +446,7 @@ class Engine:
         if pool is None or requested or (name is not None and not isinstance(name, str)) or self._stopping:
             return None
         backend = self.pool.backends[resource]
+        pool.demand()
         while (session := pool.pop()) is not None:
             if await backend.health(session.state) is None:
                 break
@@ -426,6 +458,7 @@ class Engine:
         if session is None:
             session = pool.claim()
             if session is None:
+                pool.misses += 1
                 return None
             try:
                 self.budget.reserve(resource, *budget_key)
@@ -458,33 +491,59 @@ class Engine:
         )
         session.created_at = datetime.now(UTC)
         session.touch()
+        # Shielded: a caller cancelled here would leave a taken session nobody tracks.
+        with anyio.CancelScope(shield=True):
+            try:
+                await backend.handed_out(session.state)
+            except Exception:  # it still works, only at the pool's background priority
+                log.exception("handed_out of pooled %s session %s failed", resource, session.label)
         return session
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._tg is not None
         self._tg.start_soon(fn, *args)
 
+    def wake_pools(self) -> None:
+        """Have the pools re-read their targets now (tests call it after moving their clock)."""
+        self._wake_refill.set()
+
     async def _refill_forever(self) -> None:
         """Keep every warm pool at its target in the background, a few starts at a time.
 
         Each missing member starts in its own task (up to the pool's `concurrency`), so a
         burst that empties the pool is made good in about one start's time; a start that
-        fails pauses that pool's refill for POOL_RETRY seconds.
+        fails pauses that pool's refill for POOL_RETRY seconds. Members beyond a target that
+        fell are stopped, oldest first. Nothing starts or stops while more than
+        `refill_defer_above` create/temporary calls are in flight (the last of them wakes this).
         """
         while True:
             self._wake_refill = anyio.Event()
-            now = anyio.current_time()
-            next_retry = float("inf")
+            now = self.clock()
+            wake_at = float("inf")
+            deferred = self.calls_starting > self.refill_defer_above or self._stopping
             for pool in self.warm.values():
-                if pool.retry_at > now:
-                    next_retry = min(next_retry, pool.retry_at)
+                change = pool.next_change()
+                if change is not None:
+                    wake_at = min(wake_at, change)
+                if deferred:
                     continue
-                while pool.missing() and len(pool.starting) < pool.concurrency and not self._stopping:
+                surplus = pool.surplus()
+                if surplus:
+                    log.info("warm pool %s shrinks to %d: stopping %d idle", pool.resource, pool.target, len(surplus))
+                    self._spawn(self._stop_all, surplus)
+                if pool.retry_at > now:
+                    wake_at = min(wake_at, pool.retry_at)
+                    continue
+                while pool.missing() and len(pool.starting) < pool.concurrency:
                     member = self._new_session(Caller(), pool.resource, None, temporary=False, pooled=True)
                     pool.starting.append(member)
                     self._spawn(self._refill_one, pool, member)
-            with anyio.move_on_after(max(next_retry - now, 0.0)):
+            with anyio.move_on_after(max(wake_at - now, 0.0)):
                 await self._wake_refill.wait()
+
+    async def _stop_all(self, sessions: list[Session]) -> None:
+        for session in sessions:
+            await self._stop(session)
 
     async def _refill_one(self, pool: WarmPool, member: Session) -> None:
         try:
@@ -492,10 +551,10 @@ class Engine:
             if self._stopping:
                 return
             pool.launched.add(member)
-            await self._start(member)
+            await self._start(member, pooled=True)
         except SandboxError as exc:
             pool.failures += 1
-            pool.retry_at = anyio.current_time() + POOL_RETRY
+            pool.retry_at = self.clock() + POOL_RETRY
             log.warning("could not start a pooled %s session: %s", pool.resource, exc.message)
             return
         finally:
@@ -531,8 +590,11 @@ class Engine:
             links[field_name] = self.pool.backends[resource].export(other.state)
         return links
 
-    async def _start(self, session: Session) -> None:
-        """Run `initialize` for a reserved session (no lock held); roll back on failure."""
+    async def _start(self, session: Session, *, pooled: bool = False) -> None:
+        """Run `initialize` for a reserved session (no lock held); roll back on failure.
+
+        `pooled`: a warm-pool member, started at the backend's background priority.
+        """
         backend = self.pool.backends[session.resource_type]
         try:
             await self.pool.ensure_warm(session.resource_type)
@@ -553,6 +615,7 @@ class Engine:
                 policy=session.policy,
                 scratch=scratch,
                 links=session.links,
+                pooled=pooled,
             )
             session.state = await backend.initialize(session.setup)
         except BaseException as exc:
@@ -657,8 +720,12 @@ class Engine:
         session of that resource (it is kept). A caller without a worker gets sessions
         reachable by handle only.
         """
-        caller = Caller.of(caller)
-        wanted = normalise_request(request, config)
+        with self._starting_call():
+            return await self._create_sessions(Caller.of(caller), normalise_request(request, config))
+
+    async def _create_sessions(
+        self, caller: Caller, wanted: Mapping[str, Mapping[str, Any] | None]
+    ) -> list[tuple[SessionView, bool]]:
         worker = self.worker(caller) if caller.worker_key else None
         fresh: list[Session] = []
         taken: list[Session] = []
