@@ -235,6 +235,13 @@ class SessionCgroup:
         except LookupError:
             return []
 
+    def threads(self) -> list[int]:
+        """Every thread id in the session (niceness is per thread on Linux)."""
+        try:
+            return _read_pids(self.primary / ("cgroup.threads" if self.host.version == 2 else "tasks"))
+        except LookupError:
+            return []
+
     def oom_kills(self) -> int:
         """How many processes the memory limit has killed so far (v1 counts failures instead)."""
         memory = self.dirs.get("memory")

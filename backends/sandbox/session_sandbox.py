@@ -30,7 +30,7 @@ from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
 from backends.sandbox.spawn import spawn as spawn_process
-from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec
+from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec, check_nice
 from session.errors import ConfigurationError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 #: The whole environment of host-side helpers (never the server's, never the session's).
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 SETPRIV = "/usr/bin/setpriv"
+NICE = "/usr/bin/nice"
+#: How often `renice` re-reads the members for threads forked while it ran (a fork bomb is
+#: bounded by pids.max; the passes stop as soon as one finds nothing new).
+_RENICE_PASSES = 8
 _Stream = int | IO[Any] | None
 
 
@@ -91,6 +95,14 @@ def _pids_in_ns(namespaces: set[str]) -> list[int]:
     return found
 
 
+def _tasks_of(pids: Sequence[int]) -> list[int]:
+    tids: list[int] = []
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            tids += [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return tids
+
+
 def _write_oom_score_adj(pid: int, value: int) -> bool:
     try:
         Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
@@ -117,6 +129,8 @@ class SessionSandbox:
         self._counter = itertools.count(1)
         self._gvisor_state: Path | None = None
         self._closed = False
+        #: Niceness of later spawns; None: the server's own (spec.nice 0 leaves it as is).
+        self._nice: int | None = spec.nice or None
 
     # -- construction ---------------------------------------------------------------
 
@@ -233,7 +247,7 @@ class SessionSandbox:
                 host_cwd = cwd or str(self.spec.home)
             # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
             process = spawn_process(
-                [*prefix, *self._rlimit_prefix, *command],
+                [*prefix, *self._nice_prefix(), *self._rlimit_prefix, *command],
                 env=env if self.tier == "none" else HOST_ENV,
                 cwd=host_cwd,
                 stdin=stdin,
@@ -246,6 +260,47 @@ class SessionSandbox:
                 os.close(fd)
         self._processes.append(process)
         return process
+
+    def _nice_prefix(self) -> list[str]:
+        if self._nice is None:
+            return []
+        # `nice` adds to the niceness it inherits (this thread's); the spec's value is absolute.
+        delta = self._nice - os.getpriority(os.PRIO_PROCESS, 0)
+        return [NICE, "-n", str(delta)] if delta else []
+
+    def renice(self, nice: int) -> None:
+        """Give every live process of the session (each thread) and every later spawn niceness `nice`.
+
+        A failure (a server that is not root cannot lower a niceness) is logged at debug level
+        and ignored: niceness is a scheduling preference, not a limit.
+
+        Raises:
+            ParameterError: `nice` is outside -20..19.
+        """
+        check_nice(nice)
+        self._nice = nice
+        done: set[int] = set()
+        # A thread forked by a member not yet reniced inherits the old value; it is in the
+        # cgroup from its fork on, so the next pass finds it. Stop at a pass with nothing new.
+        for _ in range(_RENICE_PASSES):
+            fresh = [tid for tid in self._threads() if tid not in done]
+            if not fresh:
+                return
+            for tid in fresh:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                except ProcessLookupError:
+                    pass
+                except OSError as exc:
+                    log.debug("sandbox %s: renice %d of thread %d: %s", self.spec.label, nice, tid, exc)
+            done.update(fresh)
+
+    def _threads(self) -> list[int]:
+        """Thread ids of every live process of the session (a process just spawned included)."""
+        if self._cgroup is not None:
+            spawned = [p.pid for p in self._processes if p.returncode is None]
+            return sorted(set(self._cgroup.threads()) | set(_tasks_of(spawned)))
+        return _tasks_of(self.pids())
 
     def _setpriv(self) -> list[str]:
         if self._lease is None:

@@ -61,6 +61,10 @@ class SandboxSpec:
     home: Path
     binds: tuple[Bind, ...] = ()
     hostname: str = "sandbox"
+    #: The niceness every process spawned in the sandbox starts with (0: the server's own,
+    #: left as is). A warm pool starts its members at a high niceness so refilling it yields
+    #: the CPU to calls in flight; `SessionSandbox.renice` moves a session once handed out.
+    nice: int = 0
 
     def __post_init__(self) -> None:
         if not _SAFE_NAME.match(self.label):
@@ -71,3 +75,11 @@ class SandboxSpec:
             raise ParameterError(f"sandbox hostname {self.hostname!r} is not a plain host name")
         if not Path(self.home).is_absolute():
             raise ParameterError(f"sandbox home {str(self.home)!r} must be absolute")
+        check_nice(self.nice)
+
+
+def check_nice(nice: int) -> int:
+    """A niceness Linux accepts (-20..19)."""
+    if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
+        raise ParameterError(f"niceness {nice!r} must be an integer from -20 to 19")
+    return nice

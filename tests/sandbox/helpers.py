@@ -53,6 +53,27 @@ def read_proc(pid: int | str, name: str) -> str:
         return ""
 
 
+def niceness(pid: int | str) -> int | None:
+    """A thread's niceness from its stat line (field 19), None if it is gone."""
+    stat = read_proc(pid, "stat")
+    return int(stat.rsplit(")", 1)[1].split()[16]) if stat else None
+
+
+def thread_niceness(pids: list[int]) -> dict[int, int]:
+    """tid -> niceness for every thread of `pids` (those gone meanwhile left out)."""
+    found: dict[int, int] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            value = niceness(f"{pid}/task/{tid}")
+            if value is not None:
+                found[int(tid)] = value
+    return found
+
+
 def host_exists(path: str | Path) -> bool:
     """Whether `path` exists on the host (sync on purpose: a local stat in a test)."""
     return os.path.lexists(path)
@@ -84,14 +105,16 @@ async def box_factory(tmp_path: Path) -> AsyncIterator[BoxFactory]:
     boxes: list[SessionSandbox] = []
     counter = iter(range(1, 1000))
 
-    async def make(tier: str = "sandbox", *, network: str = "none", binds: tuple = (), **limits: Any) -> SessionSandbox:
+    async def make(
+        tier: str = "sandbox", *, network: str = "none", binds: tuple = (), nice: int = 0, **limits: Any
+    ) -> SessionSandbox:
         require_tier(tier)
         label = f"s{next(counter)}"
         home = tmp_path / label / "home"
         home.mkdir(parents=True)
         policy = Policy(isolation=tier, network=network, limits=limits)
         box = await SessionSandbox.create(
-            SandboxSpec(label=label, policy=policy, server_id=RUN_SERVER_ID, home=home, binds=binds)
+            SandboxSpec(label=label, policy=policy, server_id=RUN_SERVER_ID, home=home, binds=binds, nice=nice)
         )
         boxes.append(box)
         return box
