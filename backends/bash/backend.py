@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 #: The PATH of an isolated shell: the sandbox shows the host's /usr and merged-/usr links only.
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Niceness of a warm-pool shell until a caller takes it (`handed_out` moves it back to 0).
+POOL_NICE = 19
 #: The session's loggable label in its environment: a diagnostic for people reading a process
 #: table, never what cleanup relies on (that is sandbox membership).
 SESSION_LABEL_ENV = "AGENTFLOW_SESSION"
@@ -74,7 +76,13 @@ class BashBackend(Backend[BashConfig, BashState]):
     async def initialize(self, setup: SessionSetup[BashConfig]) -> BashState:
         config = setup.config
         home = setup.scratch / "home"
-        spec = SandboxSpec(label=setup.label, policy=setup.policy, server_id=self.runtime.server_id, home=home)
+        spec = SandboxSpec(
+            label=setup.label,
+            policy=setup.policy,
+            server_id=self.runtime.server_id,
+            home=home,
+            nice=POOL_NICE if setup.pooled else 0,
+        )
         sandbox = await SessionSandbox.create(spec)
         try:
             shell = PersistentShell(
@@ -93,6 +101,10 @@ class BashBackend(Backend[BashConfig, BashState]):
             await sandbox.aclose()
             raise
         return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox))
+
+    async def handed_out(self, state: BashState) -> None:
+        # Back to what a shell started for this caller would have: the server's own niceness.
+        state.sandbox.renice(os.getpriority(os.PRIO_PROCESS, 0))
 
     async def kill(self, setup: SessionSetup[BashConfig], state: BashState) -> bool:
         state.shell.signal_kill()

@@ -9,6 +9,7 @@ really overlap starts in flight) and with real sandboxed shells.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,9 +20,11 @@ import pytest
 
 from backends.base import SessionSetup
 from backends.bash import BashBackend
+from backends.bash.backend import POOL_NICE
 from backends.policy import Limits, Policy
 from session.engine import Engine
 from session.models import LOCAL_PRINCIPAL, Caller
+from session.warm_pool import PoolSize
 from tests.fakes import FakeBackend, FakeConfig, FakeState
 from tests.security.bash_sandbox import Client, mounts_under, pid_alive, require_tier, run_cgroup_dirs, run_pids
 from tests.support.polling import eventually
@@ -33,11 +36,26 @@ BOUNDED = 10.0
 
 
 @asynccontextmanager
-async def sandboxed_bash(pool: int = 0) -> AsyncIterator[Engine]:
+async def sandboxed_bash(pool: int | PoolSize = 0, backend: BashBackend | None = None) -> AsyncIterator[Engine]:
     require_tier("sandbox")
-    backend = BashBackend("bash", policy=SANDBOX)
+    backend = backend or BashBackend("bash", policy=SANDBOX)
     async with Engine({"bash": backend}, pools={"bash": pool} if pool else None) as engine:
         yield engine
+
+
+def nice_of(pid: int) -> int:
+    """The niceness field of /proc/PID/stat (its 19th field)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[16])
+
+
+def nice_in_stat(stat_line: str) -> int:
+    """The niceness in a /proc/self/stat line a command inside the sandbox printed."""
+    return int(stat_line.rsplit(")", 1)[1].split()[16])
+
+
+#: A command that prints its own /proc/self/stat (a process the shell starts for the caller).
+OWN_STAT = "cat /proc/self/stat"
 
 
 def gone(label: str, uid: int, home: Path) -> bool:
@@ -195,3 +213,93 @@ async def test_temporary_calls_take_pooled_shells_and_never_reuse_one(count: int
             assert listing.split() == ["mark"]  # a fresh home each time: nothing of an earlier call
             seen.append(label)
         assert len(set(seen)) == count
+
+
+async def test_pooled_shells_wait_at_background_priority_and_callers_commands_run_at_normal_priority() -> None:
+    normal = os.getpriority(os.PRIO_PROCESS, 0)
+    async with sandboxed_bash(pool=2) as engine:
+        pool = engine.warm["bash"]
+        await eventually(lambda: len(pool.ready) == 2, BOUNDED)
+        members = {member.label: member.state.sandbox.pids() for member in pool.ready}
+        for member in pool.ready:
+            shell = member.state.shell.shell_pid()
+            assert shell in members[member.label]
+            assert {nice_of(pid) for pid in members[member.label]} == {POOL_NICE}
+        client = Client(engine, "owner")
+        sid = await client.create()
+        session = engine.sessions[sid]
+        assert session.label in members
+        assert nice_of(session.state.shell.shell_pid()) == normal
+        assert {nice_of(pid) for pid in session.state.sandbox.pids()} == {normal}
+        assert nice_in_stat(await client.out(OWN_STAT, sid)) == normal
+        # A temporary call takes the other member: its command runs at normal priority too.
+        envelope = await client.bash(f"echo $AGENTFLOW_SESSION; {OWN_STAT}")
+        assert envelope.ok, envelope.message
+        label, stat = envelope.data["stdout"].split("\n", 1)
+        assert label in members
+        assert nice_in_stat(stat) == normal
+
+
+class GatedPoolStarts(BashBackend):
+    """Real sandboxed shells whose pooled starts wait for the test (so a caller claims one mid-start)."""
+
+    def __init__(self) -> None:
+        super().__init__("bash", policy=SANDBOX)
+        self.gate = anyio.Event()
+
+    async def initialize(self, setup: SessionSetup[Any]) -> Any:
+        if setup.pooled:
+            await self.gate.wait()
+        return await super().initialize(setup)
+
+
+async def test_a_shell_claimed_while_it_starts_gets_normal_priority_before_the_callers_command() -> None:
+    normal = os.getpriority(os.PRIO_PROCESS, 0)
+    backend = GatedPoolStarts()
+    async with sandboxed_bash(pool=1, backend=backend) as engine:
+        pool = engine.warm["bash"]
+        await eventually(lambda: pool.launched, BOUNDED)
+        client = Client(engine, "claimer")
+        result: list[Any] = []
+
+        async def claim() -> None:
+            result.append(await client.bash(f"echo $AGENTFLOW_SESSION; {OWN_STAT}"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim)
+            await eventually(lambda: pool.claimed, BOUNDED)
+            member = next(iter(pool.claimed))
+            backend.gate.set()
+        [envelope] = result
+        assert envelope.ok, envelope.message
+        label, stat = envelope.data["stdout"].split("\n", 1)
+        assert label == member.label
+        assert nice_in_stat(stat) == normal
+        assert pool.taken == 1
+
+
+async def test_a_burst_beyond_the_cap_grows_the_pool_and_shutdown_kills_the_grown_pool() -> None:
+    async with sandboxed_bash(pool=PoolSize(2, 5)) as engine:
+        pool = engine.warm["bash"]
+        await eventually(lambda: len(pool.ready) == 2, BOUNDED)
+        clients = [Client(engine, f"w{i}") for i in range(8)]
+        handles: list[str] = []
+
+        async def create(client: Client) -> None:
+            handles.append(await client.create())
+
+        async with anyio.create_task_group() as tg:
+            for client in clients:
+                tg.start_soon(create, client)
+        assert len(set(handles)) == 8  # the two ready ones were taken, the rest started their own
+        for client, sid in zip(clients, handles, strict=False):
+            assert (await client.out("echo ok", sid)).strip() == "ok"
+        assert pool.target == 5
+        await eventually(lambda: len(pool.ready) == 5 and not pool.starting, BOUNDED)
+        labels = [member.label for member in pool.ready] + [engine.sessions[sid].label for sid in handles]
+        pids = [pid for member in pool.ready for pid in member.state.sandbox.pids()]
+    for label in labels:
+        assert run_pids(label) == []
+        assert run_cgroup_dirs(label) == []
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert engine.budget.live == 0
