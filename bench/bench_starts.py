@@ -2,6 +2,12 @@
 its time, temporary calls, create+destroy, 50 concurrent creates; in-process and over HTTP, with
 the warm pool off (0) and at the manifest's default size.
 
+The warm pool grows after demand (manifest `pool_max`): rows name the pool's state when they
+start (target/ready). The 50-create burst runs twice: first with the pool at its base, then,
+after the pool has grown to the first burst's size (the growth's time and CPU are printed),
+again. In-process, a burst with the refill not deferred (what the pool did before) runs beside
+one with the default deferral, on a pool that does not grow.
+
 Prints a calibration first (a 1M-iteration Python loop, a pipe round trip to a live `cat`) so
 runs on different days, or beside other load, compare. Prints; asserts nothing. Run as root:
 
@@ -31,6 +37,7 @@ import psutil
 
 sys.path.insert(0, os.environ.get("BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
+from backends.bash.backend import POOL_NICE
 from backends.bash.shell import PersistentShell
 from backends.policy import Limits, Policy
 from backends.sandbox import SandboxSpec, SessionSandbox
@@ -65,9 +72,10 @@ def calibration() -> None:
 # -- where a start spends its time ---------------------------------------------------
 
 
-async def breakdown(n: int) -> None:
+async def breakdown(n: int, nice: int = 0) -> None:
     """One sandboxed shell at a time, each step timed (SessionSandbox and PersistentShell directly)."""
-    out("\n== one sandboxed bash start and stop, step by step (sandbox tier) ==")
+    how = f"as a pool member (SandboxSpec.nice={nice})" if nice else "sandbox tier"
+    out(f"\n== one sandboxed bash start and stop, step by step ({how}) ==")
     server_id = f"bench-{os.getpid()}-{secrets.token_hex(3)}"
     steps: dict[str, list[float]] = {}
 
@@ -81,7 +89,7 @@ async def breakdown(n: int) -> None:
             cpu0 = time.process_time()
             t0 = start = time.perf_counter()
             home = Path(tmp) / f"s{i}" / "home"
-            spec = SandboxSpec(label=f"s{i}", policy=POLICY, server_id=server_id, home=home)
+            spec = SandboxSpec(label=f"s{i}", policy=POLICY, server_id=server_id, home=home, nice=nice)
             box = await SessionSandbox.create(spec)
             t0 = lap("sandbox create (uid, cgroups, tmpfs home+tmp)", t0)
             shell = PersistentShell(
@@ -113,10 +121,15 @@ async def breakdown(n: int) -> None:
 
 
 @contextmanager
-def manifest_with_pool(pool: int) -> Iterator[str]:
+def manifest_with_pool(pool: int, pool_max: int | None = None) -> Iterator[str]:
+    """The default manifest with the bash pool's base (and cap, if given; none without a pool)."""
     text = DEFAULT_MANIFEST.read_text()
     text, count = re.subn(r"(?m)^pool = \d+", f"pool = {pool}", text)
     assert count == 1, "default manifest has no bash pool line"
+    cap = "" if pool == 0 else f"pool_max = {max(pool_max, pool)}" if pool_max is not None else None
+    if cap is not None:
+        text, count = re.subn(r"(?m)^pool_max = \d+", cap, text)
+        assert count == 1, "default manifest has no bash pool_max line"
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
         fh.write(text)
     try:
@@ -125,18 +138,39 @@ def manifest_with_pool(pool: int) -> Iterator[str]:
         os.unlink(fh.name)
 
 
-async def settle(status: Callable[[], Awaitable[object]], pool: int) -> None:
-    """Wait (bounded) until the bash pool is full, so every run starts from the same state."""
+Status = Callable[[], Awaitable[object]]
+
+
+async def pool_status(status: Status) -> dict[str, Any]:
+    result = await status()
+    data = result.get("data", result) if isinstance(result, dict) else {}
+    return dict((data.get("warm_pools") or {}).get("bash", {}))
+
+
+def pool_state(pool: dict[str, Any]) -> str:
+    return f"target {pool['target']}, ready {pool['ready']}" if pool else "no pool"
+
+
+async def settle(status: Status, pool: int) -> str:
+    """Wait (bounded) until the bash pool holds its current target (it may have grown), so
+    every run starts from a known state; returns that state."""
     if pool == 0:
-        return
-    with anyio.move_on_after(20):
+        return "no pool"
+    state: dict[str, Any] = {}
+    with anyio.move_on_after(30):
         while True:
-            result = await status()
-            data = result.get("data", result) if isinstance(result, dict) else {}
-            ready = (data.get("warm_pools") or {}).get("bash", {}).get("ready", pool)
-            if ready >= pool:
-                return
+            state = await pool_status(status)
+            if state["ready"] >= state["target"] and not state["starting"]:
+                break
             await anyio.sleep(0.05)
+    return pool_state(state)
+
+
+def machine_cpu_ms() -> float:
+    """Busy CPU time of the whole machine (every process, this run's and any other load), ms."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    return busy * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ms(pid: int | None) -> float:
@@ -149,8 +183,8 @@ def cpu_ms(pid: int | None) -> float:
 
 async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int, server_pid: int | None = None) -> None:
     """Temporary calls and create+destroy, back to back; with the server's CPU per operation,
-    which a loaded machine inflates far less than wall-clock time."""
-    await settle(sandbox.get_status, pool)
+    which a loaded machine inflates far less than wall-clock time. Back-to-back calls are
+    demand: the pool grows while the first row runs, so the later rows meet a larger pool."""
     whose = "server" if server_pid else "process"
 
     async def temporary() -> None:
@@ -161,13 +195,15 @@ async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int, server
         await sandbox.create_session("bash")
         await sandbox.destroy_session("bash")
 
-    cpu0 = cpu_ms(server_pid)
-    summarize(f"{label}, pool={pool}: temporary bash_run ':'", await measure(temporary, n, 3))
-    out(f"{f'  {whose} CPU per temporary call':<58} {(cpu_ms(server_pid) - cpu0) / (n + 3):8.2f} ms")
-    await settle(sandbox.get_status, pool)
-    cpu0 = cpu_ms(server_pid)
-    summarize(f"{label}, pool={pool}: create_session + destroy_session", await measure(create_destroy, n, 3))
-    out(f"{f'  {whose} CPU per create+destroy':<58} {(cpu_ms(server_pid) - cpu0) / (n + 3):8.2f} ms")
+    rows = [("temporary bash_run ':'", temporary), ("create_session + destroy_session", create_destroy)]
+    if pool:
+        rows.append(("temporary bash_run ':', again", temporary))
+    for name, fn in rows:
+        state = await settle(sandbox.get_status, pool)
+        out(f"  (pool: {state})")
+        cpu0 = cpu_ms(server_pid)
+        summarize(f"{label}, pool={pool}: {name}", await measure(fn, n, 3))
+        out(f"{f'  {whose} CPU per call':<58} {(cpu_ms(server_pid) - cpu0) / (n + 3):8.2f} ms")
     await settle(sandbox.get_status, pool)
     # A burst the pool can cover, spaced so the pool refills in between (what a pool is for).
     if pool:
@@ -185,7 +221,7 @@ async def concurrent_creates(
     destroy: Callable[[int], Coroutine[Any, Any, None]],
     label: str,
     count: int = 50,
-) -> None:
+) -> float:
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i in range(count):
@@ -195,6 +231,61 @@ async def concurrent_creates(
     async with anyio.create_task_group() as tg:
         for i in range(count):
             tg.start_soon(destroy, i)
+    return wall
+
+
+async def bursts(
+    create: Callable[[int], Coroutine[Any, Any, None]],
+    destroy: Callable[[int], Coroutine[Any, Any, None]],
+    status: Status,
+    label: str,
+    pool: int,
+    server_pid: int | None = None,
+) -> None:
+    """8 concurrent creates, then a 50-create burst with the pool at its base, the pool's growth
+    (timed, with its CPU), and a second 50-create burst on the grown pool."""
+    await settle(status, pool)
+    await concurrent_creates(create, destroy, f"{label}, pool={pool}: 8 concurrent create", 8)
+    state = await settle(status, pool)
+    await concurrent_creates(create, destroy, f"{label}, pool={pool}: 50 concurrent create, 1st ({state})")
+    if not pool:
+        return
+    t0, machine0, server0 = time.perf_counter(), machine_cpu_ms(), cpu_ms(server_pid)
+    state = await settle(status, pool)
+    wall = (time.perf_counter() - t0) * 1000
+    machine, server = machine_cpu_ms() - machine0, cpu_ms(server_pid) - server0
+    out(
+        f"  the pool grew to {state} in {wall:.0f} ms (incl. the burst's background cleanups): "
+        f"server CPU {server:.0f} ms, machine CPU {machine:.0f} ms (every process)"
+    )
+    await concurrent_creates(create, destroy, f"{label}, pool={pool}: 50 concurrent create, 2nd ({state})")
+
+
+async def deferral(pool: int, reps: int) -> None:
+    """A 50-create burst on a pool that does not grow (pool_max = pool): refill deferred while
+    more create/temporary calls than cores are in flight (the default) or not at all."""
+    with manifest_with_pool(pool, pool) as manifest:
+        async with engine_from_manifest(load_manifest(manifest)) as engine:
+
+            async def status(engine: Engine = engine) -> object:
+                return engine.status()
+
+            async def create(i: int, engine: Engine = engine) -> None:
+                await engine.create_sessions(Caller(worker=f"burst-{i}"), "bash")
+
+            async def destroy(i: int, engine: Engine = engine) -> None:
+                await engine.destroy_sessions(Caller(worker=f"burst-{i}"), ["bash"])
+
+            default = engine.refill_defer_above
+            walls: dict[str, list[float]] = {"deferred": [], "not deferred": []}
+            for _ in range(reps):
+                for mode, above in (("deferred", default), ("not deferred", 1 << 30)):
+                    engine.refill_defer_above = above
+                    await settle(status, pool)
+                    await anyio.sleep(0.2)  # the previous burst's background cleanups
+                    walls[mode].append(await concurrent_creates(create, destroy, f"  {mode}, one run"))
+            for mode, samples in walls.items():
+                summarize(f"in-process engine, fixed pool={pool}: 50 concurrent, refill {mode}", samples)
 
 
 async def in_process(n: int, pools: list[int]) -> None:
@@ -208,17 +299,15 @@ async def in_process(n: int, pools: list[int]) -> None:
                 async def status(engine: Engine = engine) -> object:
                     return engine.status()
 
-                await settle(status, pool)
-
                 async def create(i: int, engine: Engine = engine) -> None:
                     await engine.create_sessions(Caller(worker=f"burst-{i}"), "bash")
 
                 async def destroy(i: int, engine: Engine = engine) -> None:
                     await engine.destroy_sessions(Caller(worker=f"burst-{i}"), ["bash"])
 
-                await concurrent_creates(create, destroy, f"in-process engine, pool={pool}: 8 concurrent create", 8)
-                await settle(status, pool)
-                await concurrent_creates(create, destroy, f"in-process engine, pool={pool}: 50 concurrent create")
+                await bursts(create, destroy, status, "in-process engine", pool)
+        if pool:
+            await deferral(pool, 3)
 
 
 async def over_http(n: int, pools: list[int]) -> None:
@@ -235,7 +324,6 @@ async def over_http(n: int, pools: list[int]) -> None:
             async with anyio.create_task_group() as tg:
                 for client in clients:
                     tg.start_soon(client.list_sessions)
-            await settle(clients[0].get_status, pool)
 
             async def create(i: int, clients=clients) -> None:
                 await clients[i].create_session("bash")
@@ -243,9 +331,7 @@ async def over_http(n: int, pools: list[int]) -> None:
             async def destroy(i: int, clients=clients) -> None:
                 await clients[i].destroy_session("bash")
 
-            await concurrent_creates(create, destroy, f"HTTP, pool={pool}: 8 concurrent create_session", 8)
-            await settle(clients[0].get_status, pool)
-            await concurrent_creates(create, destroy, f"HTTP, pool={pool}: 50 concurrent create_session")
+            await bursts(create, destroy, clients[0].get_status, "HTTP", pool, served.pid)
             for client in reversed(clients):
                 await client.close()
 
@@ -295,6 +381,7 @@ async def main(quick: bool, pools: list[int], http: bool) -> None:
     n = 60 if quick else 200
     calibration()
     await breakdown(10 if quick else 30)
+    await breakdown(10 if quick else 30, nice=POOL_NICE)
     await pool_memory(16)
     await in_process(n, pools)
     if http:
