@@ -64,11 +64,6 @@ POOL_RETRY = 5.0
 #: busy, and a background start would only slow them (a 50-create burst with refill running
 #: took longer than with refill paused, bench/bench_starts.py).
 REFILL_DEFER_ABOVE = os.cpu_count() or 2
-#: A pool holding at least half its target refills only once no create/temporary call has been
-#: in flight for this long (real seconds): a start's ~1.3 ms of server CPU would otherwise land
-#: on the back-to-back calls the stock is serving (temporary call p50 1.7 ms with refill running
-#: beside it, 1.05 ms without). Below half, it refills at once (a miss costs a whole start, ~10 ms).
-REFILL_QUIET = 0.02
 DEFAULT_TTL = 300.0
 DEFAULT_GRACE = 60.0
 #: MCP tool names are at most 128 characters; a longer one is never echoed whole.
@@ -132,8 +127,6 @@ class Engine:
         #: create_session and temporary calls in flight (refill waits while there are many).
         self.calls_starting = 0
         self.refill_defer_above = REFILL_DEFER_ABOVE
-        #: When the last create/temporary call ended (real time; see REFILL_QUIET).
-        self._calls_ended = 0.0
 
     @property
     def backends(self) -> dict[str, Backend[Any, Any]]:
@@ -310,9 +303,7 @@ class Engine:
             yield
         finally:
             self.calls_starting -= 1
-            if self.calls_starting == 0:
-                self._calls_ended = anyio.current_time()
-            if self.warm and self.calls_starting in (0, self.refill_defer_above):
+            if self.calls_starting == self.refill_defer_above and self.warm:
                 self._wake_refill.set()
 
     def _refill_deferred(self) -> bool:
@@ -525,15 +516,13 @@ class Engine:
         burst that empties the pool is made good in about one start's time; a start that
         fails pauses that pool's refill for POOL_RETRY seconds. Members beyond a target that
         fell are stopped, oldest first. Nothing starts or stops while more than
-        `refill_defer_above` create/temporary calls are in flight (the last of them wakes this);
-        a pool still holding half its target waits for a quiet moment (REFILL_QUIET).
+        `refill_defer_above` create/temporary calls are in flight (the last of them wakes this).
         """
         while True:
             self._wake_refill = anyio.Event()
-            now, real = self.clock(), anyio.current_time()
-            wake_at = real_wake_at = float("inf")
+            now = self.clock()
+            wake_at = float("inf")
             deferred = self._refill_deferred()
-            quiet_at = self._calls_ended + REFILL_QUIET if self.calls_starting == 0 else float("inf")
             for pool in self.warm.values():
                 change = pool.next_change()
                 if change is not None:
@@ -547,14 +536,11 @@ class Engine:
                 if pool.retry_at > now:
                     wake_at = min(wake_at, pool.retry_at)
                     continue
-                if pool.missing() and real < quiet_at and 2 * len(pool.ready) >= pool.target:
-                    real_wake_at = min(real_wake_at, quiet_at)  # inf: the last call's end wakes this
-                    continue
                 while pool.missing() and len(pool.starting) < pool.concurrency:
                     member = self._new_session(Caller(), pool.resource, None, temporary=False, pooled=True)
                     pool.starting.append(member)
                     self._spawn(self._refill_one, pool, member)
-            with anyio.move_on_after(max(min(wake_at - now, real_wake_at - real), 0.0)):
+            with anyio.move_on_after(max(wake_at - now, 0.0)):
                 await self._wake_refill.wait()
 
     async def _stop_all(self, sessions: list[Session]) -> None:
@@ -957,4 +943,3 @@ class Engine:
 def _rmdir_quietly(path: Any) -> None:
     with suppress(OSError):
         path.rmdir()
-

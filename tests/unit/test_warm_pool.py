@@ -267,26 +267,3 @@ def test_the_manifest_sets_base_cap_and_decay_and_refuses_a_cap_below_the_base()
         parse_manifest({"resources": {"bash": {"pool_max": 4}}})
     with pytest.raises(ConfigurationError, match=r"resources\.bash\.pool_decay"):
         parse_manifest({"resources": {"bash": {"pool": 2, "pool_decay": 0}}})
-
-
-async def test_a_stocked_pool_refills_once_calls_pause_and_a_low_one_at_once() -> None:
-    backend = PoolAware()
-    async with Engine({"fake": backend}, pools={"fake": PoolSize(4)}) as engine:
-        pool = pool_of(engine)
-        await full(engine, 4)
-        backend.gate = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            # One call in flight the whole time (its own config: a fresh start held on the gate).
-            tg.start_soon(engine.create_sessions, Caller(worker="slow"), "fake", {"label": "gated"})
-            await eventually(lambda: engine.calls_starting == 1, BOUNDED)
-            await burst(engine, 1)
-            await anyio.wait_all_tasks_blocked()
-            # Three of four left: they serve the next calls; the refill waits for a pause.
-            assert (len(pool.ready), len(pool.starting)) == (3, 0)
-            await burst(engine, 2, "more")
-            # One left, under half the target: refill now, the call still in flight.
-            await eventually(lambda: len(pool.ready) == 4, BOUNDED)
-            assert engine.calls_starting == 1
-            await burst(engine, 1, "last")
-            backend.gate.set()
-        await full(engine, 4)  # the pause came: full again
