@@ -41,7 +41,7 @@ from backends.bash.backend import POOL_NICE
 from backends.bash.shell import PersistentShell
 from backends.policy import Limits, Policy
 from backends.sandbox import SandboxSpec, SessionSandbox
-from bench._common import http_server, loop_ms, measure, pipe_round_trip_us, summarize
+from bench._common import Served, http_server, loop_ms, measure, pipe_round_trip_us, summarize
 from manifests import load_manifest
 from mcp_server.factory import engine_from_manifest
 from sandbox import Sandbox
@@ -319,27 +319,38 @@ async def in_process(n: int, pools: list[int]) -> None:
 async def over_http(n: int, pools: list[int]) -> None:
     out("\n== streamable HTTP (2026-07-28, Sandbox(url=...)) ==")
     for pool in pools:
-        with manifest_with_pool(pool) as manifest, http_server(manifest) as served:
-            async with Sandbox(url=served.url) as sandbox:
-                await client_figures(sandbox, "HTTP", n, pool, served.pid)
-            clients = [Sandbox(url=served.url) for _ in range(50)]
-            for client in clients:
-                await client.start()
-            # One call each first: a client's first request pays for its connection and
-            # handshake, which is not what a create costs.
-            async with anyio.create_task_group() as tg:
-                for client in clients:
-                    tg.start_soon(client.list_sessions)
+        with manifest_with_pool(pool) as manifest:
+            with http_server(manifest) as served:
+                async with Sandbox(url=served.url, token=served.token) as sandbox:
+                    await client_figures(sandbox, "HTTP", n, pool, served.pid)
+            # A server of its own, so the bursts start with the pool at its base (the calls
+            # above grew it).
+            with http_server(manifest) as served:
+                await http_bursts(served, pool)
 
-            async def create(i: int, clients=clients) -> None:
-                await clients[i].create_session("bash")
 
-            async def destroy(i: int, clients=clients) -> None:
-                await clients[i].destroy_session("bash")
+async def http_bursts(served: Served, pool: int) -> None:
+    """The bursts of `bursts`, each create from its own `Sandbox(url)` client (its own worker)."""
+    clients = [Sandbox(url=served.url, token=served.token) for _ in range(50)]
+    for client in clients:
+        await client.start()
+    # One call each first: a client's first request pays for its connection and
+    # handshake, which is not what a create costs.
+    async with anyio.create_task_group() as tg:
+        for client in clients:
+            tg.start_soon(client.list_sessions)
 
-            await bursts(create, destroy, clients[0].get_status, "HTTP", pool, served.pid)
-            for client in reversed(clients):
-                await client.close()
+    async def create(i: int) -> None:
+        await clients[i].create_session("bash")
+
+    async def destroy(i: int) -> None:
+        await clients[i].destroy_session("bash")
+
+    try:
+        await bursts(create, destroy, clients[0].get_status, "HTTP", pool, served.pid)
+    finally:
+        for client in reversed(clients):
+            await client.close()
 
 
 def memory_charged_kb(member: object) -> int:
