@@ -177,10 +177,12 @@ class Engine:
                 for pool in self.warm.values():
                     while (member := pool.pop()) is not None:
                         tg.start_soon(self._stop, member)
-            # Members still starting stop themselves once started (they see _stopping); wait
-            # for that, so their cleanups are counted before the drain below.
+                    for member in list(pool.retiring):  # a shrink under way: stopped now, not later
+                        tg.start_soon(self._stop, member)
+            # Members still starting stop themselves once started (they see _stopping), and a
+            # shrink's stops finish; wait for that, so their cleanups are counted before the drain.
             with anyio.move_on_after(CLEANUP_TIMEOUT):
-                while any(pool.starting for pool in self.warm.values()):  # noqa: ASYNC110 - bounded, shutdown only
+                while any(pool.starting or pool.retiring for pool in self.warm.values()):  # noqa: ASYNC110 - bounded, shutdown only
                     await anyio.sleep(0.005)
             self.workers.clear()
             # Cleanups already under way (reaper, disconnects, temporaries) run elsewhere;
@@ -532,7 +534,7 @@ class Engine:
                 surplus = pool.surplus()
                 if surplus:
                     log.info("warm pool %s shrinks to %d: stopping %d idle", pool.resource, pool.target, len(surplus))
-                    self._spawn(self._stop_all, surplus)
+                    self._spawn(self._retire, pool, surplus)
                 if pool.retry_at > now:
                     wake_at = min(wake_at, pool.retry_at)
                     continue
@@ -543,9 +545,12 @@ class Engine:
             with anyio.move_on_after(max(wake_at - now, 0.0)):
                 await self._wake_refill.wait()
 
-    async def _stop_all(self, sessions: list[Session]) -> None:
+    async def _retire(self, pool: WarmPool, sessions: list[Session]) -> None:
         for session in sessions:
-            await self._stop(session)
+            try:
+                await self._stop(session)
+            finally:
+                pool.retiring.discard(session)
 
     async def _refill_one(self, pool: WarmPool, member: Session) -> None:
         try:

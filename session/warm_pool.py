@@ -71,6 +71,8 @@ class WarmPool:
     """Members of `starting` whose start has begun (past the refill's short delay)."""
     claimed: set[Session] = field(default_factory=set)
     """Members still starting that a caller waits for; they skip `ready` and go to it."""
+    retiring: set[Session] = field(default_factory=set)
+    """Surplus members taken out of `ready` whose stop has not finished (shutdown finishes it)."""
     _recent: deque[float] = field(default_factory=deque)
     """Times of the demand within the last GROW_WINDOW."""
     _peaks: deque[tuple[float, int]] = field(default_factory=deque)
@@ -124,7 +126,9 @@ class WarmPool:
     def surplus(self) -> list[Session]:
         """Ready members beyond the target (oldest first), taken out of the pool for stopping."""
         extra = min(self.held() - self.target, len(self.ready))
-        return [self.ready.popleft() for _ in range(max(extra, 0))]
+        surplus = [self.ready.popleft() for _ in range(max(extra, 0))]
+        self.retiring.update(surplus)
+        return surplus
 
     def pop(self) -> Session | None:
         return self.ready.popleft() if self.ready else None

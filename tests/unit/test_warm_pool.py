@@ -44,6 +44,8 @@ class PoolAware(FakeBackend):
         self.pooled: set[int] = set()
         self.handed: list[int] = []
         self.pooled_gate: anyio.Event | None = None
+        self.cleanup_gate: anyio.Event | None = None
+        self.cleaning = 0
 
     async def initialize(self, setup: SessionSetup[FakeConfig]) -> FakeState:
         if setup.pooled and self.pooled_gate is not None:
@@ -52,6 +54,12 @@ class PoolAware(FakeBackend):
         if setup.pooled:
             self.pooled.add(id(state))
         return state
+
+    async def cleanup(self, setup: SessionSetup[FakeConfig], state: FakeState) -> None:
+        if self.cleanup_gate is not None:
+            self.cleaning += 1
+            await self.cleanup_gate.wait()
+        await super().cleanup(setup, state)
 
     async def handed_out(self, state: FakeState) -> None:
         assert id(state) in self.pooled, "handed_out is only for pool members"
@@ -203,6 +211,33 @@ async def test_shutdown_while_grown_stops_every_member_ready_or_starting() -> No
         backend.pooled_gate.set()
     assert not backend.live
     assert engine.budget.live == 0
+
+
+async def test_shutdown_during_a_shrink_stops_the_surplus_not_yet_stopped() -> None:
+    backend, clock = PoolAware(), ManualClock()
+    engine = Engine({"fake": backend}, pools={"fake": PoolSize(1, 6, decay=10)}, clock=clock)
+    async with anyio.create_task_group() as outside, engine:
+        pool = pool_of(engine)
+        await full(engine, 1)
+        handles = await burst(engine, 6)
+        await full(engine, 6)
+        for handle in handles:  # only the pool's members are left
+            await engine.destroy_sessions(Caller(), session_id=handle)
+        backend.cleanup_gate = anyio.Event()
+        clock.advance(11)
+        engine.wake_pools()
+        # The shrink stops its five one after another: the first hangs in cleanup.
+        await eventually(lambda: backend.cleaning == 1, BOUNDED)
+        assert len(pool.retiring) == 5
+
+        async def release_once_stopping() -> None:
+            await eventually(lambda: engine._stopping, BOUNDED)
+            assert backend.cleanup_gate is not None
+            backend.cleanup_gate.set()
+
+        outside.start_soon(release_once_stopping)
+    assert not pool.retiring
+    assert not backend.live
 
 
 async def test_refill_waits_while_many_create_calls_are_in_flight() -> None:
