@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 #: The PATH of an isolated shell: the sandbox shows the host's /usr and merged-/usr links only.
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: Niceness of a warm-pool shell until a caller takes it (`handed_out` moves it back to 0).
+#: Niceness of a warm-pool shell until a caller takes it (`handed_out` moves it back to the
+#: server's own). With a cpu cgroup per session the kernel ranks a niceness only among the
+#: session's own tasks (bench/bench_pool_priority.py): it yields the CPU to other sessions
+#: only once the sandbox also lowers the session cgroup's cpu weight (it does not yet).
 POOL_NICE = 19
 #: The session's loggable label in its environment: a diagnostic for people reading a process
 #: table, never what cleanup relies on (that is sandbox membership).
