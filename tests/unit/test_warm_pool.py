@@ -278,7 +278,7 @@ async def test_a_member_claimed_while_starting_is_handed_out_before_the_caller_g
         assert pool.misses == 0
 
 
-async def test_a_session_the_caller_starts_itself_is_not_pooled_and_not_handed_out() -> None:
+async def test_a_session_with_its_own_config_is_not_pooled_not_handed_out_and_not_demand() -> None:
     backend = PoolAware()
     async with Engine({"fake": backend}, pools={"fake": 1}) as engine:
         await full(engine, 1)
@@ -287,6 +287,8 @@ async def test_a_session_the_caller_starts_itself_is_not_pooled_and_not_handed_o
         assert setup is not None
         assert not setup.pooled
         assert not backend.handed
+        status = engine.status()["warm_pools"]["fake"]
+        assert (status["taken"], status["misses"], status["target"]) == (0, 0, 1)  # not demand for the pool
 
 
 def test_the_manifest_sets_base_cap_and_decay_and_refuses_a_cap_below_the_base() -> None:
