@@ -224,8 +224,23 @@ class SessionCgroup:
         if "cpu" in self.dirs:
             self._write("cpu", "cpu.max", f"{max(1000, int(limits.cpu * CFS_PERIOD_US))} {CFS_PERIOD_US}")
 
+    def open_procs(self) -> list[int]:
+        """A write descriptor (close-on-exec) of each `cgroup.procs` of the session, for the launcher.
+
+        Raises OSError with none left open.
+        """
+        fds: list[int] = []
+        try:
+            for directory in dict.fromkeys(self.dirs.values()):
+                fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def enter_prefix(self) -> list[str]:
-        """argv prefix that joins every cgroup of the session, then execs the rest."""
+        """argv prefix that joins every cgroup of the session, then execs the rest (no launcher)."""
         files = [str(d / "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
         return ["/bin/sh", "-c", ENTER_SCRIPT, "sh", *files, "--"]
 

@@ -7,8 +7,15 @@ hostile process that tries to outlive its session (setsid, double fork, dropped 
 members are found by cgroup (else by uid, else by pid namespace), never by environment.
 
 The environment a caller passes is the *complete* environment inside; host-side helper
-processes (sh, setpriv, bwrap, runsc) run with a fixed minimal one, so nothing a session
+processes (the launcher, bwrap, runsc) run with a fixed minimal one, so nothing a session
 chose reaches the host's dynamic loader (the LD_PRELOAD-through-config escape).
+
+Every spawn starts with `agentflow-launch` (backends/sandbox/launcher.c): it joins the
+session's cgroups through descriptors opened here (closed before it execs), sets the niceness,
+switches to the session's uid with no capabilities (tier `sandbox`), and resets every signal
+to its default disposition with nothing blocked, so a program never inherits the server's
+ignored SIGINT (a server started with `&` from a script). Where no C compiler can build it,
+the same steps run as `sh -c ENTER` + `nice` + `setpriv` + `env --default-signal`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import IO, Any
 import anyio
 from anyio.abc import Process
 
-from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
+from backends.sandbox import bwrap, cgroups, gvisor, hostfs, launcher, seccomp, uids
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
 from backends.sandbox.spawn import spawn as spawn_process
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 SETPRIV = "/usr/bin/setpriv"
 NICE = "/usr/bin/nice"
+#: The last link of the fallback chain: every signal back to its default disposition.
+DEFAULT_SIGNALS = ["/usr/bin/env", "--default-signal", "--"]
 #: How often `renice` re-reads the members for threads forked while it ran (a fork bomb is
 #: bounded by pids.max; the passes stop as soon as one finds nothing new).
 _RENICE_PASSES = 8
@@ -131,6 +140,8 @@ class SessionSandbox:
         self._closed = False
         #: Niceness of later spawns; None: the server's own (spec.nice 0 leaves it as is).
         self._nice: int | None = spec.nice or None
+        #: The launcher binary (None: the fallback chain); found in `_setup`, off the event loop.
+        self._launcher: str | None = None
 
     # -- construction ---------------------------------------------------------------
 
@@ -165,6 +176,7 @@ class SessionSandbox:
         self.uid = self._storage.uid = self._lease.uid
 
     def _setup(self) -> None:
+        self._launcher = launcher.path()
         self._lease_uid()
         limits = self.spec.policy.limits
         host = cgroups.probe()
@@ -223,6 +235,11 @@ class SessionSandbox:
     ) -> Process:
         """Start `argv` inside the session's sandbox; `env` is its complete environment.
 
+        The program starts with every signal at its default disposition and none blocked
+        (whatever the server ignores or blocks), at the session's niceness, inside the
+        session's cgroups from its first instruction, and with no descriptor of the server
+        beyond its standard streams and `pass_fds`.
+
         Raises:
             ParameterError: argv is empty, or an environment name or value is malformed (1002).
             RuntimeError: the sandbox is already closed (a backend bug, not a client error).
@@ -232,7 +249,6 @@ class SessionSandbox:
         if not argv:
             raise ParameterError("argv must not be empty")
         env = bwrap.check_env(env)
-        prefix = self._cgroup.enter_prefix() if self._cgroup else []
         extra_fds: list[int] = []
         host_cwd = "/"
         try:
@@ -245,9 +261,10 @@ class SessionSandbox:
             else:
                 command = self._plain_command(argv)
                 host_cwd = cwd or str(self.spec.home)
+            prefix = self._prefix(extra_fds)
             # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
             process = spawn_process(
-                [*prefix, *self._nice_prefix(), *self._rlimit_prefix, *command],
+                [*self._rlimit_prefix, *prefix, *command],
                 env=env if self.tier == "none" else HOST_ENV,
                 cwd=host_cwd,
                 stdin=stdin,
@@ -260,6 +277,26 @@ class SessionSandbox:
                 os.close(fd)
         self._processes.append(process)
         return process
+
+    def _prefix(self, fds: list[int]) -> list[str]:
+        """The host-side start of a spawn: cgroups, niceness, uid switch (tier `sandbox`), default signals.
+
+        Appends the descriptors the child must inherit to `fds` (the caller closes them).
+        """
+        switch_uid = self.tier == "sandbox" and self._lease is not None
+        if self._launcher is None:
+            chain = self._cgroup.enter_prefix() if self._cgroup else []
+            return [*chain, *self._nice_prefix(), *(self._setpriv() if switch_uid else []), *DEFAULT_SIGNALS]
+        argv = [self._launcher]
+        if self._cgroup is not None:
+            procs = self._cgroup.open_procs()
+            fds += procs
+            argv += [f"--cgroup-fd={fd}" for fd in procs]
+        if self._nice is not None:
+            argv.append(f"--nice={self._nice}")
+        if switch_uid:
+            argv.append(f"--uid={self.uid}")
+        return [*argv, "--"]
 
     def _nice_prefix(self) -> list[str]:
         if self._nice is None:
@@ -303,8 +340,6 @@ class SessionSandbox:
         return _tasks_of(self.pids())
 
     def _setpriv(self) -> list[str]:
-        if self._lease is None:
-            return []
         uid = str(self.uid)
         return [SETPRIV, "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
 
@@ -327,7 +362,7 @@ class SessionSandbox:
         fds.append(args_fd)
         os.write(args_fd, bwrap.encode_args(options))
         os.lseek(args_fd, 0, os.SEEK_SET)
-        return [*self._setpriv(), bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
+        return [bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
@@ -578,7 +613,7 @@ def _check_tier_once(tier: str, network: str) -> None:
             raise ConfigurationError("isolation 'sandbox' is unavailable: bubblewrap (bwrap) is not installed")
         if not mech["userns"]["available"]:
             raise ConfigurationError(f"isolation 'sandbox' is unavailable: {mech['userns']['reason']}")
-        if os.geteuid() == 0 and not os.path.exists(SETPRIV):
+        if os.geteuid() == 0 and launcher.path() is None and not os.path.exists(SETPRIV):
             raise ConfigurationError("isolation 'sandbox' is unavailable: setpriv (util-linux) is missing")
     elif tier == "gvisor":
         if not mech["runsc"]["path"]:
