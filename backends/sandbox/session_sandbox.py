@@ -114,9 +114,15 @@ def _tasks_of(pids: Sequence[int]) -> list[int]:
 
 def _write_oom_score_adj(pid: int, value: int) -> bool:
     try:
-        Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        os.write(fd, str(value).encode())
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
@@ -142,6 +148,9 @@ class SessionSandbox:
         self._nice: int | None = spec.nice or None
         #: The launcher binary (None: the fallback chain); found in `_setup`, off the event loop.
         self._launcher: str | None = None
+        #: pidfds of the killed pid-namespace inits (tier `sandbox`): readable once a namespace is empty.
+        self._init_fds: list[int] = []
+        self._wrappers_killed = False
 
     # -- construction ---------------------------------------------------------------
 
@@ -453,10 +462,15 @@ class SessionSandbox:
         scores the kernel kills the largest process, which is the one that hit the limit; the
         tests check the shell survives that.
         """
-        if self.tier != "sandbox" or await self.wait_inner_pid(process) is None:
+        if self.tier != "sandbox":
             return False
-        wrappers = [process.pid, *_children(process.pid)[:1]]
-        return all(_write_oom_score_adj(pid, -1000) for pid in wrappers)
+        # The init must have forked the program already: a score set before would be inherited.
+        init = _children(process.pid)[:1]
+        if not (init and _children(init[0])):
+            if await self.wait_inner_pid(process) is None:
+                return False
+            init = _children(process.pid)[:1]
+        return all(_write_oom_score_adj(pid, -1000) for pid in [process.pid, *init])
 
     def limit_hits(self) -> dict[str, int]:
         """How often each limit was hit so far (for a 2001 message naming the limit)."""
@@ -484,15 +498,30 @@ class SessionSandbox:
         after this, and the reaping, cgroup removal and unmounting run in the background.
         """
         self._closed = True
+        self._kill_wrappers()
+        if self._cgroup is not None and self.tier != "sandbox":
+            cgroups.kill_pids(self._cgroup.pids())
+
+    def _kill_wrappers(self) -> None:
+        """SIGKILL each spawn's process group and (tier `sandbox`) its pid namespace's init.
+
+        A pidfd of each init is kept: the kernel ends an init only after every other process
+        of its namespace is gone, so its pidfd turning readable says the namespace is empty,
+        with no polling of the cgroup.
+        """
+        if self._wrappers_killed:
+            return
+        self._wrappers_killed = True
         for process in self._processes:
             # Not once reaped: the pid may name another process by now.
             alive = process.returncode is None
             inits = _children(process.pid) if self.tier == "sandbox" and alive else []
+            for pid in inits:
+                with contextlib.suppress(OSError):
+                    self._init_fds.append(os.pidfd_open(pid))
             with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
             cgroups.kill_pids(inits)
-        if self._cgroup is not None and self.tier != "sandbox":
-            cgroups.kill_pids(self._cgroup.pids())
 
     async def aclose(self) -> None:
         """Kill every process of the session, remove its cgroups and storage, free its uid.
@@ -513,9 +542,11 @@ class SessionSandbox:
                 log.exception("sandbox %s: releasing its resources failed", self.spec.label)
 
     async def _kill_everything(self) -> None:
-        for process in self._processes:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                os.killpg(process.pid, signal.SIGKILL)
+        self._kill_wrappers()
+        if self._init_fds:
+            await self._await_inits()
+            # The wrappers were SIGKILLed with them: reaped, they leave nothing to poll for below.
+            await self._reap(within=5)
         if self._cgroup is not None:
             # Only tier `none` needs the freezer against a fork racing the kill. In `sandbox`
             # every process lives in a pid namespace whose init died with its process group
@@ -529,11 +560,25 @@ class SessionSandbox:
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGKILL)
                     await anyio.sleep(0.005)
-        for process in self._processes:
-            with anyio.move_on_after(5):
-                await process.wait()
+        await self._reap(within=5)
         if self._cgroup is not None and self._cgroup.pids():
             self._emptied = await self._cgroup.kill_all()
+
+    async def _reap(self, within: float) -> None:
+        for process in self._processes:
+            with anyio.move_on_after(within):
+                await process.wait()
+
+    async def _await_inits(self) -> None:
+        """Wait (bounded) until each killed namespace init has exited, i.e. its namespace is empty."""
+        fds, self._init_fds = self._init_fds, []
+        try:
+            with anyio.move_on_after(5):
+                for fd in fds:
+                    await anyio.wait_readable(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _release(self) -> None:
         if self._gvisor_state is not None:
