@@ -227,9 +227,9 @@ async def over_http(n: int, pools: list[int]) -> None:
     out("\n== streamable HTTP (2026-07-28, Sandbox(url=...)) ==")
     for pool in pools:
         with manifest_with_pool(pool) as manifest, http_server(manifest) as served:
-            async with Sandbox(url=served.url) as sandbox:
+            async with Sandbox(url=served.url, token=served.token) as sandbox:
                 await client_figures(sandbox, "HTTP", n, pool, served.pid)
-            clients = [Sandbox(url=served.url) for _ in range(50)]
+            clients = [Sandbox(url=served.url, token=served.token) for _ in range(50)]
             for client in clients:
                 await client.start()
             # One call each first: a client's first request pays for its connection and

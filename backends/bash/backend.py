@@ -92,7 +92,8 @@ class BashBackend(Backend[BashConfig, BashState]):
         except BaseException:
             await sandbox.aclose()
             raise
-        return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox))
+        # A new session's cgroup counters start at zero: no read of them on the start path.
+        return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox, fresh=True))
 
     async def kill(self, setup: SessionSetup[BashConfig], state: BashState) -> bool:
         state.shell.signal_kill()

@@ -56,14 +56,19 @@ _Stream = int | IO[Any] | None
 
 def _children(pid: int) -> list[int]:
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         if os.path.exists(f"/proc/{pid}"):
             return _children_by_scan(pid)  # kernel without CONFIG_PROC_CHILDREN
         return []
+    except OSError:
+        return []
+    try:
+        return [int(x) for x in os.read(fd, 65536).split()]
     except (OSError, ValueError):
         return []
+    finally:
+        os.close(fd)
 
 
 def _children_by_scan(pid: int) -> list[int]:
@@ -452,7 +457,7 @@ class SessionSandbox:
                 await anyio.sleep(0.001)
         return None
 
-    async def protect(self, process: Process) -> bool:
+    async def protect(self, process: Process, *, started: bool = False) -> bool:
         """Keep the OOM killer off the session's wrapper processes (bwrap and its pid-1 reaper).
 
         Returns False when the scores could not be set (lowering one needs CAP_SYS_RESOURCE,
@@ -461,12 +466,14 @@ class SessionSandbox:
         command the shell runs and leave the memory cgroup with nothing to kill. With equal
         scores the kernel kills the largest process, which is the one that hit the limit; the
         tests check the shell survives that.
+
+        `started`: the caller knows the program runs (it answered), so its init has forked it.
         """
         if self.tier != "sandbox":
             return False
         # The init must have forked the program already: a score set before would be inherited.
         init = _children(process.pid)[:1]
-        if not (init and _children(init[0])):
+        if not (init and (started or _children(init[0]))):
             if await self.wait_inner_pid(process) is None:
                 return False
             init = _children(process.pid)[:1]
