@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import shutil
 import signal
 from collections.abc import Mapping, Sequence
@@ -568,7 +569,8 @@ class SessionSandbox:
                             os.kill(pid, signal.SIGKILL)
                     await anyio.sleep(0.005)
         await self._reap(within=5)
-        if self._cgroup is not None and self._cgroup.pids():
+        # An emptied cgroup stays empty (nothing can join it any more): no second look then.
+        if self._cgroup is not None and not self._emptied and self._cgroup.pids():
             self._emptied = await self._cgroup.kill_all()
 
     async def _reap(self, within: float) -> None:
@@ -582,7 +584,9 @@ class SessionSandbox:
         try:
             with anyio.move_on_after(5):
                 for fd in fds:
-                    await anyio.wait_readable(fd)
+                    # Usually gone already (SIGKILL is quick): a poll costs less than a wait.
+                    if not select.select([fd], [], [], 0)[0]:
+                        await anyio.wait_readable(fd)
         finally:
             for fd in fds:
                 os.close(fd)
