@@ -90,10 +90,10 @@ class BashBackend(Backend[BashConfig, BashState]):
         try:
             shell = PersistentShell(
                 sandbox,
-                # A server started in the background (`cmd &`, nohup) ignores SIGINT, and an
-                # ignored signal survives exec: the shell could never be interrupted, and a
-                # non-interactive bash cannot trap a signal ignored on entry. Reset it first.
-                argv=["/usr/bin/env", "--default-signal=INT", config.shell, "--noprofile", "--norc"],
+                # No signal reset here: a server started in the background ignores SIGINT, and a
+                # non-interactive bash cannot trap a signal ignored on entry, but `spawn` starts
+                # every program with default dispositions (see SessionSandbox.spawn).
+                argv=[config.shell, "--noprofile", "--norc"],
                 env=shell_environment(setup, sandbox.home_path),
                 cwd=config.cwd,
                 max_output_bytes=config.max_output_bytes,
@@ -103,7 +103,8 @@ class BashBackend(Backend[BashConfig, BashState]):
         except BaseException:
             await sandbox.aclose()
             raise
-        return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox))
+        # A new session's cgroup counters start at zero: no read of them on the start path.
+        return BashState(shell=shell, sandbox=sandbox, home=home, limits=LimitWatch(sandbox, fresh=True))
 
     async def handed_out(self, state: BashState) -> None:
         # Back to what a shell started for this caller would have: the server's own niceness.

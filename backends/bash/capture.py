@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+#: What follows a sentinel's marker: the exit code and the end of the line.
+_CODE = re.compile(rb"(\d+)__\n")
 OMISSION = "\n... [{omitted} bytes omitted: output is capped at {cap} bytes per stream] ...\n"
 
 
@@ -57,18 +59,30 @@ class SentinelScanner:
     """
 
     def __init__(self, marker: str) -> None:
-        self.pattern = re.compile(re.escape(marker.encode()) + rb"(\d+)__\n")
+        # A find plus one shared pattern, not a pattern per marker: markers are random per
+        # shell, so compiling one would cost every session start ~0.1 ms (re's cache never hits).
+        self.marker = marker.encode()
         self.hold = len(marker) + 16
         self.pending = bytearray()
+
+    def _search(self) -> tuple[int, int, int] | None:
+        """(start, end, exit code) of the first complete sentinel in `pending`."""
+        position = 0
+        while (start := self.pending.find(self.marker, position)) >= 0:
+            match = _CODE.match(self.pending, start + len(self.marker))
+            if match is not None:
+                return start, match.end(), int(match.group(1))
+            position = start + 1
+        return None
 
     def feed(self, data: bytes, capture: BoundedCapture) -> int | None:
         """Add a chunk; return the exit code once the sentinel is seen."""
         self.pending += data
-        match = self.pattern.search(self.pending)
-        if match is not None:
-            code = int(match.group(1))
-            capture.add(bytes(self.pending[: match.start()]))
-            del self.pending[: match.end()]
+        found = self._search()
+        if found is not None:
+            start, end, code = found
+            capture.add(bytes(self.pending[:start]))
+            del self.pending[:end]
             return code
         flush = len(self.pending) - self.hold
         if flush > 0:

@@ -29,9 +29,10 @@ class LimitHit:
 class LimitWatch:
     """The session's limit counters as of the last command."""
 
-    def __init__(self, sandbox: SessionSandbox) -> None:
+    def __init__(self, sandbox: SessionSandbox, *, fresh: bool = False) -> None:
+        """`fresh`: the sandbox was just made, so every counter is still zero (no read needed)."""
         self.sandbox = sandbox
-        self.seen = sandbox.limit_hits()
+        self.seen: dict[str, int] = {} if fresh else sandbox.limit_hits()
 
     def check(self, stderr: str) -> LimitHit | None:
         """What limit the last command ran into (since the previous check), or None."""

@@ -137,7 +137,7 @@ class PersistentShell:
             # Best effort: keeps the OOM killer on the wrappers' side of the session (see
             # protect). After the round trip, so the wrappers are there to find at once
             # (before it, finding them meant polling /proc while bwrap set up).
-            await self.sandbox.protect(self.process)
+            await self.sandbox.protect(self.process, started=True)
         if entered.shell_exited or entered.timed_out:
             await self.kill()
             detail = (entered.stderr.strip() or entered.stdout.strip() or "no output")[:300]

@@ -14,6 +14,10 @@ Use:
     await box.aclose()   # every process of the session is gone on return
 
 Integration notes:
+- Every spawn starts with default signal dispositions and an empty signal mask (whatever the
+  server ignores), inside the session's cgroups, at the spec's niceness (`SandboxSpec.nice`;
+  `renice` moves a live session), through `agentflow-launch` (launcher.c, built on first use)
+  or, without a C compiler, the equivalent `sh` + `nice` + `setpriv` + `env` chain.
 - `env` is the whole environment inside; set HOME to `box.home_path` (`/home/user` in the
   sandboxed tiers, the host path for `none`).
 - In `sandbox`, each `spawn` is its own bubblewrap instance (own pid namespace); they share the

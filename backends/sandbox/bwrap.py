@@ -1,7 +1,7 @@
 """The `sandbox` tier's command line: bubblewrap, unprivileged, in fresh namespaces, under seccomp.
 
 Threat: hostile code reading or changing the host, other sessions or the server. The session
-runs as its own non-root uid (outside, via `setpriv`; bwrap is then unprivileged and must build
+runs as its own non-root uid (outside, via the launcher or `setpriv`; bwrap is then unprivileged and must build
 a user namespace, so it cannot hand out more than that uid has), in new user, pid, ipc, uts,
 cgroup, mount and (unless the policy says `host`) network namespaces, with every capability
 dropped, no further user namespaces (`--disable-userns` plus the seccomp filter), a new terminal

@@ -143,11 +143,20 @@ def probe() -> CgroupHost:
     return CgroupHost(None, {}, reason)
 
 
-def _read_pids(path: Path) -> list[int]:
+def _read_pids(path: Path | str) -> list[int]:
     try:
-        return [int(x) for x in path.read_text().split()]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return [int(x) for x in b"".join(chunks).split()]
     except (OSError, ValueError):
         return []
+    finally:
+        os.close(fd)
 
 
 def kill_pids(pids: list[int]) -> None:
@@ -164,6 +173,9 @@ class SessionCgroup:
         self.host = host
         self.dirs: dict[str, Path] = {c: b / "agentflow" / server_id / label for c, b in host.bases.items()}
         self.limits_in_force: dict[str, str] = {}
+        # Plain strings, made once: these files are opened on every spawn and teardown.
+        self._procs_files = [f"{d}/cgroup.procs" for d in dict.fromkeys(self.dirs.values())]
+        self._primary_procs = f"{self.primary}/cgroup.procs" if self.dirs else ""
 
     @property
     def primary(self) -> Path:
@@ -224,16 +236,27 @@ class SessionCgroup:
         if "cpu" in self.dirs:
             self._write("cpu", "cpu.max", f"{max(1000, int(limits.cpu * CFS_PERIOD_US))} {CFS_PERIOD_US}")
 
+    def open_procs(self) -> list[int]:
+        """A write descriptor (close-on-exec) of each `cgroup.procs` of the session, for the launcher.
+
+        Raises OSError with none left open.
+        """
+        fds: list[int] = []
+        try:
+            for path in self._procs_files:
+                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def enter_prefix(self) -> list[str]:
-        """argv prefix that joins every cgroup of the session, then execs the rest."""
-        files = [str(d / "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
-        return ["/bin/sh", "-c", ENTER_SCRIPT, "sh", *files, "--"]
+        """argv prefix that joins every cgroup of the session, then execs the rest (no launcher)."""
+        return ["/bin/sh", "-c", ENTER_SCRIPT, "sh", *self._procs_files, "--"]
 
     def pids(self) -> list[int]:
-        try:
-            return _read_pids(self.primary / "cgroup.procs")
-        except LookupError:
-            return []
+        return _read_pids(self._primary_procs) if self._primary_procs else []
 
     def threads(self) -> list[int]:
         """Every thread id in the session (niceness is per thread on Linux)."""

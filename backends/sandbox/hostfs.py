@@ -107,10 +107,12 @@ class SessionStorage:
         for attempt in range(5):
             # Another session's release (in the background after a kill) may remove the
             # server's stage directory, its last session gone, while we make ours: retry.
+            # The parents usually exist: one mkdir then, and the walk up only when it fails.
             try:
-                for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
-                    _traversable_dir(directory)
-                stage.mkdir(mode=0o711)  # fails if it exists: never adopt (and later remove) another session's
+                if attempt:
+                    for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
+                        _traversable_dir(directory)
+                os.mkdir(stage, 0o711)  # fails if it exists: never adopt (and later remove) another session's
                 break
             except FileNotFoundError:
                 if attempt == 4:
@@ -122,11 +124,14 @@ class SessionStorage:
         self.home_source = self._tmpfs("home", size_mb)
         below = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if os.listdir(below):
+            seeded = bool(os.listdir(below))
+            if seeded:
                 shutil.copytree(f"/proc/self/fd/{below}", self.home_source, symlinks=True, dirs_exist_ok=True)
         finally:
             os.close(below)
-        self._own(self.home_source)
+        if seeded:
+            # A fresh tmpfs root is the session's already (mount options uid, gid, mode=0700).
+            self._own(self.home_source)
         _mount(str(self.home_source), self.home, None, MS_BIND, None)
         self._mounted.append(self.home)
         if private_tmp:
@@ -145,7 +150,7 @@ class SessionStorage:
     def _tmpfs(self, name: str, size_mb: int) -> Path:
         assert self.stage is not None
         target = self.stage / name
-        target.mkdir(mode=0o700)
+        os.mkdir(target, 0o700)
         options = f"size={size_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
         _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
         self._mounted.append(target)
@@ -165,7 +170,17 @@ class SessionStorage:
         while self._mounted:
             unmount(self._mounted.pop())
         if self.stage is not None:
-            shutil.rmtree(self.stage, ignore_errors=True)
+            try:
+                # What `prepare` made, by name: cheaper than a tree walk, which stays the fallback.
+                for entry in os.listdir(self.stage):
+                    path = os.path.join(self.stage, entry)
+                    try:
+                        os.rmdir(path)
+                    except NotADirectoryError:
+                        os.unlink(path)  # a staged file bind's mount point
+                os.rmdir(self.stage)
+            except OSError:
+                shutil.rmtree(self.stage, ignore_errors=True)
             with contextlib.suppress(OSError):
-                self.stage.parent.rmdir()
+                os.rmdir(self.stage.parent)
             self.stage = None

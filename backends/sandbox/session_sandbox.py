@@ -7,8 +7,15 @@ hostile process that tries to outlive its session (setsid, double fork, dropped 
 members are found by cgroup (else by uid, else by pid namespace), never by environment.
 
 The environment a caller passes is the *complete* environment inside; host-side helper
-processes (sh, setpriv, bwrap, runsc) run with a fixed minimal one, so nothing a session
+processes (the launcher, bwrap, runsc) run with a fixed minimal one, so nothing a session
 chose reaches the host's dynamic loader (the LD_PRELOAD-through-config escape).
+
+Every spawn starts with `agentflow-launch` (backends/sandbox/launcher.c): it joins the
+session's cgroups through descriptors opened here (closed before it execs), sets the niceness,
+switches to the session's uid with no capabilities (tier `sandbox`), and resets every signal
+to its default disposition with nothing blocked, so a program never inherits the server's
+ignored SIGINT (a server started with `&` from a script). Where no C compiler can build it,
+the same steps run as `sh -c ENTER` + `nice` + `setpriv` + `env --default-signal`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import shutil
 import signal
 from collections.abc import Mapping, Sequence
@@ -26,7 +34,7 @@ from typing import IO, Any
 import anyio
 from anyio.abc import Process
 
-from backends.sandbox import bwrap, cgroups, gvisor, hostfs, seccomp, uids
+from backends.sandbox import bwrap, cgroups, gvisor, hostfs, launcher, seccomp, uids
 from backends.sandbox.host import host_mechanisms
 from backends.sandbox.network import check_network
 from backends.sandbox.spawn import spawn as spawn_process
@@ -39,6 +47,8 @@ log = logging.getLogger(__name__)
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 SETPRIV = "/usr/bin/setpriv"
 NICE = "/usr/bin/nice"
+#: The last link of the fallback chain: every signal back to its default disposition.
+DEFAULT_SIGNALS = ["/usr/bin/env", "--default-signal", "--"]
 #: How often `renice` re-reads the members for threads forked while it ran (a fork bomb is
 #: bounded by pids.max; the passes stop as soon as one finds nothing new).
 _RENICE_PASSES = 8
@@ -47,14 +57,19 @@ _Stream = int | IO[Any] | None
 
 def _children(pid: int) -> list[int]:
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         if os.path.exists(f"/proc/{pid}"):
             return _children_by_scan(pid)  # kernel without CONFIG_PROC_CHILDREN
         return []
+    except OSError:
+        return []
+    try:
+        return [int(x) for x in os.read(fd, 65536).split()]
     except (OSError, ValueError):
         return []
+    finally:
+        os.close(fd)
 
 
 def _children_by_scan(pid: int) -> list[int]:
@@ -105,9 +120,15 @@ def _tasks_of(pids: Sequence[int]) -> list[int]:
 
 def _write_oom_score_adj(pid: int, value: int) -> bool:
     try:
-        Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        os.write(fd, str(value).encode())
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
@@ -131,6 +152,11 @@ class SessionSandbox:
         self._closed = False
         #: Niceness of later spawns; None: the server's own (spec.nice 0 leaves it as is).
         self._nice: int | None = spec.nice or None
+        #: The launcher binary (None: the fallback chain); found in `_setup`, off the event loop.
+        self._launcher: str | None = None
+        #: pidfds of the killed pid-namespace inits (tier `sandbox`): readable once a namespace is empty.
+        self._init_fds: list[int] = []
+        self._wrappers_killed = False
 
     # -- construction ---------------------------------------------------------------
 
@@ -165,6 +191,7 @@ class SessionSandbox:
         self.uid = self._storage.uid = self._lease.uid
 
     def _setup(self) -> None:
+        self._launcher = launcher.path()
         self._lease_uid()
         limits = self.spec.policy.limits
         host = cgroups.probe()
@@ -223,6 +250,11 @@ class SessionSandbox:
     ) -> Process:
         """Start `argv` inside the session's sandbox; `env` is its complete environment.
 
+        The program starts with every signal at its default disposition and none blocked
+        (whatever the server ignores or blocks), at the session's niceness, inside the
+        session's cgroups from its first instruction, and with no descriptor of the server
+        beyond its standard streams and `pass_fds`.
+
         Raises:
             ParameterError: argv is empty, or an environment name or value is malformed (1002).
             RuntimeError: the sandbox is already closed (a backend bug, not a client error).
@@ -232,7 +264,6 @@ class SessionSandbox:
         if not argv:
             raise ParameterError("argv must not be empty")
         env = bwrap.check_env(env)
-        prefix = self._cgroup.enter_prefix() if self._cgroup else []
         extra_fds: list[int] = []
         host_cwd = "/"
         try:
@@ -245,9 +276,10 @@ class SessionSandbox:
             else:
                 command = self._plain_command(argv)
                 host_cwd = cwd or str(self.spec.home)
+            prefix = self._prefix(extra_fds)
             # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
             process = spawn_process(
-                [*prefix, *self._nice_prefix(), *self._rlimit_prefix, *command],
+                [*self._rlimit_prefix, *prefix, *command],
                 env=env if self.tier == "none" else HOST_ENV,
                 cwd=host_cwd,
                 stdin=stdin,
@@ -260,6 +292,26 @@ class SessionSandbox:
                 os.close(fd)
         self._processes.append(process)
         return process
+
+    def _prefix(self, fds: list[int]) -> list[str]:
+        """The host-side start of a spawn: cgroups, niceness, uid switch (tier `sandbox`), default signals.
+
+        Appends the descriptors the child must inherit to `fds` (the caller closes them).
+        """
+        switch_uid = self.tier == "sandbox" and self._lease is not None
+        if self._launcher is None:
+            chain = self._cgroup.enter_prefix() if self._cgroup else []
+            return [*chain, *self._nice_prefix(), *(self._setpriv() if switch_uid else []), *DEFAULT_SIGNALS]
+        argv = [self._launcher]
+        if self._cgroup is not None:
+            procs = self._cgroup.open_procs()
+            fds += procs
+            argv += [f"--cgroup-fd={fd}" for fd in procs]
+        if self._nice is not None:
+            argv.append(f"--nice={self._nice}")
+        if switch_uid:
+            argv.append(f"--uid={self.uid}")
+        return [*argv, "--"]
 
     def _nice_prefix(self) -> list[str]:
         if self._nice is None:
@@ -303,8 +355,6 @@ class SessionSandbox:
         return _tasks_of(self.pids())
 
     def _setpriv(self) -> list[str]:
-        if self._lease is None:
-            return []
         uid = str(self.uid)
         return [SETPRIV, "--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
 
@@ -327,7 +377,7 @@ class SessionSandbox:
         fds.append(args_fd)
         os.write(args_fd, bwrap.encode_args(options))
         os.lseek(args_fd, 0, os.SEEK_SET)
-        return [*self._setpriv(), bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
+        return [bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
@@ -408,7 +458,7 @@ class SessionSandbox:
                 await anyio.sleep(0.001)
         return None
 
-    async def protect(self, process: Process) -> bool:
+    async def protect(self, process: Process, *, started: bool = False) -> bool:
         """Keep the OOM killer off the session's wrapper processes (bwrap and its pid-1 reaper).
 
         Returns False when the scores could not be set (lowering one needs CAP_SYS_RESOURCE,
@@ -417,11 +467,18 @@ class SessionSandbox:
         command the shell runs and leave the memory cgroup with nothing to kill. With equal
         scores the kernel kills the largest process, which is the one that hit the limit; the
         tests check the shell survives that.
+
+        `started`: the caller knows the program runs (it answered), so its init has forked it.
         """
-        if self.tier != "sandbox" or await self.wait_inner_pid(process) is None:
+        if self.tier != "sandbox":
             return False
-        wrappers = [process.pid, *_children(process.pid)[:1]]
-        return all(_write_oom_score_adj(pid, -1000) for pid in wrappers)
+        # The init must have forked the program already: a score set before would be inherited.
+        init = _children(process.pid)[:1]
+        if not (init and (started or _children(init[0]))):
+            if await self.wait_inner_pid(process) is None:
+                return False
+            init = _children(process.pid)[:1]
+        return all(_write_oom_score_adj(pid, -1000) for pid in [process.pid, *init])
 
     def limit_hits(self) -> dict[str, int]:
         """How often each limit was hit so far (for a 2001 message naming the limit)."""
@@ -449,15 +506,30 @@ class SessionSandbox:
         after this, and the reaping, cgroup removal and unmounting run in the background.
         """
         self._closed = True
+        self._kill_wrappers()
+        if self._cgroup is not None and self.tier != "sandbox":
+            cgroups.kill_pids(self._cgroup.pids())
+
+    def _kill_wrappers(self) -> None:
+        """SIGKILL each spawn's process group and (tier `sandbox`) its pid namespace's init.
+
+        A pidfd of each init is kept: the kernel ends an init only after every other process
+        of its namespace is gone, so its pidfd turning readable says the namespace is empty,
+        with no polling of the cgroup.
+        """
+        if self._wrappers_killed:
+            return
+        self._wrappers_killed = True
         for process in self._processes:
             # Not once reaped: the pid may name another process by now.
             alive = process.returncode is None
             inits = _children(process.pid) if self.tier == "sandbox" and alive else []
+            for pid in inits:
+                with contextlib.suppress(OSError):
+                    self._init_fds.append(os.pidfd_open(pid))
             with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
                 os.killpg(process.pid, signal.SIGKILL)
             cgroups.kill_pids(inits)
-        if self._cgroup is not None and self.tier != "sandbox":
-            cgroups.kill_pids(self._cgroup.pids())
 
     async def aclose(self) -> None:
         """Kill every process of the session, remove its cgroups and storage, free its uid.
@@ -478,9 +550,11 @@ class SessionSandbox:
                 log.exception("sandbox %s: releasing its resources failed", self.spec.label)
 
     async def _kill_everything(self) -> None:
-        for process in self._processes:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                os.killpg(process.pid, signal.SIGKILL)
+        self._kill_wrappers()
+        if self._init_fds:
+            await self._await_inits()
+            # The wrappers were SIGKILLed with them: reaped, they leave nothing to poll for below.
+            await self._reap(within=5)
         if self._cgroup is not None:
             # Only tier `none` needs the freezer against a fork racing the kill. In `sandbox`
             # every process lives in a pid namespace whose init died with its process group
@@ -494,11 +568,28 @@ class SessionSandbox:
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGKILL)
                     await anyio.sleep(0.005)
-        for process in self._processes:
-            with anyio.move_on_after(5):
-                await process.wait()
-        if self._cgroup is not None and self._cgroup.pids():
+        await self._reap(within=5)
+        # An emptied cgroup stays empty (nothing can join it any more): no second look then.
+        if self._cgroup is not None and not self._emptied and self._cgroup.pids():
             self._emptied = await self._cgroup.kill_all()
+
+    async def _reap(self, within: float) -> None:
+        for process in self._processes:
+            with anyio.move_on_after(within):
+                await process.wait()
+
+    async def _await_inits(self) -> None:
+        """Wait (bounded) until each killed namespace init has exited, i.e. its namespace is empty."""
+        fds, self._init_fds = self._init_fds, []
+        try:
+            with anyio.move_on_after(5):
+                for fd in fds:
+                    # Usually gone already (SIGKILL is quick): a poll costs less than a wait.
+                    if not select.select([fd], [], [], 0)[0]:
+                        await anyio.wait_readable(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _release(self) -> None:
         if self._gvisor_state is not None:
@@ -578,7 +669,7 @@ def _check_tier_once(tier: str, network: str) -> None:
             raise ConfigurationError("isolation 'sandbox' is unavailable: bubblewrap (bwrap) is not installed")
         if not mech["userns"]["available"]:
             raise ConfigurationError(f"isolation 'sandbox' is unavailable: {mech['userns']['reason']}")
-        if os.geteuid() == 0 and not os.path.exists(SETPRIV):
+        if os.geteuid() == 0 and launcher.path() is None and not os.path.exists(SETPRIV):
             raise ConfigurationError("isolation 'sandbox' is unavailable: setpriv (util-linux) is missing")
     elif tier == "gvisor":
         if not mech["runsc"]["path"]:

@@ -24,6 +24,7 @@ from session.errors import ERROR_CLASSES, BackendError, ExecutionTimeout, Parame
 from session.models import Caller
 from tests.backend_sessions import backend_session
 from tests.executors import Driver, ExecutorFactory, manifest_of
+from tests.sandbox.helpers import CHAINS, use_chain
 from tests.security.bash_sandbox import Client, bash_engine, pid_alive, require_tier
 from tests.support import procs
 from tests.support.polling import eventually
@@ -407,10 +408,15 @@ async def test_shell_options_and_function_purges_do_not_break_the_protocol(execu
         assert not after.shell_restarted
 
 
+@pytest.mark.parametrize("chain", CHAINS)
 @pytest.mark.parametrize("tier", ["none", "sandbox"])
-async def test_a_server_started_with_sigint_ignored_still_interrupts_commands(tier):
-    """`agentflow-sandbox serve &` from a script ignores SIGINT; its shells must not inherit that."""
+async def test_a_server_started_with_sigint_ignored_still_interrupts_commands(tier, chain, monkeypatch):
+    """`agentflow-sandbox serve &` from a script ignores SIGINT; its shells must not inherit that.
+
+    The backend starts bash directly: the sandbox's spawn resets dispositions (the launcher,
+    or `env --default-signal` in the fallback chain)."""
     require_tier(tier)
+    use_chain(chain, monkeypatch)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         async with shell(Policy(isolation=tier)) as (b, ctx):

@@ -6,10 +6,13 @@ checks count only this run's cgroups and processes.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
+import shutil
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import anyio
 import pytest
 
 from backends.policy import Policy
-from backends.sandbox import SandboxSpec, SessionSandbox, mechanisms
+from backends.sandbox import SandboxSpec, SessionSandbox, launcher, mechanisms
 from session.errors import ConfigurationError
 from tests.support.procs import pids_of_uid
 
@@ -27,6 +30,57 @@ GVISOR = pytest.param("gvisor", marks=pytest.mark.slow)
 TIERS = ("none", "sandbox", GVISOR)
 SANDBOXED = ("sandbox", GVISOR)
 BoxFactory = Callable[..., Awaitable[SessionSandbox]]
+
+
+#: How a spawn starts on the host: the launcher, or the chain used where it cannot be built.
+CHAINS = ("launcher", "fallback")
+
+
+def use_chain(chain: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make sandboxes created from now on start their spawns through `chain` (skip if unavailable)."""
+    if chain == "fallback":
+        monkeypatch.setattr(launcher, "path", lambda: None)
+    elif launcher.path() is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("the launcher failed to build or run with the compiler at hand (see the warning logged)")
+        pytest.skip("the launcher cannot be built here (no C compiler): only the fallback chain runs")
+
+
+CAP_NET_BIND_SERVICE = 10
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextmanager
+def inheritable_capability() -> Iterator[None]:
+    """This thread (the one that spawns) holds a capability in its inheritable and ambient sets.
+
+    Root's inheritable set is usually empty, so a start that forgot to clear it would still
+    look clean; with one set, only a real drop passes. A no-op unless root.
+    """
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    saved = (_CapData * 2)()
+    if os.geteuid() != 0 or _libc.capget(ctypes.byref(header), saved) != 0:
+        yield
+        return
+    raised = (_CapData * 2)()
+    ctypes.memmove(raised, saved, ctypes.sizeof(saved))
+    raised[0].inheritable |= 1 << CAP_NET_BIND_SERVICE
+    assert _libc.capset(ctypes.byref(header), raised) == 0, os.strerror(ctypes.get_errno())
+    assert _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_BIND_SERVICE, 0, 0) == 0
+    try:
+        yield
+    finally:
+        _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        _libc.capset(ctypes.byref(header), saved)
 
 
 def require_tier(tier: str) -> None:
@@ -155,4 +209,14 @@ async def run(
     return status, out.decode(errors="replace")
 
 
-__all__ = ["GVISOR", "RUN_SERVER_ID", "SANDBOXED", "TIERS", "BoxFactory", "ConfigurationError", "box_factory", "run"]
+__all__ = [
+    "CHAINS",
+    "GVISOR",
+    "RUN_SERVER_ID",
+    "SANDBOXED",
+    "TIERS",
+    "BoxFactory",
+    "ConfigurationError",
+    "box_factory",
+    "run",
+]

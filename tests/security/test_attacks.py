@@ -306,7 +306,7 @@ async def test_detached_processes_die_with_the_session(make_box: BoxFactory, tie
 
 
 @pytest.mark.parametrize("tier", SANDBOXED)
-async def test_uids_are_private_and_not_root(make_box: BoxFactory, tier: str) -> None:
+async def test_uids_are_private_and_not_root(make_box: BoxFactory, chain: str, tier: str) -> None:
     first = await make_box(tier)
     second = await make_box(tier)
     assert first.uid != second.uid
@@ -326,7 +326,9 @@ async def test_uids_are_private_and_not_root(make_box: BoxFactory, tier: str) ->
 
 
 @pytest.mark.parametrize("tier", SANDBOXED)
-async def test_environment_from_config_never_reaches_host_processes(make_box: BoxFactory, tier: str) -> None:
+async def test_environment_from_config_never_reaches_host_processes(
+    make_box: BoxFactory, chain: str, tier: str
+) -> None:
     box = await make_box(tier)
     evil = f"/tmp/evil-{uuid.uuid4().hex[:8]}.so"
     process = await box.spawn(
