@@ -520,7 +520,7 @@ class Engine:
         burst that empties the pool is made good in about one start's time; a start that
         fails pauses that pool's refill for POOL_RETRY seconds. Members beyond a target that
         fell are stopped, oldest first. Nothing starts or stops while more than
-        `refill_defer_above` create/temporary calls are in flight (the last of them wakes this).
+        `refill_defer_above` calls are getting a session (the one that leaves that many wakes this).
         """
         while True:
             self._wake_refill = anyio.Event()
