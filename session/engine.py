@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, contextmanager, suppress
+from contextlib import AsyncExitStack, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -59,10 +59,12 @@ CLEANUP_TIMEOUT = 30.0
 BACKGROUND_DELAY = 0.005
 #: After a pool member failed to start, wait this long before trying again.
 POOL_RETRY = 5.0
-#: Pool refills (and surplus stops) wait while more calls than this are getting a session
-#: (create_session, a temporary call's start): their own starts keep the cores busy, and a
+#: Pool refills (and surplus stops) wait while more sessions than this are starting for callers
+#: that wait for them (the pool had none for them): those starts keep the cores busy, and a
 #: background start only slows them. bench/bench_starts.py, 50 concurrent creates on a fixed
 #: pool of 8 (42 cold starts): 325 ms with the refill deferred, 393 ms without (medians of 3).
+#: Calls served by the pool do not count: while workers keep taking members, refilling is what
+#: keeps them served.
 REFILL_DEFER_ABOVE = os.cpu_count() or 2
 DEFAULT_TTL = 300.0
 DEFAULT_GRACE = 60.0
@@ -124,8 +126,8 @@ class Engine:
         for name in self.warm:
             self.pool.session_backend(name)
         self._wake_refill = anyio.Event()
-        #: Calls getting a session now (refill waits while there are many; see REFILL_DEFER_ABOVE).
-        self.calls_starting = 0
+        #: Sessions starting for callers that wait for them (refill waits while there are many).
+        self.cold_starts = 0
         self.refill_defer_above = REFILL_DEFER_ABOVE
 
     @property
@@ -286,11 +288,10 @@ class Engine:
         """A session private to this one call: created, used, destroyed before returning."""
         resource = call.spec.resource
         assert resource is not None
-        with self._starting_call():
-            session = await self._take_pooled(call.caller, resource, None, temporary=True)
-            if session is None:
-                session = self._new_session(call.caller, resource, None, temporary=True)
-                await self._start(session)
+        session = await self._take_pooled(call.caller, resource, None, temporary=True)
+        if session is None:
+            session = self._new_session(call.caller, resource, None, temporary=True)
+            await self._start(session)
         call.meta.session_id, call.meta.temporary_session = session.session_id, True
         try:
             return await self._run_in_session(session, call)
@@ -298,20 +299,18 @@ class Engine:
             await self._stop(session)
 
     @contextmanager
-    def _starting_call(self) -> Iterator[None]:
-        """Count a call getting a session (create, or a temporary call's start) while it does;
-        the refill resumes when few are left. A temporary call's command does not count: a long
-        one would hold the refill off for nothing."""
-        self.calls_starting += 1
+    def _cold_start(self) -> Iterator[None]:
+        """Count a start a caller waits for while it runs; the refill resumes when few are left."""
+        self.cold_starts += 1
         try:
             yield
         finally:
-            self.calls_starting -= 1
-            if self.calls_starting == self.refill_defer_above and self.warm:
+            self.cold_starts -= 1
+            if self.cold_starts == self.refill_defer_above and self.warm:
                 self._wake_refill.set()
 
     def _refill_deferred(self) -> bool:
-        return self.calls_starting > self.refill_defer_above or self._stopping
+        return self.cold_starts > self.refill_defer_above or self._stopping
 
     async def _run_in_session(self, session: Session, call: ToolCall) -> tuple[BaseModel, list[Any]]:
         backend = self.pool.backends[session.resource_type]
@@ -520,7 +519,7 @@ class Engine:
         burst that empties the pool is made good in about one start's time; a start that
         fails pauses that pool's refill for POOL_RETRY seconds. Members beyond a target that
         fell are stopped, oldest first. Nothing starts or stops while more than
-        `refill_defer_above` calls are getting a session (the one that leaves that many wakes this).
+        `refill_defer_above` sessions are starting for callers (the one that leaves that many wakes this).
         """
         while True:
             self._wake_refill = anyio.Event()
@@ -626,7 +625,8 @@ class Engine:
                 links=session.links,
                 pooled=pooled,
             )
-            session.state = await backend.initialize(session.setup)
+            with nullcontext() if pooled else self._cold_start():
+                session.state = await backend.initialize(session.setup)
         except BaseException as exc:
             session.status = SessionStatus.CLOSED
             session.failure = str(exc)
@@ -729,12 +729,8 @@ class Engine:
         session of that resource (it is kept). A caller without a worker gets sessions
         reachable by handle only.
         """
-        with self._starting_call():
-            return await self._create_sessions(Caller.of(caller), normalise_request(request, config))
-
-    async def _create_sessions(
-        self, caller: Caller, wanted: Mapping[str, Mapping[str, Any] | None]
-    ) -> list[tuple[SessionView, bool]]:
+        caller = Caller.of(caller)
+        wanted = normalise_request(request, config)
         worker = self.worker(caller) if caller.worker_key else None
         fresh: list[Session] = []
         taken: list[Session] = []

@@ -240,7 +240,7 @@ async def test_shutdown_during_a_shrink_stops_the_surplus_not_yet_stopped() -> N
     assert not backend.live
 
 
-async def test_refill_waits_while_many_create_calls_are_in_flight() -> None:
+async def test_refill_waits_while_many_callers_wait_for_starts_of_their_own() -> None:
     backend, clock = PoolAware(), ManualClock()
     async with Engine({"fake": backend}, pools={"fake": PoolSize(2, 8)}, clock=clock) as engine:
         engine.refill_defer_above = 1
@@ -251,7 +251,7 @@ async def test_refill_waits_while_many_create_calls_are_in_flight() -> None:
             # Two creates with their own config: fresh starts that hang on the gate, in flight.
             for i in range(2):
                 tg.start_soon(engine.create_sessions, Caller(worker=f"slow{i}"), "fake", {"label": "gated"})
-            await eventually(lambda: engine.calls_starting == 2, BOUNDED)
+            await eventually(lambda: engine.cold_starts == 2, BOUNDED)
             await burst(engine, 2)  # takes both ready members
             await anyio.wait_all_tasks_blocked()
             assert (len(pool.ready), len(pool.starting)) == (0, 0)  # no refill while two are in flight
