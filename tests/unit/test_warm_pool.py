@@ -240,21 +240,31 @@ async def test_shutdown_during_a_shrink_stops_the_surplus_not_yet_stopped() -> N
     assert not backend.live
 
 
-async def test_refill_waits_while_many_callers_wait_for_starts_of_their_own() -> None:
-    backend, clock = PoolAware(), ManualClock()
-    async with Engine({"fake": backend}, pools={"fake": PoolSize(2, 8)}, clock=clock) as engine:
+async def test_refill_waits_only_while_a_burst_beyond_the_pool_waits_for_its_own_starts() -> None:
+    backend = PoolAware()
+    async with Engine({"fake": backend}, pools={"fake": PoolSize(2)}) as engine:
         engine.refill_defer_above = 1
         pool = pool_of(engine)
         await full(engine, 2)
         backend.gate = anyio.Event()
+
+        async def own_start(i: int) -> None:
+            # Its own config: a fresh start that hangs on the gate, a caller waiting for it.
+            await engine.create_sessions(Caller(worker=f"slow{i}"), "fake", {"label": "gated"})
+
         async with anyio.create_task_group() as tg:
-            # Two creates with their own config: fresh starts that hang on the gate, in flight.
             for i in range(2):
-                tg.start_soon(engine.create_sessions, Caller(worker=f"slow{i}"), "fake", {"label": "gated"})
+                tg.start_soon(own_start, i)
             await eventually(lambda: engine.cold_starts == 2, BOUNDED)
-            await burst(engine, 2)  # takes both ready members
+            await burst(engine, 1)
+            # Two callers wait for starts of their own: no more than the pool is sized for (steady
+            # load it serves), so the refill goes on.
+            await full(engine, 2)
+            tg.start_soon(own_start, 2)
+            await eventually(lambda: engine.cold_starts == 3, BOUNDED)
+            await burst(engine, 2, "more")
             await anyio.wait_all_tasks_blocked()
-            assert (len(pool.ready), len(pool.starting)) == (0, 0)  # no refill while two are in flight
+            assert (len(pool.ready), len(pool.starting)) == (0, 0)  # three: more than cores and target
             backend.gate.set()
         await full(engine, 2)
 
