@@ -142,7 +142,7 @@ class ResourceSpec(BaseModel):
         ge=1,
         le=1024,
         description="The pool grows up to this many after bursts of demand (calls that wanted a pooled "
-        "session within 2 s); default max(pool, 64). An idle sandboxed shell costs ~1 MB, one uid, 4 cgroup "
+        "session within 0.5 s); default max(pool, 64). An idle sandboxed shell costs ~1 MB, one uid, 4 cgroup "
         "directories and 2 tmpfs mounts.",
     )
     pool_decay: float = Field(

@@ -26,9 +26,11 @@ from session.models import Session
 #: (namespaces, mounts), so a few in flight refill a drained pool in about one start's time
 #: (measured in bench/bench_starts.py).
 REFILL_CONCURRENCY = 4
-#: Demand is counted over this many seconds: a wave of workers starting episodes arrives
-#: within a second or two, and a pool holding that many members covers it without any refill.
-GROW_WINDOW = 2.0
+#: Demand is counted over this many seconds, about the time the refill needs to restock a
+#: pool of a few dozen members here (0.4-0.9 s measured): what arrives faster than that is what
+#: a deeper pool absorbs. A wave of workers starting episodes lands well inside it; a single
+#: caller in a loop (one call every few ms) grows the pool only by what it consumes per window.
+GROW_WINDOW = 0.5
 #: Seconds a grown pool keeps its size after the demand that grew it (manifest `pool_decay`).
 DEFAULT_DECAY = 120.0
 
