@@ -110,12 +110,15 @@ async def breakdown(n: int, nice: int = 0) -> None:
             t0 = time.perf_counter()
             await shell.run(":", 10)
             t0 = lap("one command ':'", t0)
+            cpu0 = time.process_time()
             shell.signal_kill() if hasattr(shell, "signal_kill") else None
             box.kill_now() if hasattr(box, "kill_now") else None
             t0 = lap("kill (what a destroy waits for)", t0)
             await shell.kill()
             await box.aclose()
             lap("reap + rmdir cgroups + unmount (background after kill)", t0)
+            # Worker threads included: the removal of cgroups and mounts runs in one.
+            steps.setdefault("  server CPU of the stop (this process)", []).append((time.process_time() - cpu0) * 1000)
         # Every spawn chain is reaped by now: its CPU (and that of the sandbox's init and bash,
         # reaped by bwrap) is in this process's children times, which tick in 10 ms: a mean.
         after = os.times()

@@ -112,7 +112,9 @@ def build_filter(*, allow_user_namespaces: bool = False) -> bytes:
     """
     eperm = _errno(errno.EPERM)
     denied = {
-        name: nr for name, nr in DENIED_SYSCALLS.items() if not (allow_user_namespaces and name in NAMESPACE_SYSCALLS)
+        name: nr
+        for name, nr in DENIED_SYSCALLS.items()
+        if not (allow_user_namespaces and name in NAMESPACE_SYSCALLS)
     }
     prog = [
         _insn(_LD_W_ABS, _OFF_ARCH),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,9 +28,18 @@ def binary() -> str:
     return path
 
 
-def launch(binary: str, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def launch(
+    binary: str, *args: str, pass_fds: tuple[int, ...] = (), restore_signals: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [binary, *args], env=HOST_ENV, capture_output=True, text=True, timeout=30, check=False, **kwargs
+        [binary, *args],
+        env=HOST_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        pass_fds=pass_fds,
+        restore_signals=restore_signals,
     )
 
 
@@ -113,8 +123,6 @@ def test_the_uid_switch_leaves_no_group_and_no_capability_even_ones_the_server_p
 
 
 def test_signals_start_at_their_defaults(binary: str) -> None:
-    import signal
-
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
