@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 CFS_PERIOD_US = 100_000
+#: The kernel's CPU weight of a task per niceness -20..19 (sched_prio_to_weight; nice 0 = 1024).
+#: A session's cgroup is scheduled as one entity among its siblings by its weight, and a
+#: task's niceness only ranks it among the tasks of its own cgroup, so the session's niceness
+#: is carried to its cgroup's weight (measured: bench/bench_pool_priority.py).
+NICE_TO_WEIGHT = (
+    88761, 71755, 56483, 46273, 36291, 29154, 23254, 18705, 14949, 11916,
+    9548, 7620, 6100, 4904, 3906, 3121, 2501, 1991, 1586, 1277,
+    1024, 820, 655, 526, 423, 335, 272, 215, 172, 137,
+    110, 87, 70, 56, 45, 36, 29, 23, 18, 15,
+)  # fmt: skip
 #: Shell snippet run as `/bin/sh -c ENTER sh <procs files...> -- argv...`: joins each cgroup, then execs.
 ENTER_SCRIPT = 'for f do [ "$f" = -- ] && break; echo $$ > "$f" || exit 126; shift; done; shift; exec "$@"'
 
@@ -235,6 +245,26 @@ class SessionCgroup:
             self._write("pids", "pids.max", str(limits.pids))
         if "cpu" in self.dirs:
             self._write("cpu", "cpu.max", f"{max(1000, int(limits.cpu * CFS_PERIOD_US))} {CFS_PERIOD_US}")
+
+    def weigh_as_nice(self, nice: int) -> None:
+        """Give the session's cpu cgroup the weight the kernel gives one task of niceness `nice`.
+
+        v1 `cpu.shares` takes that weight (1024 at nice 0); v2 `cpu.weight` is the same on a
+        scale where 100 is nice 0. Raises OSError (the caller decides whether that matters).
+        """
+        if "cpu" not in self.dirs:
+            return
+        weight = NICE_TO_WEIGHT[nice + 20]
+        if self.host.version == 2:
+            name, value = "cpu.weight", min(max(round(weight * 100 / 1024), 1), 10_000)
+        else:
+            name, value = "cpu.shares", max(weight, 2)
+        # Not a limit: not recorded in `limits_in_force`.
+        fd = os.open(self.dirs["cpu"] / name, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(value).encode())
+        finally:
+            os.close(fd)
 
     def open_procs(self) -> list[int]:
         """A write descriptor (close-on-exec) of each `cgroup.procs` of the session, for the launcher.

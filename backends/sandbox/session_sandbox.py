@@ -205,6 +205,8 @@ class SessionSandbox:
             except OSError as exc:
                 raise ConfigurationError(f"cannot create the session's cgroups under {cgroup.primary}: {exc}") from None
             self._cgroup = cgroup
+            if self._nice is not None:
+                self._weigh_cgroup(self._nice)
         else:
             self._rlimit_prefix = [
                 "prlimit",
@@ -331,6 +333,7 @@ class SessionSandbox:
         """
         check_nice(nice)
         self._nice = nice
+        self._weigh_cgroup(nice)
         done: set[int] = set()
         # A thread forked by a member not yet reniced inherits the old value; it is in the
         # cgroup from its fork on, so the next pass finds it. Stop at a pass with nothing new.
@@ -346,6 +349,16 @@ class SessionSandbox:
                 except OSError as exc:
                     log.debug("sandbox %s: renice %d of thread %d: %s", self.spec.label, nice, tid, exc)
             done.update(fresh)
+
+    def _weigh_cgroup(self, nice: int) -> None:
+        # Niceness alone ranks a task only within its own cgroup; against other sessions the
+        # cgroup's weight is what counts (see cgroups.NICE_TO_WEIGHT).
+        if self._cgroup is None:
+            return
+        try:
+            self._cgroup.weigh_as_nice(nice)
+        except OSError as exc:
+            log.debug("sandbox %s: cpu weight for niceness %d: %s", self.spec.label, nice, exc)
 
     def _threads(self) -> list[int]:
         """Thread ids of every live process of the session (a process just spawned included)."""

@@ -12,7 +12,7 @@ import pytest
 from anyio.abc import Process
 
 from backends.policy import Mount, Policy
-from backends.sandbox import Bind, SandboxSpec, SessionSandbox, mechanisms
+from backends.sandbox import Bind, SandboxSpec, SessionSandbox, cgroups, mechanisms
 from backends.sandbox.spec import HOME_INSIDE
 from session.errors import ConfigurationError, ParameterError
 from tests.sandbox.helpers import (
@@ -281,6 +281,33 @@ async def test_renice_moves_live_members_their_children_and_later_spawns(make_bo
     assert set(thread_niceness(box.pids()).values()) == {15}
     with pytest.raises(ParameterError):
         box.renice(20)
+
+
+def _cpu_weight(box: SessionSandbox) -> tuple[str, str] | None:
+    """(file, value) of the session's cpu cgroup weight, None without a cpu controller."""
+    paths = box.describe().get("cgroup", {}).get("paths", {})
+    if "cpu" not in paths:
+        return None
+    for name in ("cpu.weight", "cpu.shares"):
+        weight = Path(paths["cpu"]) / name
+        if weight.exists():
+            return name, weight.read_text().strip()
+    return None
+
+
+async def test_the_session_cgroup_weighs_like_its_niceness(make_box: BoxFactory) -> None:
+    # A niceness only ranks tasks within their own cgroup; each session has its own, so a
+    # low-priority session (a pool member) must also weigh little against its siblings.
+    box = await make_box("sandbox", nice=19)
+    weight = _cpu_weight(box)
+    if weight is None:
+        pytest.skip("no cpu cgroup controller here")
+    lowest = {"cpu.shares": str(cgroups.NICE_TO_WEIGHT[-1]), "cpu.weight": "1"}
+    assert weight == (weight[0], lowest[weight[0]])
+    box.renice(0)
+    assert _cpu_weight(box) == (weight[0], {"cpu.shares": "1024", "cpu.weight": "100"}[weight[0]])
+    box.renice(10)
+    assert _cpu_weight(box) == (weight[0], {"cpu.shares": "110", "cpu.weight": "11"}[weight[0]])
 
 
 async def test_a_zero_niceness_leaves_the_servers_own(make_box: BoxFactory) -> None:
