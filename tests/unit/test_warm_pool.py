@@ -164,6 +164,30 @@ async def test_a_burst_grows_the_pool_to_its_size_and_the_next_burst_takes_ready
         assert engine.budget.live == 24  # pool members count against nothing; taken ones do
 
 
+async def test_growth_waits_while_the_server_is_busy_and_then_starts_one_at_a_time() -> None:
+    backend, clock = PoolAware(), ManualClock()
+    async with Engine({"fake": backend}, pools={"fake": PoolSize(2, 12, decay=60)}, clock=clock) as engine:
+        busy = True
+        engine.server_busy = lambda: busy
+        pool = pool_of(engine)
+        await full(engine, 2)  # the base refills however busy the server is
+        await burst(engine, 10)
+        assert pool.target == 10
+        await full(engine, 2)  # refilled to its base, no further
+        await anyio.wait_all_tasks_blocked()
+        assert (len(pool.ready), len(pool.starting)) == (2, 0)
+        # The server calms down: growth proceeds, never more than one member starting at once.
+        backend.pooled_gate = anyio.Event()
+        busy = False
+        engine.wake_pools()
+        await eventually(lambda: len(pool.starting) == 1, BOUNDED, what=lambda: f"{pool.describe()}")
+        await anyio.wait_all_tasks_blocked()
+        assert len(pool.starting) == 1
+        backend.pooled_gate.set()
+        backend.pooled_gate = None
+        await full(engine, 10)
+
+
 async def test_a_burst_beyond_the_cap_still_works_and_the_pool_stops_at_the_cap() -> None:
     backend, clock = PoolAware(), ManualClock()
     async with Engine({"fake": backend}, pools={"fake": PoolSize(2, 5, decay=60)}, clock=clock) as engine:
