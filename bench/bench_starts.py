@@ -272,20 +272,30 @@ async def bursts(
     await concurrent_creates(create, destroy, f"{label}, pool={pool}: 50 concurrent create, 2nd ({state})")
 
 
+BurstCall = Callable[[int], Coroutine[Any, Any, None]]
+
+
+def burst_calls(engine: Engine) -> tuple[BurstCall, BurstCall, Status]:
+    """Create and destroy for burst worker `i`, and the status call, straight on an engine."""
+
+    async def create(i: int) -> None:
+        await engine.create_sessions(Caller(worker=f"burst-{i}"), "bash")
+
+    async def destroy(i: int) -> None:
+        await engine.destroy_sessions(Caller(worker=f"burst-{i}"), ["bash"])
+
+    async def status() -> object:
+        return engine.status()
+
+    return create, destroy, status
+
+
 async def deferral(pool: int, reps: int) -> None:
     """A 50-create burst on a pool that does not grow (pool_max = pool): refill deferred while
     more create/temporary calls than cores are in flight (the default) or not at all."""
     with manifest_with_pool(pool, pool) as manifest:
         async with engine_from_manifest(load_manifest(manifest)) as engine:
-
-            async def status(engine: Engine = engine) -> object:
-                return engine.status()
-
-            async def create(i: int, engine: Engine = engine) -> None:
-                await engine.create_sessions(Caller(worker=f"burst-{i}"), "bash")
-
-            async def destroy(i: int, engine: Engine = engine) -> None:
-                await engine.destroy_sessions(Caller(worker=f"burst-{i}"), ["bash"])
+            create, destroy, status = burst_calls(engine)
 
             default = engine.refill_defer_above
             walls: dict[str, list[float]] = {"deferred": [], "not deferred": []}
@@ -306,15 +316,7 @@ async def in_process(n: int, pools: list[int]) -> None:
             async with Sandbox(manifest=manifest) as sandbox:
                 await client_figures(sandbox, "in-process", n, pool)
             async with engine_from_manifest(load_manifest(manifest)) as engine:
-
-                async def status(engine: Engine = engine) -> object:
-                    return engine.status()
-
-                async def create(i: int, engine: Engine = engine) -> None:
-                    await engine.create_sessions(Caller(worker=f"burst-{i}"), "bash")
-
-                async def destroy(i: int, engine: Engine = engine) -> None:
-                    await engine.destroy_sessions(Caller(worker=f"burst-{i}"), ["bash"])
+                create, destroy, status = burst_calls(engine)
 
                 await bursts(create, destroy, status, "in-process engine", pool)
         if pool:
@@ -383,10 +385,7 @@ async def pool_memory(size: int) -> None:
     with manifest_with_pool(size) as manifest:
         before = mem_available_kb()
         async with engine_from_manifest(load_manifest(manifest)) as engine:
-
-            async def status(engine: Engine = engine) -> object:
-                return engine.status()
-
+            _, _, status = burst_calls(engine)
             await settle(status, size)
             await anyio.sleep(0.5)
             after = mem_available_kb()

@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import Process
 
 from backends.policy import Policy
 from backends.sandbox import SandboxSpec, SessionSandbox, launcher, mechanisms
@@ -220,3 +221,13 @@ __all__ = [
     "box_factory",
     "run",
 ]
+
+
+async def start_ready(box: SessionSandbox, script: str) -> Process:
+    """Spawn `bash -c script` in the box and wait until it prints 'ready'."""
+    process = await box.spawn(["/bin/bash", "-c", script], env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    with anyio.fail_after(30):
+        assert b"ready" in await process.stdout.receive()
+    return process
+

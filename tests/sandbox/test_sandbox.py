@@ -9,7 +9,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import Process
 
 from backends.policy import Mount, Policy
 from backends.sandbox import Bind, SandboxSpec, SessionSandbox, cgroups, mechanisms
@@ -26,6 +25,7 @@ from tests.sandbox.helpers import (
     read_proc,
     run,
     run_cgroup_dirs,
+    start_ready,
     thread_niceness,
 )
 
@@ -240,15 +240,6 @@ async def test_processes_die_with_the_sandbox_even_after_setsid(make_box: BoxFac
     assert not pid_alive(orphan)
 
 
-async def _start(box: SessionSandbox, script: str) -> Process:
-    """Spawn `bash -c script` in the box and wait until it prints 'ready'."""
-    process = await box.spawn(["/bin/bash", "-c", script], env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    with anyio.fail_after(30):
-        assert b"ready" in await process.stdout.receive()
-    return process
-
-
 @pytest.mark.parametrize("tier", TIERS)
 async def test_spawned_processes_start_with_the_specs_niceness(make_box: BoxFactory, tier: str) -> None:
     box = await make_box(tier, nice=7)
@@ -256,7 +247,7 @@ async def test_spawned_processes_start_with_the_specs_niceness(make_box: BoxFact
         # awk reads its own stat line: what the program itself runs with, inside the sandbox.
         status, out = await run(box, "awk '{print $19}' /proc/self/stat")
         assert (status, out.split()) == (0, ["7"]), out
-    process = await _start(box, "echo ready; exec sleep 300")
+    process = await start_ready(box, "echo ready; exec sleep 300")
     members = box.pids()
     assert process.pid in members
     # Every host-side thread of the session: wrappers, the program, gVisor's Sentry and gofer.
@@ -267,14 +258,14 @@ async def test_spawned_processes_start_with_the_specs_niceness(make_box: BoxFact
 async def test_renice_moves_live_members_their_children_and_later_spawns(make_box: BoxFactory, tier: str) -> None:
     box = await make_box(tier, nice=12)
     # The forked sleeps are in the session (and inherit the niceness) from their fork on.
-    await _start(box, "sleep 300 & sleep 301 & echo ready; wait")
+    await start_ready(box, "sleep 300 & sleep 301 & echo ready; wait")
     before = box.pids()
     assert len(before) >= 3
     assert set(thread_niceness(before).values()) == {12}
     box.renice(3)  # lowering a niceness: root only (CAP_SYS_NICE)
     expected = 3 if os.geteuid() == 0 else 12
     assert set(thread_niceness(box.pids()).values()) == {expected}
-    later = await _start(box, "echo ready; exec sleep 302")
+    later = await start_ready(box, "echo ready; exec sleep 302")
     assert set(thread_niceness([later.pid]).values()) == {expected}
     assert set(thread_niceness(box.pids()).values()) == {expected}
     box.renice(15)  # raising one needs no privilege

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
-import anyio
 import pytest
 
 from backends.sandbox import SessionSandbox
-from tests.sandbox.helpers import SANDBOXED, TIERS, BoxFactory, inheritable_capability, read_proc, run
+from tests.sandbox.helpers import SANDBOXED, TIERS, BoxFactory, inheritable_capability, read_proc, run, start_ready
 from tests.support import procs
 
 ZERO_CAPS = "0000000000000000"
@@ -84,14 +82,7 @@ async def test_every_process_of_a_spawn_is_in_every_cgroup_of_the_session(
     if box._cgroup is None:
         pytest.skip("no cgroups on this host")
     expected = _session_cgroup_paths(box)
-    process = await box.spawn(
-        ["/bin/bash", "-c", "sleep 300 & (setsid sleep 301 &); echo ready; wait"],
-        env={"PATH": "/usr/bin:/bin"},
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    with anyio.fail_after(30):
-        assert b"ready" in await process.stdout.receive()
+    process = await start_ready(box, "sleep 300 & (setsid sleep 301 &); echo ready; wait")
     # The host's view of the tree under the spawned process (the launcher became bwrap or
     # runsc or the program itself), every thread's process included.
     tree = [process.pid, *procs.descendants(process.pid)]
