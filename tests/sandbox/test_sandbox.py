@@ -106,11 +106,16 @@ async def test_aclose_removes_cgroups_mounts_and_is_idempotent(make_box: BoxFact
     box = await make_box("sandbox")
     status, _ = await run(box, "true")
     assert status == 0
-    home = str(box.spec.home)
+    # The host path of the home links to the session's home tmpfs (no third host mount).
+    host_home = anyio.Path(box.spec.home)
+    assert await host_home.is_symlink()
+    home = str(await host_home.resolve())
     assert any(line.split()[4] == home for line in read_proc("self", "mountinfo").splitlines())
     await box.aclose()
     await box.aclose()
     assert not any(line.split()[4] == home for line in read_proc("self", "mountinfo").splitlines())
+    assert not await host_home.is_symlink()  # an empty directory again, as the caller made it
+    assert await host_home.is_dir()
     assert not [p for p in run_cgroup_dirs() for _ in p.glob(box.spec.label)]
     with pytest.raises(RuntimeError):
         await box.spawn(["/bin/true"], env={})
