@@ -105,10 +105,19 @@ def http_server(manifest: str | None = None) -> Iterator[Served]:
     if manifest:
         argv += ["--manifest", manifest]
     env = {**os.environ, TOKEN_ENV: token}
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    with running_server(argv, port, within=20, env=env) as proc:
+        yield Served(f"http://127.0.0.1:{port}/mcp", proc.pid, token)
+
+
+@contextmanager
+def running_server(
+    argv: list[str], port: int, *, within: float, what: str = "server", **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `argv` (an HTTP server on `port`), wait until /health answers, stop it on exit."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     leaks.note_server(proc.pid)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + within
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -116,9 +125,9 @@ def http_server(manifest: str | None = None) -> Iterator[Served]:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("server did not come up")
+                raise RuntimeError(f"{what} did not come up")
             time.sleep(0.05)
-        yield Served(f"http://127.0.0.1:{port}/mcp", proc.pid, token)
+        yield proc
     finally:
         proc.terminate()
         try:

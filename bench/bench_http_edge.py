@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -31,7 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import loop_ms, measure, percentile, pipe_round_trip_us  # noqa: E402
+from bench._common import loop_ms, measure, percentile, pipe_round_trip_us, running_server  # noqa: E402
 from mcp_server.tokens import read_token_file  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
@@ -62,28 +61,11 @@ def server_from(root: Path, label: str) -> Iterator[Target]:
     port = free_port()
     argv = [str(python if python.exists() else sys.executable), "-m", "mcp_server", "serve"]
     argv += ["--transport", "http", "--port", str(port), "--log-level", "WARNING"]
-    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90  # a loaded machine can take long to import and sweep
-        while True:
-            try:
-                if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"server from {root} did not come up")
-            time.sleep(0.05)
+    # A loaded machine can take long to import and sweep: 90 s.
+    with running_server(argv, port, within=90, what=f"server from {root}", cwd=root) as proc:
         token = read_token_file(port)
         assert token, "the server wrote no token file"
         yield Target(label, f"http://127.0.0.1:{port}/mcp", proc.pid, token)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def calibration() -> str:
