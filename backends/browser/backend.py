@@ -204,7 +204,8 @@ class BrowserBackend(Backend[BrowserConfig, BrowserSession]):
             "browser_network": "own namespace, egress proxy only"
             if self.launcher.own_network
             else "host, egress proxy",
-            "chromium_sandbox": confined or None,
+            # Every launch passes chromium_sandbox=True (see Launcher): on in both tiers.
+            "chromium_sandbox": True,
         }
 
     def _display(self, setup: SessionSetup[BrowserConfig]) -> Display | None:
