@@ -216,13 +216,15 @@ class SessionCgroup:
                     directory.rmdir()
             raise
 
-    def _write(self, ctrl: str, name: str, value: str) -> None:
+    def _write(self, ctrl: str, name: str, value: str, *, limit: bool = True) -> None:
+        """Write one control file; a limit is also recorded in `limits_in_force`."""
         fd = os.open(self.dirs[ctrl] / name, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(fd, value.encode())
         finally:
             os.close(fd)
-        self.limits_in_force[name] = value
+        if limit:
+            self.limits_in_force[name] = value
 
     def _limit_v1(self, limits: Limits) -> None:
         memory = limits.memory_mb << 20
@@ -259,12 +261,7 @@ class SessionCgroup:
             name, value = "cpu.weight", min(max(round(weight * 100 / 1024), 1), 10_000)
         else:
             name, value = "cpu.shares", max(weight, 2)
-        # Not a limit: not recorded in `limits_in_force`.
-        fd = os.open(self.dirs["cpu"] / name, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, str(value).encode())
-        finally:
-            os.close(fd)
+        self._write("cpu", name, str(value), limit=False)  # a weight, not a limit
 
     def open_procs(self) -> list[int]:
         """A write descriptor (close-on-exec) of each `cgroup.procs` of the session, for the launcher.
