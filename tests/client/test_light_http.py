@@ -34,6 +34,7 @@ from sandbox import Sandbox, SandboxError, light_http
 from sandbox.client import _envelope_of, _envelope_of_wire
 from sandbox.light_http import PROTOCOL_VERSION
 from session.errors import PermissionDenied, ServiceUnavailable
+from tests.support import procs
 from tests.support.leaks import session_pids
 from tests.support.polling import eventually, eventually_sync
 from tests.support.ports import free_port
@@ -192,15 +193,8 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(tmp_path:
 
 
 def _sleepers(marker: str) -> list[int]:
-    return [pid for pid in session_pids(tag_prefix="bash-") if _cmdline(pid).startswith(f"sleep {marker}")]
+    return [pid for pid in session_pids(tag_prefix="bash-") if procs.command_line(pid).startswith(f"sleep {marker}")]
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize("how", ["timeout", "task-cancelled"])

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from sandbox import Sandbox, SandboxError
+from tests.support import procs
 from tests.support.leaks import session_pids, wait_gone
 from tests.support.polling import eventually
 from tests.support.servers import ServerProcess, running_http_server
@@ -224,15 +225,8 @@ async def test_a_cancelled_call_stops_its_command_on_the_server(over, bash_manif
 
 
 def _sleepers() -> list[int]:
-    return [pid for pid in session_pids(tag_prefix="bash-") if _cmdline(pid).startswith("sleep 3")]
+    return [pid for pid in session_pids(tag_prefix="bash-") if procs.command_line(pid).startswith("sleep 3")]
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize("over", ["in-memory", "stdio", "http"])

@@ -35,7 +35,7 @@ from sandbox import Sandbox
 from session.envelope import ResultMeta, failure, success
 from session.errors import ParameterError
 from session.tool_calls import CallOutcome
-from tests.support import leaks
+from tests.support import leaks, procs
 from tests.support.leaks import session_pids
 from tests.support.manifests import write_manifest
 from tests.support.polling import eventually
@@ -344,7 +344,7 @@ async def test_a_client_that_disconnects_mid_call_cancels_its_command(server: Se
     request = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n{head}Content-Length: {len(body)}\r\n\r\n"
 
     def sleepers() -> list[int]:
-        return [pid for pid in session_pids(test_marker=server.run_id) if _cmdline(pid) == marker]
+        return [pid for pid in session_pids(test_marker=server.run_id) if procs.command_line(pid) == marker]
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(request.encode() + body)
@@ -372,10 +372,3 @@ async def test_both_eras_of_the_official_client_still_work(server: ServerProcess
             result = await sandbox.execute("bash:run", {"command": "pwd"})
             assert result["data"]["stdout"] == "/tmp\n", mode
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""

@@ -22,7 +22,7 @@ from mcp_server.app import build_server
 from mcp_server.factory import engine_from_manifest
 from mcp_server.http_protocol import Parser, guarded_protocol
 from mcp_server.transports import _listen, authenticated_app, http_app
-from tests.support import leaks
+from tests.support import leaks, procs
 from tests.support.leaks import session_pids
 from tests.support.manifests import write_manifest
 from tests.support.polling import eventually, eventually_sync
@@ -158,7 +158,7 @@ async def test_on_h11_a_disconnect_mid_call_still_cancels_the_command(tmp_path: 
         return head.encode() + body
 
     def sleepers() -> list[int]:
-        return [pid for pid in session_pids(test_marker=marker) if _cmdline(pid) == sleep]
+        return [pid for pid in session_pids(test_marker=marker) if procs.command_line(pid) == sleep]
 
     try:
         async with engine_from_manifest(manifest) as engine:
@@ -191,10 +191,3 @@ def read_response(sock: socket.socket) -> bytes:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""

@@ -35,6 +35,11 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def command_line(pid: int) -> str:
+    """The process's arguments joined by spaces ("" once it is gone)."""
+    return " ".join(cmdline(pid))
+
+
 def environ(pid: int) -> dict[str, str]:
     """The process's environment at exec time ({} once it is gone or unreadable)."""
     try:
