@@ -438,6 +438,7 @@ async def test_without_root_the_proxy_alone_enforces_the_policy(
             with pytest.raises(PermissionDenied):
                 await s("navigate", url=f"{forbidden.url}/next")
             assert s.state.handle.proxy_server.startswith("http://127.0.0.1:")
+        assert b.status()["chromium_sandbox"] is True
     finally:
         await b.shutdown()
         forbidden.close()
