@@ -11,7 +11,7 @@ one with the default deferral, on a pool that does not grow.
 Prints a calibration first (a 1M-iteration Python loop, a pipe round trip to a live `cat`) so
 runs on different days, or beside other load, compare. Prints; asserts nothing. Run as root:
 
-    python bench/bench_starts.py [--quick] [--pools 0,2,8] [--no-http]
+    python bench/bench_starts.py [--quick] [--pools 0,2,8] [--no-http] [--live 0,200] [--only-live]
 
 `BENCH_TREE=/other/checkout` (with the working directory there too) measures another tree's
 code with this script, for a before/after in one sitting.
@@ -126,6 +126,67 @@ async def breakdown(n: int, nice: int = 0) -> None:
     for name, samples in steps.items():
         summarize(name, samples[3:])
     out(f"{'  children CPU per start+command+stop (chain, bash), mean':<58} {spent * 1000 / (n + 3):8.2f} ms")
+
+
+async def _start_shell(server_id: str, tmp: str, label: str) -> tuple[SessionSandbox, PersistentShell]:
+    home = Path(tmp) / label / "home"
+    box = await SessionSandbox.create(SandboxSpec(label=label, policy=POLICY, server_id=server_id, home=home))
+    shell = PersistentShell(
+        box, argv=SHELL, env={"PATH": "/usr/bin:/bin", "HOME": box.home_path}, cwd=None, max_output_bytes=1 << 20
+    )
+    await shell.start()
+    return box, shell
+
+
+async def _stop_shell(box: SessionSandbox, shell: PersistentShell) -> None:
+    await shell.kill()
+    await box.aclose()
+
+
+def host_mounts() -> int:
+    with open("/proc/self/mountinfo") as fh:
+        return sum(1 for _ in fh)
+
+
+async def burst_of_starts(server_id: str, tmp: str, prefix: str, label: str, count: int = 50) -> None:
+    started: list[tuple[SessionSandbox, PersistentShell]] = []
+
+    async def start(i: int) -> None:
+        started.append(await _start_shell(server_id, tmp, f"{prefix}-{i}"))
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(start, i)
+    out(f"{label:<58} wall {(time.perf_counter() - t0) * 1000:8.1f} ms")
+    async with anyio.create_task_group() as tg:
+        for pair in started:
+            tg.start_soon(_stop_shell, *pair)
+
+
+async def live_sessions(counts: list[int], n: int) -> None:
+    """Starts beside many live sessions: each sandbox start copies the mounts of the namespace it
+    starts from, so a session's mounts must not be where other sessions start from."""
+    out("\n== sandboxed bash starts beside live sessions ==")
+    server_id = f"bench-{os.getpid()}-{secrets.token_hex(3)}"
+    with tempfile.TemporaryDirectory(prefix=f"agentflow-{server_id}-") as tmp:
+        for count in counts:
+            live = []
+            for i in range(count):
+                live.append(await _start_shell(server_id, tmp, f"live{count}-{i}"))
+            label = f"{count} live sessions ({host_mounts()} host mounts)"
+            samples = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                started = await _start_shell(server_id, tmp, f"one{count}-{i}")
+                samples.append((time.perf_counter() - t0) * 1000)
+                await _stop_shell(*started)
+            summarize(f"{label}: one start", samples)
+            for rep in range(2):
+                await burst_of_starts(server_id, tmp, f"burst{count}-{rep}", f"{label}: 50 concurrent starts")
+            async with anyio.create_task_group() as tg:
+                for started in live:
+                    tg.start_soon(_stop_shell, *started)
 
 
 # -- engine-level figures ------------------------------------------------------------
@@ -398,11 +459,13 @@ async def pool_memory(size: int) -> None:
             out(f"{'host MemAvailable drop per pooled shell (noisy)':<58} {(before - after) / size:8.0f} kB")
 
 
-async def main(quick: bool, pools: list[int], http: bool) -> None:
+async def main(quick: bool, pools: list[int], http: bool, live: list[int]) -> None:
     n = 60 if quick else 200
     calibration()
     await breakdown(10 if quick else 30)
     await breakdown(10 if quick else 30, nice=POOL_NICE)
+    if live:
+        await live_sessions(live, 10 if quick else 30)
     await pool_memory(16)
     await in_process(n, pools)
     if http:
@@ -414,5 +477,12 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     parser.add_argument("--pools", default="0,8", help="bash pool sizes to measure (comma-separated)")
     parser.add_argument("--no-http", action="store_true", help="in-process figures only")
+    parser.add_argument("--live", default="0,200", help="live session counts to start beside ('' skips)")
+    parser.add_argument("--only-live", action="store_true", help="calibration and the live-sessions section only")
     args = parser.parse_args()
-    anyio.run(main, args.quick, [int(p) for p in args.pools.split(",")], not args.no_http)
+    live = [int(c) for c in args.live.split(",") if c]
+    if args.only_live:
+        calibration()
+        anyio.run(live_sessions, live, 10 if args.quick else 30)
+    else:
+        anyio.run(main, args.quick, [int(p) for p in args.pools.split(",")], not args.no_http, live)

@@ -1,4 +1,4 @@
-"""The session's storage on the host: size-capped tmpfs for HOME and /tmp, and staged binds.
+"""The session's storage: size-capped tmpfs for HOME and /tmp, and staged binds.
 
 Threat: a session that fills the host's disk, or that reads another session's files. Each
 session's home and /tmp are their own tmpfs mounts (`size=disk_mb`, `mode=0700`, owned by the
@@ -6,11 +6,16 @@ session's uid, `nosuid,nodev`), so writing past the cap gets ENOSPC and nothing 
 is touched.
 
 Staging: the unprivileged bwrap resolves bind sources with the session uid's permissions, and
-the server's scratch root is 0700 root. So everything a session binds is mounted (as root) into
-a stage directory `/run/agentflow/stage/<server_id>/<label>/` whose path is traversable (0711,
-not listable) and bwrap binds from there. The caller's home path becomes a symlink to the
-session's home tmpfs (tier `none`: a bind mount, as the session runs at that path), so
-host-side code (a vm backend writing a file for the session) still finds it where it asked.
+the server's scratch root is 0700 root. So everything a session binds is mounted (as root) on a
+stage directory `/run/agentflow/stage/<server_id>/<label>/` whose path is traversable (0711,
+not listable) and bwrap binds from there.
+
+Where the mounts live (tiers `sandbox` and `gvisor`): in the session's own mount namespace
+(`mountns`), never on the host, so a start costs the same with one live session or five hundred
+and a dead server leaves no mount. The server reaches the home through a descriptor; the
+caller's home path becomes a symlink to it (`/proc/<server pid>/fd/N`), so host-side code (a vm
+backend writing a file for the session) still finds it where it asked. Tier `none` runs its
+processes on the host at the caller's path, so its tmpfs is mounted there, on the host.
 Permissions of a bind's own files still apply.
 
 tmpfs pages are memory: cgroup v1 (and v2) charge them to the memory cgroup of the process that
@@ -28,33 +33,19 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from backends.sandbox import mountns
+from backends.sandbox.mountns import MS_BIND, MS_NODEV, MS_NOSUID, MS_REC, MountRequest, mount
 from backends.sandbox.spec import Bind
 
 log = logging.getLogger(__name__)
 
 STAGE_ROOT = Path("/run/agentflow/stage")
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_BIND = 4096
-MS_REC = 16384
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None) -> None:
-    rc = _libc.mount(
-        source.encode(),
-        os.fsencode(target),
-        fstype.encode() if fstype else None,
-        flags,
-        data.encode() if data else None,
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
 def unmount(target: Path) -> None:
@@ -82,28 +73,61 @@ def _traversable_dir(path: Path) -> None:
     path.chmod(0o711)
 
 
+@dataclass
+class Sources:
+    """Home, /tmp and binds of a session, as paths some process opens to bind them."""
+
+    home: Path
+    tmp: Path | None = None
+    binds: list[Bind] = field(default_factory=list)
+
+
 class SessionStorage:
-    """Home, /tmp and binds of one session, as the paths bwrap/runsc should bind from."""
+    """Home, /tmp and binds of one session, as the paths bwrap/runsc should bind from.
+
+    `sources`: paths this server opens (bwrap takes descriptors of them). `named`: the same as
+    paths inside the session's mount namespace, for a program that resolves them itself there
+    (runsc reads them from its bundle). Without a namespace both are host paths.
+    """
 
     def __init__(self, server_id: str, label: str, home: Path, uid: int) -> None:
         self.home = home
         self.uid = uid
         self.stage: Path | None = None
         self.stage_key = (server_id, label)
-        self.home_source: Path = home
-        self.tmp_source: Path | None = None
-        self.binds: list[Bind] = []
+        self.sources = Sources(home)
+        self.named = Sources(home)
+        #: The session's mount namespace (tiers `sandbox`/`gvisor` on a root server).
+        self.namespace: mountns.SessionNamespace | None = None
         self.capped = False
         self._mounted: list[Path] = []
         self._linked = False
 
+    @property
+    def namespace_fd(self) -> int | None:
+        """A descriptor of the namespace every spawn of the session must enter, if it has one."""
+        return self.namespace.ns_fd if self.namespace is not None else None
+
     def prepare(self, size_mb: int, binds: Sequence[Bind], *, private_tmp: bool) -> None:
-        """Make the home (and /tmp) tmpfs and stage the binds. Raises OSError; `release` undoes."""
+        """Make the home (and /tmp) tmpfs and stage the binds. Raises OSError; `release` undoes.
+
+        `private_tmp` (tiers `sandbox`, `gvisor`): the session gets its own /tmp, and every mount
+        lives in the session's own mount namespace. Otherwise (tier `none`) the home tmpfs is
+        mounted on the host at the caller's path.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
         if os.geteuid() != 0:
             self._own(self.home)
-            self.binds = list(binds)
+            self.sources = self.named = Sources(self.home, None, list(binds))
             return
+        self.stage = self._make_stage()
+        if private_tmp:
+            self._prepare_namespace(size_mb, binds)
+        else:
+            self._prepare_on_host(size_mb, binds)
+        self.capped = True
+
+    def _make_stage(self) -> Path:
         server_id, label = self.stage_key
         stage = STAGE_ROOT / server_id / label
         for attempt in range(5):
@@ -115,63 +139,89 @@ class SessionStorage:
                     for directory in (STAGE_ROOT.parent, STAGE_ROOT, STAGE_ROOT / server_id):
                         _traversable_dir(directory)
                 os.mkdir(stage, 0o711)  # fails if it exists: never adopt (and later remove) another session's
-                break
+                return stage
             except FileNotFoundError:
                 if attempt == 4:
                     raise
             except FileExistsError:
                 if stage.exists() or attempt == 4:
                     raise
-        self.stage = stage
-        self.home_source = self._tmpfs("home", size_mb)
-        below = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            seeded = bool(os.listdir(below))
-            if seeded:
-                shutil.copytree(f"/proc/self/fd/{below}", self.home_source, symlinks=True, dirs_exist_ok=True)
-        finally:
-            os.close(below)
-        if seeded:
-            # A fresh tmpfs root is the session's already (mount options uid, gid, mode=0700).
-            self._own(self.home_source)
-        if private_tmp:
-            # Host-side code (a vm backend writing a file for the session) finds the home where
-            # it asked through a link: no third mount per session, since every sandbox start
-            # copies every host mount into its new mount namespace (measured: 100 more host
-            # mounts cost each bwrap start ~1.2 ms, serialised on the kernel's namespace lock).
-            # The sandboxed session never sees this path; it sees its home at HOME_INSIDE.
-            if seeded:
-                shutil.rmtree(self.home)
-            else:
-                os.rmdir(self.home)
-            os.symlink(self.home_source, self.home)
-            self._linked = True
-        else:
-            # Tier `none` runs at the host path itself (its cwd and $HOME): a bind keeps that
-            # path a real directory.
-            _mount(str(self.home_source), self.home, None, MS_BIND, None)
-            self._mounted.append(self.home)
-        if private_tmp:
-            self.tmp_source = self._tmpfs("tmp", size_mb)
+        raise AssertionError("unreachable")
+
+    def _tmpfs_options(self, size_mb: int) -> str:
+        return f"size={size_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
+
+    def _stage_binds(self, binds: Sequence[Bind]) -> list[Path]:
+        assert self.stage is not None
+        staged_paths = []
         for index, bind in enumerate(binds):
             staged = self.stage / f"bind{index}"
             if Path(bind.host).is_dir():
                 staged.mkdir()
             else:
                 staged.touch()
-            _mount(str(bind.host), staged, None, MS_BIND | MS_REC, None)
-            self._mounted.append(staged)
-            self.binds.append(Bind(staged, bind.inside, bind.writable))
-        self.capped = True
+            staged_paths.append(staged)
+        return staged_paths
 
-    def _tmpfs(self, name: str, size_mb: int) -> Path:
+    def _prepare_namespace(self, size_mb: int, binds: Sequence[Bind]) -> None:
         assert self.stage is not None
-        target = self.stage / name
+        home, tmp = self.stage / "home", self.stage / "tmp"
+        os.mkdir(home, 0o700)
+        os.mkdir(tmp, 0o700)
+        staged = self._stage_binds(binds)
+        options = self._tmpfs_options(size_mb)
+        requests = [MountRequest(path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, options) for path in (home, tmp)]
+        requests += [
+            MountRequest(path, str(bind.host), None, MS_BIND | MS_REC) for path, bind in zip(staged, binds, strict=True)
+        ]
+        self.namespace = mountns.SessionNamespace.create(requests)
+        home_mount, tmp_mount, *bind_mounts = self.namespace.mounts
+        self.sources = Sources(
+            home_mount.server_path,
+            tmp_mount.server_path,
+            [Bind(m.server_path, b.inside, b.writable) for m, b in zip(bind_mounts, binds, strict=True)],
+        )
+        self.named = Sources(
+            home, tmp, [Bind(path, b.inside, b.writable) for path, b in zip(staged, binds, strict=True)]
+        )
+        if self._seed(self.sources.home):
+            shutil.rmtree(self.home)
+        else:
+            os.rmdir(self.home)
+        # Host-side code finds the home where it asked; the session never sees this path.
+        os.symlink(home_mount.host_path, self.home)
+        self._linked = True
+
+    def _prepare_on_host(self, size_mb: int, binds: Sequence[Bind]) -> None:
+        """Tier `none`: it runs at the host path itself (its cwd and $HOME), so mount there."""
+        assert self.stage is not None
+        target = self.stage / "home"
         os.mkdir(target, 0o700)
-        options = f"size={size_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
-        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, self._tmpfs_options(size_mb))
         self._mounted.append(target)
-        return target
+        self._seed(target)
+        mount(str(target), self.home, None, MS_BIND, None)
+        self._mounted.append(self.home)
+        staged_binds = []
+        for staged, bind in zip(self._stage_binds(binds), binds, strict=True):
+            mount(str(bind.host), staged, None, MS_BIND | MS_REC, None)
+            self._mounted.append(staged)
+            staged_binds.append(Bind(staged, bind.inside, bind.writable))
+        self.sources = self.named = Sources(target, None, staged_binds)
+
+    def _seed(self, home_root: Path) -> bool:
+        """Copy what the caller put in its home directory into the fresh tmpfs; True if anything."""
+        below = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            seeded = bool(os.listdir(below))
+            if seeded:
+                shutil.copytree(f"/proc/self/fd/{below}", home_root, symlinks=True, dirs_exist_ok=True)
+        finally:
+            os.close(below)
+        if seeded:
+            # A fresh tmpfs root is the session's already (mount options uid, gid, mode=0700).
+            self._own(home_root)
+        return seeded
 
     def _own(self, path: Path) -> None:
         os.chown(path, self.uid, self.uid)
@@ -192,6 +242,10 @@ class SessionStorage:
                 os.unlink(self.home)
                 os.mkdir(self.home, 0o700)
             self._linked = False
+        if self.namespace is not None:
+            # The mounts go with the namespace once the session's last process is gone (it is).
+            self.namespace.close()
+            self.namespace = None
         if self.stage is not None:
             try:
                 # What `prepare` made, by name: cheaper than a tree walk, which stays the fallback.

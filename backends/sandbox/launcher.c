@@ -4,11 +4,14 @@
  * capabilities) -> `env --default-signal` (a server started with SIGINT ignored must not pass
  * that on). One exec instead of three; each exec costs ~0.6 ms of CPU here.
  *
- *   agentflow-launch [--cgroup-fd FD]... [--nice N] [--uid UID] -- PROGRAM [ARG]...
+ *   agentflow-launch [--cgroup-fd FD]... [--mntns-fd FD] [--nice N] [--uid UID] -- PROGRAM [ARG]...
  *
  * --cgroup-fd FD  an inherited descriptor of a `cgroup.procs` file, opened for writing by the
  *                 server: this process joins that cgroup, then closes FD (no path is ever
  *                 taken from argv, and the descriptor never reaches PROGRAM).
+ * --mntns-fd FD   an inherited descriptor of the session's mount namespace: this process
+ *                 enters it (so PROGRAM sees the session's home and /tmp mounts, which the
+ *                 host does not have), then closes FD.
  * --nice N        set this process's niceness to N (-20..19), inherited by PROGRAM.
  * --uid UID       become UID (and gid UID, no supplementary groups) with every capability
  *                 dropped: bounding, inheritable, permitted, effective and ambient sets.
@@ -22,8 +25,8 @@
  * reason goes to stderr, one line, prefixed `agentflow-launch:`.
  *
  * Order matters: the cgroups are joined first (nothing this process does may escape their
- * limits or membership), the niceness is set while still privileged, and the uid switch comes
- * last before the signal reset and exec.
+ * limits or membership), the namespace is entered and the niceness set while still
+ * privileged, and the uid switch comes last before the signal reset and exec.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -36,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -106,6 +110,14 @@ static void join_cgroup(int fd) {
     fail(EXIT_CANNOT_RUN, errno, "closing --cgroup-fd %d", fd);
 }
 
+static void enter_mount_namespace(int fd) {
+  /* setns checks the descriptor is a mount namespace (EINVAL otherwise). */
+  if (setns(fd, CLONE_NEWNS) < 0)
+    fail(EXIT_CANNOT_RUN, errno, "entering the session's mount namespace (--mntns-fd %d)", fd);
+  if (close(fd) < 0)
+    fail(EXIT_CANNOT_RUN, errno, "closing --mntns-fd %d", fd);
+}
+
 static void become(uid_t uid) {
   /* The bounding set first: dropping from it needs CAP_SETPCAP, gone after setresuid. Stop at
    * the first capability this kernel does not know (EINVAL). */
@@ -155,8 +167,8 @@ static void default_signals(void) {
 int main(int argc, char **argv) {
   int cgroup_fds[MAX_CGROUP_FDS];
   int n_cgroup_fds = 0;
-  int have_nice = 0, have_uid = 0;
-  long long nice_value = 0, uid_value = 0;
+  int have_nice = 0, have_uid = 0, have_mntns = 0;
+  long long nice_value = 0, uid_value = 0, mntns_fd = -1;
   int i = 1;
   for (; i < argc; i++) {
     const char *value;
@@ -167,6 +179,10 @@ int main(int argc, char **argv) {
         fail(EXIT_CANNOT_RUN, 0, "more than %d --cgroup-fd options", MAX_CGROUP_FDS);
       /* Never 0-2: those are the program's standard streams. */
       cgroup_fds[n_cgroup_fds++] = (int)parse_int("--cgroup-fd", value, 3, INT_MAX);
+    } else if ((value = option_value(argc, argv, &i, "--mntns-fd")) != NULL) {
+      if (have_mntns++)
+        fail(EXIT_CANNOT_RUN, 0, "--mntns-fd given twice");
+      mntns_fd = parse_int("--mntns-fd", value, 3, INT_MAX);
     } else if ((value = option_value(argc, argv, &i, "--nice")) != NULL) {
       if (have_nice++)
         fail(EXIT_CANNOT_RUN, 0, "--nice given twice");
@@ -178,7 +194,7 @@ int main(int argc, char **argv) {
       uid_value = parse_int("--uid", value, 1, (long long)UINT_MAX - 1);
     } else {
       fail(EXIT_CANNOT_RUN, 0, "unknown option %.60s (usage: agentflow-launch [--cgroup-fd FD]... "
-                               "[--nice N] [--uid UID] -- PROGRAM [ARG]...)", argv[i]);
+                               "[--mntns-fd FD] [--nice N] [--uid UID] -- PROGRAM [ARG]...)", argv[i]);
     }
   }
   if (i >= argc)
@@ -189,6 +205,8 @@ int main(int argc, char **argv) {
 
   for (int k = 0; k < n_cgroup_fds; k++)
     join_cgroup(cgroup_fds[k]);
+  if (have_mntns)
+    enter_mount_namespace((int)mntns_fd);
   if (have_nice && setpriority(PRIO_PROCESS, 0, (int)nice_value) < 0)
     fail(EXIT_CANNOT_RUN, errno, "setting niceness %lld", nice_value);
   if (have_uid)

@@ -11,11 +11,12 @@ processes (the launcher, bwrap, runsc) run with a fixed minimal one, so nothing 
 chose reaches the host's dynamic loader (the LD_PRELOAD-through-config escape).
 
 Every spawn starts with `agentflow-launch` (backends/sandbox/launcher.c): it joins the
-session's cgroups through descriptors opened here (closed before it execs), sets the niceness,
+session's cgroups through descriptors opened here (closed before it execs), enters the
+session's mount namespace (tiers `sandbox`, `gvisor`: see `mountns`), sets the niceness,
 switches to the session's uid with no capabilities (tier `sandbox`), and resets every signal
 to its default disposition with nothing blocked, so a program never inherits the server's
 ignored SIGINT (a server started with `&` from a script). Where no C compiler can build it,
-the same steps run as `sh -c ENTER` + `nice` + `setpriv` + `env --default-signal`.
+the same steps run as `sh -c ENTER` + `nsenter` + `nice` + `setpriv` + `env --default-signal`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 #: The whole environment of host-side helpers (never the server's, never the session's).
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 SETPRIV = "/usr/bin/setpriv"
+NSENTER = "/usr/bin/nsenter"
 NICE = "/usr/bin/nice"
 #: The last link of the fallback chain: every signal back to its default disposition.
 DEFAULT_SIGNALS = ["/usr/bin/env", "--default-signal", "--"]
@@ -296,15 +298,23 @@ class SessionSandbox:
         return process
 
     def _prefix(self, fds: list[int]) -> list[str]:
-        """The host-side start of a spawn: cgroups, niceness, uid switch (tier `sandbox`), default signals.
+        """The host-side start of a spawn: the session's mount namespace, cgroups, niceness, uid
+        switch (tier `sandbox`), default signals.
 
         Appends the descriptors the child must inherit to `fds` (the caller closes them).
         """
         switch_uid = self.tier == "sandbox" and self._lease is not None
+        namespace = self._storage.namespace_fd
         if self._launcher is None:
             chain = self._cgroup.enter_prefix() if self._cgroup else []
-            return [*chain, *self._nice_prefix(), *(self._setpriv() if switch_uid else []), *DEFAULT_SIGNALS]
+            # By the server's own descriptor: nothing to pass on that the program could inherit.
+            enter = [NSENTER, f"--mount=/proc/{os.getpid()}/fd/{namespace}", "--"] if namespace is not None else []
+            return [*chain, *enter, *self._nice_prefix(), *(self._setpriv() if switch_uid else []), *DEFAULT_SIGNALS]
         argv = [self._launcher]
+        if namespace is not None:
+            # A copy: the caller closes what it passes, and the storage keeps its own.
+            fds.append(os.dup(namespace))
+            argv.append(f"--mntns-fd={fds[-1]}")
         if self._cgroup is not None:
             procs = self._cgroup.open_procs()
             fds += procs
@@ -375,10 +385,10 @@ class SessionSandbox:
         seccomp_fd = seccomp.filter_fd()
         fds.append(seccomp_fd)
         options = bwrap.options(
-            home=self._storage.home_source,
-            tmp=self._storage.tmp_source,
+            home=self._storage.sources.home,
+            tmp=self._storage.sources.tmp,
             tmp_size_mb=self.spec.policy.limits.disk_mb,
-            binds=self._storage.binds,
+            binds=self._storage.sources.binds,
             share_net=self.spec.policy.network == "host",
             hostname=self.spec.hostname,
             env=env,
@@ -394,7 +404,8 @@ class SessionSandbox:
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
         assert self._gvisor_state is not None
-        assert self._storage.tmp_source is not None
+        named = self._storage.named  # runsc resolves these itself, inside the session's mount namespace
+        assert named.tmp is not None
         # Unique on the host: runsc names its control socket after the container id, so two
         # servers (or test runs) whose sessions share a label would otherwise collide.
         container_id = f"{self.spec.server_id}-{self.spec.label}-{next(self._counter)}"
@@ -407,9 +418,9 @@ class SessionSandbox:
             cwd=cwd or HOME_INSIDE,
             uid=self.uid,
             pids=self.spec.policy.limits.pids,
-            home=self._storage.home_source,
-            tmp=self._storage.tmp_source,
-            binds=self._storage.binds,
+            home=named.home,
+            tmp=named.tmp,
+            binds=named.binds,
             hostname=self.spec.hostname,
             host_network=self.spec.policy.network == "host",
         )
