@@ -144,6 +144,23 @@ async def test_when_the_rebuild_fails_sessions_fall_back_with_one_warning(
     assert "the session launcher is unavailable (no C compiler" in warnings[0]
 
 
+def test_a_change_in_a_cache_others_can_now_write_falls_back_instead(
+    cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    binary = current_binary()
+    cache.chmod(0o777)  # someone opened the cache to others; the verified build itself is unchanged...
+    assert current_binary() == binary
+    marker = tmp_path / "ran"
+    fake = binary.with_name("replacement")
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake.chmod(0o755)
+    fake.replace(binary)  # ...until it changes: the re-verification checks the directories again
+    with caplog.at_level(logging.WARNING):
+        assert launcher.path() is None
+    assert not marker.exists()
+    assert "writable by it alone" in caplog.text
+
+
 def test_an_untrusted_file_in_place_of_a_first_build_is_replaced_not_run(cache: Path, tmp_path: Path) -> None:
     directory = cache / launcher.cache_key()
     directory.mkdir(parents=True)
