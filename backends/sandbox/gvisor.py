@@ -19,7 +19,6 @@ refused (ConfigurationError) rather than offered broken.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from backends.sandbox import buildcache
 from backends.sandbox.bwrap import HIDDEN_ETC, RO_DIRS, USR_LINKS, check_env
 from backends.sandbox.spec import HOME_INSIDE, Bind
 from session.errors import ConfigurationError
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_ROOT = Path("/run/agentflow/runsc")
 SHIM_DIR = Path("/run/agentflow/gvisor-lib")
 SHIM_INSIDE = "/.agentflow/lib"
+SHIM_NAME = "statx-shim.so"
 #: Host threads and processes gVisor itself needs (Sentry, gofer, stubs) beyond the session's own.
 PIDS_OVERHEAD = 256
 _SHIM_SOURCE = Path(__file__).with_name("gvisor_statx_shim.c")
@@ -59,39 +60,43 @@ def runsc_version() -> str | None:
     return out.stdout.splitlines()[0] if out.stdout else None
 
 
-@functools.cache
-def shim_dir() -> Path:
-    """The directory holding the built statx shim (built on first use).
-
-    Raises:
-        ConfigurationError: no C compiler, or it failed (the tier cannot run `ls` without it).
-    """
-    source = _SHIM_SOURCE.read_bytes()
-    target = SHIM_DIR / hashlib.sha256(source).hexdigest()[:16]
-    if (target / "statx-shim.so").exists():
-        return target
+def _compile_shim(output: Path) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise ConfigurationError(
-            "isolation 'gvisor' is unavailable: this runsc build rejects AT_NO_AUTOMOUNT (ls/stat fail) and no C "
-            "compiler is installed to build the small compatibility shim (apt-get install gcc)"
+        raise buildcache.CacheUnusable(
+            "this runsc build rejects AT_NO_AUTOMOUNT (ls/stat fail) and no C compiler is installed to build "
+            "the small compatibility shim (apt-get install gcc)"
         )
-    target.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = target / f"statx-shim.so.{os.getpid()}"
     result = subprocess.run(
-        [compiler, "-O2", "-shared", "-fPIC", "-nostartfiles", "-o", str(tmp), str(_SHIM_SOURCE)],
+        [compiler, "-O2", "-shared", "-fPIC", "-nostartfiles", "-o", str(output), str(_SHIM_SOURCE)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     if result.returncode != 0:
-        raise ConfigurationError(
-            f"isolation 'gvisor' is unavailable: building the statx shim failed: {result.stderr[:300]}"
-        )
-    tmp.chmod(0o755)
-    tmp.replace(target / "statx-shim.so")
-    return target
+        raise buildcache.CacheUnusable(f"building the statx shim failed: {result.stderr[:300]}")
+
+
+def shim_cache() -> buildcache.CachedBuild:
+    """The shim's build cache under `SHIM_DIR` (looked up on each adoption), pruned like the launcher's."""
+    key = buildcache.key(_SHIM_SOURCE.read_bytes())
+    return buildcache.CachedBuild(SHIM_NAME, key, root=lambda: SHIM_DIR, compile=_compile_shim)
+
+
+_shim = shim_cache()
+
+
+def shim_dir() -> Path:
+    """The directory holding the built statx shim (built on first use, rebuilt if it vanished since).
+
+    Raises:
+        ConfigurationError: no C compiler, or it failed (the tier cannot run `ls` without it).
+    """
+    try:
+        return _shim.get().parent
+    except buildcache.CacheUnusable as exc:
+        raise ConfigurationError(f"isolation 'gvisor' is unavailable: {exc}") from None
 
 
 def _mount(destination: str, source: str, *, writable: bool) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def write_bundle(
     for name in ("proc", "dev"):
         (rootfs / name).mkdir(exist_ok=True)
     inside_env = check_env(env)
-    preload = f"{SHIM_INSIDE}/statx-shim.so"
+    preload = f"{SHIM_INSIDE}/{SHIM_NAME}"
     if inside_env.get("LD_PRELOAD"):
         preload += " " + inside_env["LD_PRELOAD"]
     inside_env["LD_PRELOAD"] = preload

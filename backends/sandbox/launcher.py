@@ -5,30 +5,29 @@ to the session's uid with no capabilities, resets every signal disposition, then
 work of `sh -c ENTER` + `setpriv` + `env --default-signal` in one exec instead of three (each
 exec costs ~0.6 ms of CPU on a small machine, and a session start paid five).
 
-Built on first use with the host C compiler and cached by source hash, like the gVisor shim:
-`/run/agentflow/launch/<hash>/agentflow-launch` for a root server (root-owned, 0755), a private
-0700 directory under the temp dir otherwise. Two servers building at once each compile to a
-file of their own and rename it into place (atomic; the results are identical). The cache
-directory must be owned by this uid and writable by nobody else, or it is not used: a binary
-every session runs through must not be replaceable by someone else.
+Built on first use with the host C compiler and cached by source hash, like the gVisor shim
+(backends/sandbox/buildcache.py: trust, re-verification, pruning): `/run/agentflow/launch/<hash>/`
+for a root server (root-owned, 0755), a private 0700 directory under the temp dir otherwise.
+`path()` is called once per session setup: one `lstat` there notices a launcher deleted or
+replaced while the server runs, and the next session gets a fresh build (a replaced one is
+never run); spawns themselves pay nothing.
 
 Without a compiler, or when the build or its self-test fails, `path()` logs one warning and
-returns None: the sandbox then runs the old chain, which is slower but equally strict.
+returns None from then on: the sandbox then runs the old chain, which is slower but equally strict.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
-import secrets
 import shutil
-import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+from backends.sandbox import buildcache
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ _FLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 _RECIPE = " ".join((*_FLAGS, "-static|dynamic"))
 
 
-class LauncherUnavailable(Exception):
+class LauncherUnavailable(buildcache.CacheUnusable):
     """The launcher cannot be built or run here (the reason is the message)."""
 
 
@@ -53,28 +52,11 @@ def cache_root() -> Path:
     return Path(tempfile.gettempdir()) / f"agentflow-launch-{os.geteuid()}"
 
 
-def _safe_dir(path: Path, mode: int) -> None:
-    """Make `path` (and missing parents) and check it is ours alone to write.
-
-    Raises:
-        LauncherUnavailable: it is a symlink, owned by another uid, or writable by others.
-    """
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=mode)
-        info = path.lstat()
-    except OSError as exc:
-        raise LauncherUnavailable(f"cannot make the cache directory {path}: {exc}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise LauncherUnavailable(f"{path} is not a directory")
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        raise LauncherUnavailable(
-            f"{path} is owned by uid {info.st_uid} with mode {info.st_mode & 0o7777:o}: "
-            f"it must be owned by uid {os.geteuid()} and writable by it alone"
-        )
-
-
-def _compile(compiler: str, output: Path) -> None:
+def _compile(output: Path) -> None:
     """Compile launcher.c to `output`: static first (no dynamic loader at all), else dynamic."""
+    compiler = shutil.which("cc", path=_BUILD_ENV["PATH"]) or shutil.which("gcc", path=_BUILD_ENV["PATH"])
+    if compiler is None:
+        raise LauncherUnavailable("no C compiler (cc or gcc) is installed")
     common = [compiler, *_FLAGS, "-o", str(output), str(SOURCE)]
     errors = []
     for extra in (["-static"], []):
@@ -114,56 +96,61 @@ def _self_test(binary: Path) -> None:
         raise LauncherUnavailable(f"{binary} self-test exited {result.returncode}: {result.stderr.strip()[:300]}")
 
 
+def cache_key() -> str:
+    """The name of this source's build directory under the cache root."""
+    # The recipe is part of the key: a change of flags must not reuse an old build.
+    return buildcache.key(SOURCE.read_bytes(), _RECIPE.encode())
+
+
+def _cache(root: Callable[[], Path], *, self_test: bool) -> buildcache.CachedBuild:
+    test = _self_test if self_test else None
+    return buildcache.CachedBuild(NAME, cache_key(), root=root, compile=_compile, self_test=test)
+
+
 def build(root: Path) -> Path:
-    """The launcher built from this source under `root` (compiled now if missing).
+    """The launcher built from this source under `root` (compiled now if missing; not self-tested).
 
     Raises:
         LauncherUnavailable: no compiler, the build failed, or the cache is unsafe.
     """
-    # The recipe is part of the key: a change of flags must not reuse an old build.
-    digest = hashlib.sha256(SOURCE.read_bytes() + _RECIPE.encode()).hexdigest()[:16]
-    _safe_dir(root, 0o755 if os.geteuid() == 0 else 0o700)
-    target_dir = root / digest
-    _safe_dir(target_dir, 0o755)
-    target = target_dir / NAME
     try:
-        info = target.lstat()
-    except FileNotFoundError:
-        info = None
-    if info is not None and stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022:
-        return target
-    compiler = shutil.which("cc", path=_BUILD_ENV["PATH"]) or shutil.which("gcc", path=_BUILD_ENV["PATH"])
-    if compiler is None:
-        raise LauncherUnavailable("no C compiler (cc or gcc) is installed")
-    partial = target_dir / f".{NAME}.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        _compile(compiler, partial)
-        partial.chmod(0o755)
-        partial.replace(target)  # atomic: a concurrent builder's identical file, or ours
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+        return _cache(lambda: root, self_test=False).get()
+    except buildcache.CacheUnusable as exc:
+        raise LauncherUnavailable(str(exc)) from None
 
 
-_building = threading.Lock()
+class ServerLauncher:
+    """The launcher of this server: adopted on first use, re-verified on each `path()`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # sessions are set up in worker threads: one build, one warning
+        # A lambda: the root is looked up on each adoption (tests point it elsewhere).
+        self._cache = _cache(lambda: cache_root(), self_test=True)
+        self._unavailable = False
+
+    def path(self) -> str | None:
+        """The launcher's path; None (warned once, for good) if it cannot be built, run or trusted."""
+        with self._lock:
+            if self._unavailable:
+                return None
+            try:
+                return str(self._cache.get())
+            except buildcache.CacheUnusable as exc:
+                self._unavailable = True
+                log.warning(
+                    "the session launcher is unavailable (%s); sessions start through sh + setpriv + env instead "
+                    "(same isolation, ~1.5 ms more CPU per start)",
+                    exc,
+                )
+                return None
+
+
+_server = ServerLauncher()
 
 
 def path() -> str | None:
-    """The launcher's path, built and self-tested once per server; None (warned once) if unavailable."""
-    with _building:  # sessions are created in worker threads: one build, one warning
-        return _path()
+    """The launcher's path, built and self-tested once per server and re-verified by one lstat per call.
 
-
-@functools.cache
-def _path() -> str | None:
-    try:
-        binary = build(cache_root())
-        _self_test(binary)
-    except LauncherUnavailable as exc:
-        log.warning(
-            "the session launcher is unavailable (%s); sessions start through sh + setpriv + env instead "
-            "(same isolation, ~1.5 ms more CPU per start)",
-            exc,
-        )
-        return None
-    return str(binary)
+    None (warned once) if unavailable. Call it off the event loop: it may compile.
+    """
+    return _server.path()
