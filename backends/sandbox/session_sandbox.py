@@ -280,17 +280,31 @@ class SessionSandbox:
             else:
                 command = self._plain_command(argv)
                 host_cwd = cwd or str(self.spec.home)
-            prefix = self._prefix(extra_fds)
-            # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
-            process = spawn_process(
-                [*self._rlimit_prefix, *prefix, *command],
-                env=env if self.tier == "none" else HOST_ENV,
-                cwd=host_cwd,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                pass_fds=(*pass_fds, *extra_fds),
-            )
+            for attempt in (1, 2):
+                prefix_fds: list[int] = []
+                try:
+                    prefix = self._prefix(prefix_fds)
+                    # Popen's vfork on every event loop (see backends.sandbox.spawn: uvloop would fork).
+                    process = spawn_process(
+                        [*self._rlimit_prefix, *prefix, *command],
+                        env=env if self.tier == "none" else HOST_ENV,
+                        cwd=host_cwd,
+                        stdin=stdin,
+                        stdout=stdout,
+                        stderr=stderr,
+                        pass_fds=(*pass_fds, *extra_fds, *prefix_fds),
+                    )
+                    break
+                except FileNotFoundError:
+                    # The cached launcher may have been deleted under this session: find it
+                    # again (a rebuild, or the fallback chain), once. Found: nothing changes.
+                    if attempt == 2 or self._launcher is None:
+                        raise
+                    log.warning("sandbox %s: cannot start %s; looking for it again", self.spec.label, self._launcher)
+                    self._launcher = await anyio.to_thread.run_sync(launcher.path)
+                finally:
+                    for fd in prefix_fds:
+                        os.close(fd)
         finally:
             for fd in extra_fds:
                 os.close(fd)

@@ -266,3 +266,17 @@ def test_the_gvisor_shim_is_pruned_and_rebuilt_the_same_way(tmp_path: Path, monk
     shim.unlink()
     assert gvisor.shim_dir() == directory
     assert shim.read_bytes().startswith(b"\x7fELF")
+
+
+async def test_a_session_whose_launcher_was_deleted_finds_it_again_at_its_next_spawn(
+    cache: Path, make_box: BoxFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = await make_box("sandbox")
+    assert await run(box, "echo one") == (0, "one\n")
+    binary = current_binary()
+    original = binary.read_bytes()
+    binary.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert await run(box, "echo two") == (0, "two\n")  # no new session set up in between
+    assert "looking for it again" in caplog.text
+    assert binary.read_bytes() == original
