@@ -33,11 +33,11 @@ import logging
 import os
 import shlex
 import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from backends.browser import seccomp
+from backends.sandbox.own_thread import in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -236,31 +236,21 @@ def listen_in_netns(pid: int, host: str, port: int) -> socket.socket:
     Raises:
         OSError: the namespace cannot be entered or the socket not bound.
     """
-    result: list[socket.socket | BaseException] = []
 
-    def work() -> None:
+    def work() -> socket.socket:
         libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into the browser sandbox's network: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sock.setblocking(False)
-            result.append(sock)
-        except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into the browser sandbox's network: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
 
-    thread = threading.Thread(target=work, name="browser-netns")
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    return in_own_thread(work, "browser-netns")

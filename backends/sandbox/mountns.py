@@ -23,10 +23,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from backends.sandbox.own_thread import in_own_thread
 
 CLONE_NEWNS = 0x00020000
 MS_NOSUID = 2
@@ -96,23 +97,9 @@ class SessionNamespace:
         Raises:
             OSError: a mount was refused (nothing is left behind then).
         """
-        outcome: list[SessionNamespace | BaseException] = []
-
-        def build() -> None:
-            try:
-                outcome.append(_build(requests))
-            except BaseException as exc:  # handed to the caller's thread below
-                outcome.append(exc)
-
         # A thread of its own: the namespace it moves into is never another task's (worker
         # threads are pooled), and it is gone once the thread exits, but for the descriptors.
-        thread = threading.Thread(target=build, name="agentflow-mountns", daemon=True)
-        thread.start()
-        thread.join()
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return in_own_thread(lambda: _build(requests), "agentflow-mountns")
 
     def close(self) -> None:
         """Drop the server's hold; the mounts go once no session process uses them. Idempotent."""
