@@ -26,9 +26,16 @@ from session.engine import Engine
 from session.models import LOCAL_PRINCIPAL, Caller
 from session.warm_pool import PoolSize
 from tests.fakes import FakeBackend, FakeConfig, FakeState
-from tests.security.bash_sandbox import Client, mounts_under, pid_alive, require_tier, run_cgroup_dirs, run_pids
+from tests.security.bash_sandbox import (
+    Client,
+    mounts_under,
+    pid_alive,
+    require_tier,
+    run_cgroup_dirs,
+    run_pids,
+)
 from tests.support.polling import eventually
-from tests.support.procs import pids_of_uid
+from tests.support.procs import held_mount_namespaces, pids_of_uid
 
 SANDBOX = Policy(isolation="sandbox", network="none", limits=Limits(pids=128, memory_mb=256, disk_mb=64, cpu=1.0))
 #: How long the background part of a stop may take on a loaded machine before a test fails.
@@ -63,6 +70,7 @@ def gone(label: str, uid: int, home: Path) -> bool:
 
 
 async def test_a_temporary_sessions_processes_die_before_its_result_and_the_rest_follows() -> None:
+    namespaces = held_mount_namespaces()
     async with sandboxed_bash() as engine:
         client = Client(engine, "temp")
         envelope = await client.bash("sleep 1000 & echo $AGENTFLOW_SESSION $(id -u) $$ $!")
@@ -75,9 +83,11 @@ async def test_a_temporary_sessions_processes_die_before_its_result_and_the_rest
         await eventually(lambda: not run_cgroup_dirs(label) and not pids_of_uid(int(uid)), BOUNDED)
         await eventually(lambda: engine.budget.cleanups == 0, BOUNDED)
         assert not list(engine.runtime.scratch_root.glob(f"{label}*"))
+        assert held_mount_namespaces() <= namespaces, "the session's mount namespace is still held"
 
 
 async def test_destroy_answers_after_the_kill_and_leaves_nothing_behind() -> None:
+    namespaces = held_mount_namespaces()
     async with sandboxed_bash() as engine:
         client = Client(engine, "owner")
         sid = await client.create()
@@ -90,9 +100,11 @@ async def test_destroy_answers_after_the_kill_and_leaves_nothing_behind() -> Non
         assert destroyed.ok, destroyed.message
         await eventually(lambda: not [pid for pid in members if pid_alive(pid)], BOUNDED)
         await eventually(lambda: gone(label, uid, home), BOUNDED, what=f"what remains of {label}")
+        await eventually(lambda: held_mount_namespaces() <= namespaces, BOUNDED, what="the session's mount namespace")
 
 
 async def test_shutdown_kills_pool_members_and_finishes_background_cleanups() -> None:
+    namespaces = held_mount_namespaces()
     async with sandboxed_bash(pool=2) as engine:
         pool = engine.warm["bash"]
         await eventually(lambda: len(pool.ready) == 2, BOUNDED)
@@ -112,6 +124,7 @@ async def test_shutdown_kills_pool_members_and_finishes_background_cleanups() ->
         assert run_cgroup_dirs(label) == []
     assert not [pid for pids in member_pids.values() for pid in pids if pid_alive(pid)]
     assert mounts_under(scratch) == []
+    assert held_mount_namespaces() <= namespaces, "a session's or pool member's mount namespace is still held"
     assert engine.budget.cleanups == 0
     assert engine.budget.live == 0
 

@@ -28,6 +28,7 @@ from tests.sandbox.helpers import (
     start_ready,
     thread_niceness,
 )
+from tests.support.procs import held_mount_namespaces
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -117,20 +118,10 @@ async def test_aclose_removes_cgroups_mounts_and_is_idempotent(make_box: BoxFact
     assert not await host_home.is_symlink()  # an empty directory again, as the caller made it
     assert await host_home.is_dir()
     assert not [name async for name in host_home.iterdir()]
-    assert f"mnt:[{namespace}]" not in _fd_links(), "the server still holds the session's mount namespace"
+    assert f"mnt:[{namespace}]" not in held_mount_namespaces(), "the server still holds the session's mount namespace"
     assert not [p for p in run_cgroup_dirs() for _ in p.glob(box.spec.label)]
     with pytest.raises(RuntimeError):
         await box.spawn(["/bin/true"], env={})
-
-
-def _fd_links() -> list[str]:
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            continue  # the directory's own descriptor, closed by now
-    return links
 
 
 async def test_inner_pid_is_the_program_and_can_be_signalled(make_box: BoxFactory) -> None:

@@ -101,3 +101,16 @@ def pss_kb(pids: Iterable[int]) -> int:
 
 def rss_kb(pid: int | None = None) -> int:
     return int(psutil.Process(pid or os.getpid()).memory_info().rss // 1024)
+
+
+def held_mount_namespaces() -> set[str]:
+    """Mount namespaces this process holds open by descriptor (each live sandboxed session's own)."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if link.startswith("mnt:["):
+            held.add(link)
+    return held
