@@ -6,14 +6,17 @@ breaks them (the fault tests, which do, start their own: tests/cluster/test_faul
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
+from tests.backends.vm_harness import needs_desktop
 from tests.cluster.helpers import (
     STATE_CHECK,
     STATE_COMMAND,
@@ -189,6 +192,50 @@ def test_a_generated_token_is_refused_with_the_ray_executor(
     assert "token" in result.stderr.lower(), result.stderr
     assert TOKEN_ENV in result.stderr, result.stderr
     assert not (tmp_path / "state" / "agentflow-sandbox").exists()  # no token file was generated
+
+
+def vm_manifest(ray_cluster: RayCluster, directory: Path) -> Path:
+    """The cluster's front-end manifest plus `vm` (default config, default `sandbox` tier)."""
+    path = ray_cluster.manifest(directory, host_idle_exit=HOST_IDLE_EXIT)
+    manifest = json.loads(path.read_text())
+    manifest["resources"]["vm"] = {"enabled": True}
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@needs_desktop
+async def test_a_vm_desktop_lives_on_its_node_and_leaves_nothing(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """A vm session through the ray executor: placed on node b (the only one advertising `agentflow.vm`),
+    its Xvfb desktop answers screenshots and pointer moves, and destroying it leaves none of its processes."""
+    assert leaks.session_pids(tag_prefix="vm-") == []  # the control: this run has no desktop yet
+    front_end = ray_cluster.start_front_end(tmp_path, vm_manifest(ray_cluster, tmp_path))
+    with anyio.fail_after(180):
+        async with stateless_client(front_end) as client:
+            created = await call(client, "create_session", {"resource": "vm"})
+            assert created["code"] == 0, created
+            handle = created["data"]["session_id"]
+            try:
+                listing = await call(client, "list_sessions", {"all": True})
+                details = sessions_by_id(listing["data"])[handle]["details"]
+                assert details["node_id"] == ray_cluster.nodes["b"].node_id, details
+                assert details["host"].startswith("host-"), details
+                pids = leaks.session_pids(tag_prefix="vm-")
+                assert "Xvfb" in {psutil.Process(pid).name() for pid in pids}, pids
+
+                shot = await call(client, "vm_screenshot", {"session_id": handle})
+                assert shot["code"] == 0, shot
+                assert shot["data"]["width"] > 0, shot["data"]
+                assert shot["data"]["height"] > 0, shot["data"]
+                moved = await call(client, "vm_move", {"x": 17, "y": 23, "session_id": handle})
+                assert moved["code"] == 0, moved
+                where = await call(client, "vm_cursor_position", {"session_id": handle})
+                assert (where["data"]["x"], where["data"]["y"]) == (17, 23), where
+            finally:
+                destroyed = await call(client, "destroy_session", {"session_id": handle})
+            assert destroyed["code"] == 0, destroyed
+            await leaks.wait_gone(tag_prefix="vm-", within=60)
+            gone = await call(client, "vm_screenshot", {"session_id": handle})
+            assert gone["code"] == 1003, gone
 
 
 async def test_session_hosts_exit_when_nothing_is_left(
