@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -236,6 +237,76 @@ async def test_a_vm_desktop_lives_on_its_node_and_leaves_nothing(ray_cluster: Ra
             await leaks.wait_gone(tag_prefix="vm-", within=60)
             gone = await call(client, "vm_screenshot", {"session_id": handle})
             assert gone["code"] == 1003, gone
+
+
+def edited_manifest(path: Path, server: dict[str, Any], resources: dict[str, dict[str, Any]]) -> Path:
+    """`path` (a cluster front-end manifest) with more `server` settings and resource settings."""
+    manifest = json.loads(path.read_text())
+    manifest["server"].update(server)
+    for name, settings in resources.items():
+        manifest["resources"].setdefault(name, {}).update(settings)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+async def test_each_host_keeps_a_warm_pool_that_creates_take_from_and_that_ends_with_it(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Bash with `pool = 2` in a deployment of its own: each node's host fills its pool (get_status shows
+    it per host), creates through the front end take members, and once the front end is gone the hosts
+    exit and neither their sessions nor their pool members leave a process."""
+    deployment = "pooled"
+    manifest = edited_manifest(
+        ray_cluster.manifest(tmp_path, host_idle_exit=HOST_IDLE_EXIT),
+        {"deployment": deployment},
+        {"bash": {"pool": 2, "pool_max": 2}},
+    )
+    front_end = ray_cluster.start_front_end(tmp_path, manifest)
+    labels: set[str] = set()
+    with anyio.fail_after(180):
+        async with stateless_client(front_end) as client:
+
+            async def pools() -> list[dict[str, Any]]:
+                status = await call(client, "get_status", {})
+                assert status["code"] == 0, status
+                found = [h["warm_pools"]["bash"] for h in status["data"]["hosts"] if "warm_pools" in h]
+                for pool in found:
+                    labels.update(pool["members"])
+                return found
+
+            async def full() -> list[dict[str, Any]] | None:
+                found = await pools()
+                return found if len(found) == 2 and all(p["ready"] == 2 for p in found) else None
+
+            handles = []
+            for _ in range(2):  # one on each node (fewest sessions first): both hosts and their pools start
+                created = await call(client, "create_session", {"resource": "bash"})
+                assert created["code"] == 0, created
+                handles.append(created["data"]["session_id"])
+            before = await eventually(full, 120, every=0.5, what="both hosts' pools to hold 2 ready shells")
+            for _ in range(2):
+                created = await call(client, "create_session", {"resource": "bash"})
+                assert created["code"] == 0, created
+                handles.append(created["data"]["session_id"])
+            after = await pools()
+            assert sum(p["taken"] for p in after) >= sum(p["taken"] for p in before) + 2, (before, after)
+            for handle in handles:
+                ran = await call(client, "bash_run", {"command": 'echo "$AGENTFLOW_SESSION"', "session_id": handle})
+                assert ran["code"] == 0, ran
+                labels.add(ran["data"]["stdout"].strip())
+                assert (await call(client, "destroy_session", {"session_id": handle}))["code"] == 0
+            await pools()
+    front_end.stop()
+    ray_cluster.front_ends.remove(front_end)
+
+    def hosts() -> list[str]:
+        return [name for name in ray_cluster.named_actors(deployment) if name.startswith("host-")]
+
+    # (The deployment's registry stays: it lives as long as the cluster.)
+    await eventually(lambda: not hosts(), 120, every=1.0, what=lambda: f"the pooled hosts to exit; left: {hosts()}")
+    assert len(labels) >= 6, labels  # the 4 sessions and at least the pools' 4 members
+    for label in labels:
+        await leaks.wait_gone(label, within=30)
 
 
 async def test_session_hosts_exit_when_nothing_is_left(
