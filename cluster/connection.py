@@ -12,7 +12,7 @@ process when a request they retry reaches a different cluster.
 
 A cluster that refuses this front end's Ray token (or a front end with none) is not an outage:
 calls answer 5001 with the cause and the fix, it is logged once at error level, and joining is
-retried slowly (every REFUSED_RETRY_MAX seconds at most, each a ~4 ms GCS request instead of
+retried slowly (every REFUSED_RETRY_MAX seconds at most, each a ~2-4 ms GCS request instead of
 `ray.init`'s 20 s of refused retries), so a fixed token file or a cluster restarted with this
 front end's token is picked up without a restart.
 
@@ -47,7 +47,7 @@ PROBE_EVERY = 0.5
 PROBE_TIMEOUT = 2.0
 #: How long one join (`ray.init`) may take before it counts as failed.
 JOIN_TIMEOUT = 60.0
-#: How long reading the cluster id may take (~4 ms when the GCS answers).
+#: How long reading the cluster id may take (~2-4 ms when the GCS answers).
 IDENTIFY_TIMEOUT = 5.0
 #: Backoff between join attempts.
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0

@@ -1,8 +1,9 @@
 """Which cluster answers at the GCS address, and whether it accepts this front end's Ray token.
 
-Asked through a fresh, short-lived GCS client (~4 ms, ~1 ms CPU here) rather than through the
-driver: the driver's own GCS client aborts the process when it reaches a different cluster, and
-`ray.init` hides why it failed. Measured on Ray 2.60 (token auth on the cluster):
+Asked through a fresh, short-lived GCS client (~2-4 ms, ~1.5 ms CPU here; no fd, thread or memory
+growth over 2,000 reads) rather than through the driver: the driver's own GCS client aborts the
+process when it reaches a different cluster, and `ray.init` hides why it failed. Measured on
+Ray 2.60 (token auth on the cluster):
 
 - a wrong token: `ray.init` retries for ~20 s, logging "InvalidAuthToken" once a second, then
   raises a bare "Failed to connect"; a fresh GCS client raises `AuthenticationError` at once;
