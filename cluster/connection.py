@@ -2,13 +2,14 @@
 
 A front end serves whether or not its cluster is up: while it is not, every call answers 5002
 at once. The GCS's port is probed over TCP every PROBE_EVERY seconds (no Ray thread involved,
-so a probe never hangs nor outlives an outage), and the id of the cluster answering there is
-read through a fresh GCS client (`cluster.identity`). The driver is given up as soon as the GCS
-refuses connections (a GCS that refuses is a dead one) or the id differs from the joined
-cluster's (the head was restarted between two probes); once a GCS answers again the front end
-joins afresh, with backoff. A driver cannot simply be kept across a restart: a restarted head
-is a new cluster (new cluster id, none of the old actors), and Ray's own GCS clients abort the
-process when a request they retry reaches a different cluster.
+so a probe never hangs nor outlives an outage), then the id of the cluster answering there is
+read through a fresh GCS client (`cluster.identity`; bounded, one at a time). The driver is given
+up as soon as the GCS refuses connections (a GCS that refuses is a dead one) or the id differs
+from the joined cluster's (the head was restarted between two probes, e.g. while this process
+was stopped); once a GCS answers again the front end joins afresh, with backoff. A driver cannot
+simply be kept across a restart: a restarted head is a new cluster (new cluster id, none of the
+old actors), and Ray's own GCS clients abort the process when a request they retry reaches a
+different cluster, or leave the driver stuck on the old one (seen here: every call 5002 for ever).
 
 A cluster that refuses this front end's Ray token (or a front end with none) is not an outage:
 calls answer 5001 with the cause and the fix, it is logged once at error level, and joining is
