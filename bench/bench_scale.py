@@ -1,6 +1,7 @@
 """Scaling out: the Ray executor against the local one, on a real two-node Ray cluster on this machine.
 
-Run (as root, with the [ray] extra installed): python bench/bench_scale.py [--quick]   (prints; asserts nothing)
+Run (as root, with the [ray] extra installed): python bench/bench_scale.py [--quick] [--pool-only]
+(prints; asserts nothing)
 
 What it prints:
 - calibration: a 1M-iteration Python loop and a pipe round trip to a live `cat` (how loaded and
@@ -11,6 +12,9 @@ What it prints:
   front ends vs 1 local server (calls/s, per-call p50/p95);
 - `create_session` p50/p95 on Ray (sequential, then 200 at once);
 - memory: PSS of each session-host actor and of each front end, per session;
+- the warm pool under Ray: 50 concurrent `create_session` through one front end, a first burst and a
+  later one (once the pools refilled), without a pool and with the default pool (each host, one per
+  node, keeps its own pool and grows it to the demand it saw);
 - then what the figures say about front ends on this 2-core machine and about a bigger cluster.
 
 The whole process runs in a private network namespace (tests/support/netns.py): two Ray nodes
@@ -21,6 +25,7 @@ their actors all share the same 2 cores, so absolute figures are this machine's,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -30,6 +35,7 @@ import time
 from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -171,6 +177,89 @@ async def sequential_creates(server: ServerProcess, n: int) -> list[float]:
         return samples
 
 
+# -- warm pool -----------------------------------------------------------------------------
+
+
+def pool_manifest(cluster: RayCluster, directory: Path, deployment: str, pool: dict[str, int]) -> Path:
+    """The bench manifest in its own deployment (fresh hosts, so the pool settings are these) with `pool`."""
+    path = cluster.manifest(directory, disconnect_grace=0.0)
+    manifest = json.loads(path.read_text())
+    manifest["server"]["deployment"] = deployment
+    manifest["resources"]["bash"].update(pool)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+async def host_pools(server: ServerProcess) -> list[dict[str, Any]]:
+    """The bash warm pool of each session host, from get_status."""
+    async with Sandbox(url=server.mcp_url, token=server.token) as sandbox:
+        status = await sandbox.get_status()
+    return [h["warm_pools"]["bash"] for h in status["hosts"] if "bash" in h.get("warm_pools", {})]
+
+
+async def create_burst(server: ServerProcess, workers: int) -> tuple[float, list[float]]:
+    """`workers` clients create a bash session at once; returns (wall ms of the burst, each create's ms)."""
+    sandboxes = [Sandbox(url=server.mcp_url, token=server.token) for _ in range(workers)]
+    for sandbox in sandboxes:
+        await sandbox.start()
+    creates: list[float] = []
+
+    async def create(sandbox: Sandbox) -> None:
+        t0 = time.perf_counter()
+        await sandbox.create_session("bash")
+        creates.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    await run_all(create, sandboxes)
+    wall = (time.perf_counter() - t0) * 1000
+    for sandbox in reversed(sandboxes):
+        await sandbox.close()
+    return wall, creates
+
+
+async def pool_refilled(server: ServerProcess, within: float = 180.0) -> list[dict[str, Any]]:
+    """Poll get_status until every host's pool holds its target ready (a later burst finds it full)."""
+    deadline = time.monotonic() + within
+    while True:
+        pools = await host_pools(server)
+        if pools and all(p["ready"] >= p["target"] and not p["starting"] for p in pools):
+            return pools
+        if time.monotonic() > deadline:
+            return pools
+        await anyio.sleep(0.5)
+
+
+async def start_hosts(server: ServerProcess, nodes: int) -> None:
+    """One session on each node (fewest sessions first spreads them), then none: every host and its
+    pool is started before a burst is timed (a host starting within a burst would cost ~0.6 s)."""
+    sandboxes = [Sandbox(url=server.mcp_url, token=server.token) for _ in range(nodes)]
+    for sandbox in sandboxes:
+        await sandbox.start()
+        await sandbox.create_session("bash")
+    for sandbox in sandboxes:
+        await sandbox.close()
+
+
+async def warm_pool(cluster: RayCluster, directory: Path, workers: int) -> None:
+    out(f"\n== warm pool: {workers} concurrent create_session (bash, sandbox tier) through 1 Ray front end ==")
+    settings = {"pool 0 (no pool)": {"pool": 0}, "pool 8, pool_max 64 (the defaults)": {"pool": 8, "pool_max": 64}}
+    for index, (label, pool) in enumerate(settings.items()):
+        front_end = cluster.start_front_end(directory, pool_manifest(cluster, directory, f"bench-pool{index}", pool))
+        await start_hosts(front_end, len(cluster.nodes))
+        for burst in ("first burst", "later burst"):
+            pools = await pool_refilled(front_end) if pool["pool"] else []
+            ready = "+".join(str(p["ready"]) for p in pools) or "0"
+            wall, creates = await create_burst(front_end, workers)
+            summarize(f"{label}, {burst} ({ready} ready): each create", creates)
+            out(f"{'':<4}the burst of {workers}: {wall:.0f} ms wall")
+        pools = await host_pools(front_end)
+        taken = sum(p["taken"] for p in pools)
+        if pools:
+            grown = "+".join(f"{p['target']}" for p in pools)
+            out(f"{'':<4}pool targets per host now {grown} (grown by the bursts), {taken} sessions taken from pools")
+        front_end.stop()
+
+
 # -- memory --------------------------------------------------------------------------------
 
 
@@ -220,8 +309,11 @@ async def memory(cluster: RayCluster, front_ends: list[ServerProcess], sessions:
 # -- the run -------------------------------------------------------------------------------
 
 
-async def run(cluster: RayCluster, directory: Path, quick: bool) -> None:
+async def run(cluster: RayCluster, directory: Path, quick: bool, pool_only: bool = False) -> None:
     calib = calibration()
+    if pool_only:
+        await warm_pool(cluster, directory, 50)
+        return
     manifest = cluster.manifest(directory, disconnect_grace=0.0)
     local = start_http_server(directory, manifest=manifest, token=cluster.token)
     a = cluster.start_front_end(directory, manifest)
@@ -250,6 +342,7 @@ async def run(cluster: RayCluster, directory: Path, quick: bool) -> None:
         summarize(f"Ray (2 front ends): {workers} creates at once", ray_creates)
 
         mem = await memory(cluster, [a, b], 50 if quick else 200)
+        await warm_pool(cluster, directory, 50)
     finally:
         local.stop()
     conclude(calib, overhead, local_rate, (one_rate, one_cores), (two_rate, two_cores), mem)
@@ -295,13 +388,14 @@ def conclude(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
+    parser.add_argument("--pool-only", action="store_true", help="calibration and the warm-pool bursts only")
+    args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="afbench-"))
     # The whole run, and every thread and process it starts, in the cluster's private network.
     with PrivateNetwork() as network:
         cluster = RayCluster.start(network)
         try:
-            anyio.run(run, cluster, directory, quick)
+            anyio.run(run, cluster, directory, args.quick, args.pool_only)
         finally:
             cluster.stop()
             leaks.kill_leftovers()

@@ -188,7 +188,7 @@ class RayExecutor:
                     return await self._backend_tool(caller, spec, tool_name, args, progress)
                 finally:
                     self.connection.untrack(scope)
-            raise self.connection.unreachable()  # the cluster was given up during the call
+            raise self.connection.unavailable()  # the cluster was given up during the call
         except Exception as exc:  # SandboxErrors keep their code; anything else is 5000
             envelope = failure(exc, meta)
             meta.execution_time_ms = round((anyio.current_time() - started) * 1000, 3)

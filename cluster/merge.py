@@ -91,12 +91,13 @@ def merge_status(
         data["live_sessions"] += status.get("live_sessions", 0)
         data["backends"].update(status.get("backends", {}))
         data["your_sessions"] += status.get("your_sessions", [])
-        data["hosts"].append(
-            {
-                "host": host.name,
-                "node_id": host.node_id,
-                "resource": host.resource,
-                "live_sessions": status.get("live_sessions", 0),
-            }
-        )
+        entry = {
+            "host": host.name,
+            "node_id": host.node_id,
+            "resource": host.resource,
+            "live_sessions": status.get("live_sessions", 0),
+        }
+        if "warm_pools" in status:  # each host keeps its own pools (members are started on its node)
+            entry["warm_pools"] = status["warm_pools"]
+        data["hosts"].append(entry)
     return CallOutcome(success(data, meta))

@@ -6,14 +6,18 @@ breaks them (the fault tests, which do, start their own: tests/cluster/test_faul
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import psutil
 import pytest
 
+from tests.backends.vm_harness import needs_desktop
 from tests.cluster.helpers import (
     STATE_CHECK,
     STATE_COMMAND,
@@ -189,6 +193,120 @@ def test_a_generated_token_is_refused_with_the_ray_executor(
     assert "token" in result.stderr.lower(), result.stderr
     assert TOKEN_ENV in result.stderr, result.stderr
     assert not (tmp_path / "state" / "agentflow-sandbox").exists()  # no token file was generated
+
+
+def vm_manifest(ray_cluster: RayCluster, directory: Path) -> Path:
+    """The cluster's front-end manifest plus `vm` (default config, default `sandbox` tier)."""
+    path = ray_cluster.manifest(directory, host_idle_exit=HOST_IDLE_EXIT)
+    manifest = json.loads(path.read_text())
+    manifest["resources"]["vm"] = {"enabled": True}
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@needs_desktop
+async def test_a_vm_desktop_lives_on_its_node_and_leaves_nothing(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """A vm session through the ray executor: placed on node b (the only one advertising `agentflow.vm`),
+    its Xvfb desktop answers screenshots and pointer moves, and destroying it leaves none of its processes."""
+    assert leaks.session_pids(tag_prefix="vm-") == []  # the control: this run has no desktop yet
+    front_end = ray_cluster.start_front_end(tmp_path, vm_manifest(ray_cluster, tmp_path))
+    with anyio.fail_after(180):
+        async with stateless_client(front_end) as client:
+            created = await call(client, "create_session", {"resource": "vm"})
+            assert created["code"] == 0, created
+            handle = created["data"]["session_id"]
+            try:
+                listing = await call(client, "list_sessions", {"all": True})
+                details = sessions_by_id(listing["data"])[handle]["details"]
+                assert details["node_id"] == ray_cluster.nodes["b"].node_id, details
+                assert details["host"].startswith("host-"), details
+                pids = leaks.session_pids(tag_prefix="vm-")
+                assert "Xvfb" in {psutil.Process(pid).name() for pid in pids}, pids
+
+                shot = await call(client, "vm_screenshot", {"session_id": handle})
+                assert shot["code"] == 0, shot
+                assert shot["data"]["width"] > 0, shot["data"]
+                assert shot["data"]["height"] > 0, shot["data"]
+                moved = await call(client, "vm_move", {"x": 17, "y": 23, "session_id": handle})
+                assert moved["code"] == 0, moved
+                where = await call(client, "vm_cursor_position", {"session_id": handle})
+                assert (where["data"]["x"], where["data"]["y"]) == (17, 23), where
+            finally:
+                destroyed = await call(client, "destroy_session", {"session_id": handle})
+            assert destroyed["code"] == 0, destroyed
+            await leaks.wait_gone(tag_prefix="vm-", within=60)
+            gone = await call(client, "vm_screenshot", {"session_id": handle})
+            assert gone["code"] == 1003, gone
+
+
+def edited_manifest(path: Path, server: dict[str, Any], resources: dict[str, dict[str, Any]]) -> Path:
+    """`path` (a cluster front-end manifest) with more `server` settings and resource settings."""
+    manifest = json.loads(path.read_text())
+    manifest["server"].update(server)
+    for name, settings in resources.items():
+        manifest["resources"].setdefault(name, {}).update(settings)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+async def test_each_host_keeps_a_warm_pool_that_creates_take_from_and_that_ends_with_it(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Bash with `pool = 2` in a deployment of its own: each node's host fills its pool (get_status shows
+    it per host), creates through the front end take members, and once the front end is gone the hosts
+    exit and neither their sessions nor their pool members leave a process."""
+    deployment = "pooled"
+    manifest = edited_manifest(
+        ray_cluster.manifest(tmp_path, host_idle_exit=HOST_IDLE_EXIT),
+        {"deployment": deployment},
+        {"bash": {"pool": 2, "pool_max": 2}},
+    )
+    front_end = ray_cluster.start_front_end(tmp_path, manifest)
+    labels: set[str] = set()
+    with anyio.fail_after(180):
+        async with stateless_client(front_end) as client:
+
+            async def pools() -> list[dict[str, Any]]:
+                status = await call(client, "get_status", {})
+                assert status["code"] == 0, status
+                found = [h["warm_pools"]["bash"] for h in status["data"]["hosts"] if "warm_pools" in h]
+                for pool in found:
+                    labels.update(pool["members"])
+                return found
+
+            async def full() -> list[dict[str, Any]] | None:
+                found = await pools()
+                return found if len(found) == 2 and all(p["ready"] == 2 for p in found) else None
+
+            handles = []
+            for _ in range(2):  # one on each node (fewest sessions first): both hosts and their pools start
+                created = await call(client, "create_session", {"resource": "bash"})
+                assert created["code"] == 0, created
+                handles.append(created["data"]["session_id"])
+            before = await eventually(full, 120, every=0.5, what="both hosts' pools to hold 2 ready shells")
+            for _ in range(2):
+                created = await call(client, "create_session", {"resource": "bash"})
+                assert created["code"] == 0, created
+                handles.append(created["data"]["session_id"])
+            after = await pools()
+            assert sum(p["taken"] for p in after) >= sum(p["taken"] for p in before) + 2, (before, after)
+            for handle in handles:
+                ran = await call(client, "bash_run", {"command": 'echo "$AGENTFLOW_SESSION"', "session_id": handle})
+                assert ran["code"] == 0, ran
+                labels.add(ran["data"]["stdout"].strip())
+                assert (await call(client, "destroy_session", {"session_id": handle}))["code"] == 0
+            await pools()
+    front_end.stop()
+    ray_cluster.front_ends.remove(front_end)
+
+    def hosts() -> list[str]:
+        return [name for name in ray_cluster.named_actors(deployment) if name.startswith("host-")]
+
+    # (The deployment's registry stays: it lives as long as the cluster.)
+    await eventually(lambda: not hosts(), 120, every=1.0, what=lambda: f"the pooled hosts to exit; left: {hosts()}")
+    assert len(labels) >= 6, labels  # the 4 sessions and at least the pools' 4 members
+    for label in labels:
+        await leaks.wait_gone(label, within=30)
 
 
 async def test_session_hosts_exit_when_nothing_is_left(

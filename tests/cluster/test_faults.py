@@ -232,3 +232,73 @@ async def test_a_front_end_started_while_the_cluster_is_down_answers_5002_then_r
 
             up = await eventually(served, 120, every=1.0, what="the front end to reach the cluster once it is up")
             assert up["data"]["stdout"] == "up\n"
+
+
+@pytest.mark.timeout(400)
+async def test_a_head_restarted_at_once_is_rejoined_by_a_front_end_that_survives(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The head SIGKILLed and started again at once, three times: a driver kept across the restart would be
+    aborted by Ray (its GCS client reaches another cluster); the front end leaves at the GCS's first refusal
+    (or at a changed cluster id), lives on, serves the new cluster, and old handles answer 1003."""
+    cluster.start_nodes(("a",))
+    front_end = cluster.start_front_end(tmp_path, cluster.manifest(tmp_path))
+    with anyio.fail_after(360):
+        async with stateless_client(front_end) as client:
+
+            async def served() -> dict[str, Any] | None:
+                assert front_end.process.poll() is None, front_end.log()
+                answer = await call(client, "create_session", {"resource": "bash"})
+                assert answer["code"] in (0, 5002), answer
+                return answer if answer["code"] == 0 else None
+
+            handle = (await served() or {"data": {}})["data"].get("session_id")
+            assert handle, "the front end did not serve its cluster"
+            for restart in range(3):
+                cluster.stop_node("a")
+                cluster.start_nodes(("a",))
+                again = await eventually(served, 90, every=0.5, what=f"the front end to serve after restart {restart}")
+                assert front_end.process.poll() is None, front_end.log()
+                lost = await call(client, "bash_run", {"command": "true", "session_id": handle})
+                assert lost["code"] == 1003, lost
+                handle = again["data"]["session_id"]
+                ran = await call(client, "bash_run", {"command": "echo up", "session_id": handle})
+                assert ran["data"]["stdout"] == "up\n", ran
+            await call(client, "destroy_session", {"session_id": handle})
+    assert front_end.process.poll() is None, front_end.log()
+
+
+@pytest.mark.timeout(400)
+async def test_a_head_restarted_while_the_front_end_could_not_look_is_told_by_its_cluster_id(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The front end SIGSTOPped while the head is killed and started again (a restart between two of its
+    probes, made certain), twice: when it runs again the GCS port answers, so only the changed cluster id
+    tells; the front end leaves before Ray's own clients reach the new cluster, lives on, and serves it."""
+    cluster.start_nodes(("a",))
+    front_end = cluster.start_front_end(tmp_path, cluster.manifest(tmp_path))
+    with anyio.fail_after(360):
+        async with stateless_client(front_end) as client:
+
+            async def served() -> dict[str, Any] | None:
+                assert front_end.process.poll() is None, front_end.log()
+                answer = await call(client, "create_session", {"resource": "bash"})
+                assert answer["code"] in (0, 5002), answer
+                return answer if answer["code"] == 0 else None
+
+            handle = (await eventually(served, 60, every=0.5, what="the front end to serve"))["data"]["session_id"]
+            for restart in range(2):
+                front_end.process.send_signal(signal.SIGSTOP)
+                try:
+                    cluster.stop_node("a")
+                    cluster.start_nodes(("a",))
+                finally:
+                    front_end.process.send_signal(signal.SIGCONT)
+                again = await eventually(served, 90, every=0.5, what=f"the front end to serve after restart {restart}")
+                lost = await call(client, "bash_run", {"command": "true", "session_id": handle})
+                assert lost["code"] == 1003, lost
+                handle = again["data"]["session_id"]
+            await call(client, "destroy_session", {"session_id": handle})
+    assert front_end.process.poll() is None, front_end.log()
+    told = front_end.log_path.read_text(errors="replace").count("belongs to another cluster now")
+    assert told == 2, front_end.log()
