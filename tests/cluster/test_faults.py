@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,19 @@ async def test_a_front_end_started_while_the_cluster_is_down_answers_5002_then_r
             assert up["data"]["stdout"] == "up\n"
 
 
+def creates_once_served(front_end: Any, client: Any) -> Callable[[], Awaitable[Any]]:
+    """A poll for `eventually`: a bash create's answer once the front end serves (None while it answers
+    5002); the front end process must stay alive throughout."""
+
+    async def served() -> dict[str, Any] | None:
+        assert front_end.process.poll() is None, front_end.log()
+        answer = await call(client, "create_session", {"resource": "bash"})
+        assert answer["code"] in (0, 5002), answer
+        return answer if answer["code"] == 0 else None
+
+    return served
+
+
 @pytest.mark.timeout(400)
 async def test_a_head_restarted_at_once_is_rejoined_by_a_front_end_that_survives(
     cluster: RayCluster, tmp_path: Path
@@ -245,12 +258,7 @@ async def test_a_head_restarted_at_once_is_rejoined_by_a_front_end_that_survives
     front_end = cluster.start_front_end(tmp_path, cluster.manifest(tmp_path))
     with anyio.fail_after(360):
         async with stateless_client(front_end) as client:
-
-            async def served() -> dict[str, Any] | None:
-                assert front_end.process.poll() is None, front_end.log()
-                answer = await call(client, "create_session", {"resource": "bash"})
-                assert answer["code"] in (0, 5002), answer
-                return answer if answer["code"] == 0 else None
+            served = creates_once_served(front_end, client)
 
             handle = (await served() or {"data": {}})["data"].get("session_id")
             assert handle, "the front end did not serve its cluster"
@@ -279,12 +287,7 @@ async def test_a_head_restarted_while_the_front_end_could_not_look_is_told_by_it
     front_end = cluster.start_front_end(tmp_path, cluster.manifest(tmp_path))
     with anyio.fail_after(360):
         async with stateless_client(front_end) as client:
-
-            async def served() -> dict[str, Any] | None:
-                assert front_end.process.poll() is None, front_end.log()
-                answer = await call(client, "create_session", {"resource": "bash"})
-                assert answer["code"] in (0, 5002), answer
-                return answer if answer["code"] == 0 else None
+            served = creates_once_served(front_end, client)
 
             handle = (await eventually(served, 60, every=0.5, what="the front end to serve"))["data"]["session_id"]
             for restart in range(2):
