@@ -61,6 +61,14 @@ class Node:
     resources: dict[str, float]
 
 
+@dataclass
+class _Reading:
+    """A read of the node list under way, which calls arriving meanwhile wait for."""
+
+    done: anyio.Event
+    error: Exception | None = None
+
+
 def ray_environment() -> None:
     """Process-wide Ray settings a front end needs before joining (kept if already set)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -114,6 +122,7 @@ class Placement:
         self.hosts: dict[str, Host] = {}
         self._nodes: list[Node] = []
         self._nodes_at = -NODES_TTL
+        self._reading: _Reading | None = None
         self.registry: Any = None
 
     def join_registry(self) -> None:
@@ -136,10 +145,31 @@ class Placement:
         self.registry = None
 
     async def nodes(self, *, fresh: bool = False) -> list[Node]:
-        if fresh or time.monotonic() - self._nodes_at > NODES_TTL:
+        if fresh:
+            return await self._read_nodes()
+        while time.monotonic() - self._nodes_at > NODES_TTL:
+            reading = self._reading
+            if reading is None:
+                return await self._read_nodes()
+            # A burst of calls found the list stale at once: one read of the GCS serves them all.
+            await reading.done.wait()
+            if reading.error is not None:
+                raise reading.error
+        return self._nodes
+
+    async def _read_nodes(self) -> list[Node]:
+        reading = self._reading = _Reading(anyio.Event())
+        try:
             self._nodes = await gcs(_node_table)
             self._nodes_at = time.monotonic()
-        return self._nodes
+            return self._nodes
+        except Exception as exc:
+            reading.error = exc
+            raise
+        finally:
+            if self._reading is reading:
+                self._reading = None
+            reading.done.set()  # a read cancelled with its caller leaves the list stale: a waiter reads again
 
     async def node_alive(self, node_id: str) -> bool:
         return any(n.node_id == node_id and n.alive for n in await self.nodes(fresh=True))

@@ -173,6 +173,49 @@ async def test_a_meta_worker_key_names_one_worker_through_every_front_end(ray_he
 
 
 @pytest.mark.slow
+async def test_calls_that_find_the_node_list_stale_at_once_share_one_read(ray_head, monkeypatch):
+    import anyio
+
+    from cluster import placement
+    from session.errors import ServiceUnavailable
+
+    reads: list[bool] = []
+    read_table = placement._node_table
+    gcs_away = False
+
+    def counted() -> list[placement.Node]:
+        reads.append(gcs_away)
+        if gcs_away:
+            raise ServiceUnavailable("the GCS did not answer")
+        return read_table()
+
+    monkeypatch.setattr(placement, "_node_table", counted)
+    async with front_ends(ray_head.address, manifest_of(FAKES), count=1) as (front,):
+        answers: list[object] = []
+
+        async def eligible() -> None:
+            try:
+                answers.append(await front.placement.eligible("fake"))
+            except ServiceUnavailable as exc:
+                answers.append(exc.code)
+
+        for gcs_away in (False, True):
+            front.placement._nodes_at = -placement.NODES_TTL  # stale, as after 2 s without a read
+            reads.clear()
+            answers.clear()
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(eligible)
+            assert reads == [gcs_away]
+            if gcs_away:
+                assert answers == [5002] * 20  # the shared read's failure, at once, not one timeout each
+            else:
+                assert len(answers) == 20
+                assert all(isinstance(a, list) and len(a) == 1 for a in answers)  # the run's one node
+                assert len({tuple(a) for a in answers if isinstance(a, list)}) == 1
+
+
+@pytest.mark.slow
 async def test_a_front_end_that_stops_puts_its_connections_sessions_in_the_grace(ray_head):
     manifest = manifest_of(FAKES, disconnect_grace=30)
     async with front_ends(ray_head.address, manifest, count=1) as (survivor,):
