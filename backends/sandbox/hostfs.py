@@ -27,9 +27,6 @@ CAP_SYS_ADMIN; a server that is not root gets plain directories (no disk cap) an
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -37,23 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.sandbox import mountns
-from backends.sandbox.mountns import MS_BIND, MS_NODEV, MS_NOSUID, MS_REC, MountRequest, mount
+from backends.sandbox.mountns import MS_BIND, MS_NODEV, MS_NOSUID, MS_REC, MountRequest, mount, unmount
 from backends.sandbox.spec import Bind
 
-log = logging.getLogger(__name__)
-
 STAGE_ROOT = Path("/run/agentflow/stage")
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def unmount(target: Path) -> None:
-    """Lazily unmount `target` (a busy mount goes once its last user does). Never raises."""
-    if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
-            log.warning("umount %s: %s", target, os.strerror(err))
 
 
 def mounts_under(root: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ MS_NODEV = 4
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -51,6 +55,14 @@ def mount(source: str | None, target: Path, fstype: str | None, flags: int, data
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def unmount(target: Path) -> None:
+    """Lazily unmount `target` (a busy mount goes once its last user does). Never raises."""
+    if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
+            log.warning("umount %s: %s", target, os.strerror(err))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from backends.sandbox import cgroups, gvisor, hostfs, uids
+from backends.sandbox import cgroups, gvisor, hostfs, mountns, uids
 from backends.sandbox.spec import server_pid
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _sweep_dirs(report: SweepReport, tmp_root: Path) -> None:
         if not _dead(server_id):
             continue
         for mount in hostfs.mounts_under(path):
-            hostfs.unmount(mount)
+            mountns.unmount(mount)
         shutil.rmtree(path, ignore_errors=True)
         report.dirs.append(str(path))
 
