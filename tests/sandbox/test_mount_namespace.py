@@ -154,3 +154,29 @@ def test_the_launcher_refuses_what_is_not_a_mount_namespace(binary: str) -> None
     finally:
         for fd in (read, write, net):
             os.close(fd)
+
+
+@pytest.mark.parametrize("tier", ["sandbox", GVISOR])
+async def test_a_hostile_session_cannot_reach_another_sessions_home_by_any_host_path(
+    make_box: BoxFactory, tier: str
+) -> None:
+    victim, attacker = await make_box(tier), await make_box(tier)
+    secret = f"victim-secret-{os.getpid()}"
+    assert await run(victim, f"echo {secret} > ~/secret; echo {secret} > /tmp/secret") == (0, "")
+    assert victim._storage.namespace is not None
+    home_fd = victim._storage.namespace.mounts[0].fd
+    # Every way the host reaches the victim's files: its home's host path (a symlink to the
+    # server's descriptor), that descriptor through /proc, the stage path inside its namespace,
+    # and the roots of other processes. (An attacker in tier `none` reads the first two.)
+    paths = [
+        f"{victim.spec.home}/secret",
+        f"/proc/{os.getpid()}/fd/{home_fd}/secret",
+        f"{stage_of(victim)}/home/secret",
+        f"{stage_of(victim)}/tmp/secret",
+    ]
+    script = "; ".join(f"cat {path} 2>&1" for path in paths)
+    script += "; cat /proc/*/root/home/*/secret /proc/*/root/tmp/secret 2>&1; ls -d /run/agentflow 2>&1; true"
+    status, out = await run(attacker, script)
+    assert status == 0
+    assert secret not in out
+    assert out.count("No such file or directory") >= len(paths) + 1, out
