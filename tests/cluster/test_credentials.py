@@ -77,7 +77,11 @@ async def test_a_wrong_token_answers_5001_naming_the_variable_and_logs_it_once(
 ) -> None:
     server = front_end(cluster, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
     with anyio.fail_after(60):
-        await refused(server, "refused this front end's Ray token", "RAY_AUTH_TOKEN")
+        answer = await refused(server, "refused this front end's Ray token", "RAY_AUTH_TOKEN")
+    # Neither token is ever echoed: not to the client, not to the log.
+    for token in ("0" * 64, cluster.ray_token):
+        assert token not in answer["message"]
+        assert token not in log_of(server)
     # Several attempts (Ray logs one line for each), one error line of ours.
     eventually_sync(lambda: log_of(server).count(RAY_REFUSED_LINE) >= 3, 60, what="three refused join attempts")
     assert log_of(server).count(OUR_ERROR) == 1, log_of(server)
