@@ -5,8 +5,10 @@ to the session's uid with no capabilities, resets every signal disposition, then
 work of `sh -c ENTER` + `setpriv` + `env --default-signal` in one exec instead of three (each
 exec costs ~0.6 ms of CPU on a small machine, and a session start paid five).
 
-Built on first use with the host C compiler and cached by source hash, like the gVisor shim
-(backends/sandbox/buildcache.py: trust, re-verification, pruning): `/run/agentflow/launch/<hash>/`
+Built on first use, static, with musl when `musl-gcc` is installed (glibc's start-up alone costs
+~0.5 ms per exec on a virtual machine), else with the host C compiler, and cached by source hash
+like the gVisor shim (backends/sandbox/buildcache.py: trust, re-verification, pruning):
+`/run/agentflow/launch/<hash>/`
 for a root server (root-owned, 0755), a private 0700 directory under the temp dir otherwise.
 `path()` is called once per session setup: one `lstat` there notices a launcher deleted or
 replaced while the server runs, and the next session gets a fresh build (a replaced one is
@@ -38,7 +40,13 @@ ROOT_CACHE = Path("/run/agentflow/launch")
 _BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 _BUILD_TIMEOUT = 120.0
 _FLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
-_RECIPE = " ".join((*_FLAGS, "-static|dynamic"))
+#: musl first: glibc's start-up asks the CPU about its caches with ~80 CPUID instructions, and
+#: each one traps to the hypervisor on a virtual machine (~7 us here). A musl build execs in
+#: ~0.03 ms against ~0.55 ms for a static glibc one, on every session spawn.
+_TOOLCHAINS = (("musl-gcc", ("-static",)), ("cc", ("-static",)), ("cc", ()))
+_RECIPE = " ".join(_FLAGS) + " " + "|".join(f"{cc} {' '.join(extra)}" for cc, extra in _TOOLCHAINS)
+#: The only kernel headers the launcher includes; musl-gcc does not search the system's.
+_KERNEL_HEADERS = ("linux", "asm", "asm-generic")
 
 
 class LauncherUnavailable(buildcache.CacheUnusable):
@@ -52,30 +60,67 @@ def cache_root() -> Path:
     return Path(tempfile.gettempdir()) / f"agentflow-launch-{os.geteuid()}"
 
 
+def _kernel_headers(into: Path) -> list[str]:
+    """`-isystem DIR` for musl-gcc: a directory holding only the kernel's header trees (linux,
+    asm, asm-generic) as symlinks, so none of glibc's headers can mix with musl's."""
+    multiarch = Path("/usr/include") / _multiarch()
+    for name in _KERNEL_HEADERS:
+        for base in (multiarch, Path("/usr/include")):
+            if (base / name).is_dir():
+                (into / name).symlink_to(base / name)
+                break
+        else:
+            return []
+    return ["-isystem", str(into)]
+
+
+def _multiarch() -> str:
+    try:
+        return subprocess.run(
+            ["gcc", "-print-multiarch"], env=_BUILD_ENV, capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _which(name: str) -> str | None:
+    found = shutil.which(name, path=_BUILD_ENV["PATH"])
+    if found is None and name == "cc":
+        found = shutil.which("gcc", path=_BUILD_ENV["PATH"])
+    return found
+
+
 def _compile(output: Path) -> None:
-    """Compile launcher.c to `output`: static first (no dynamic loader at all), else dynamic."""
-    compiler = shutil.which("cc", path=_BUILD_ENV["PATH"]) or shutil.which("gcc", path=_BUILD_ENV["PATH"])
-    if compiler is None:
-        raise LauncherUnavailable("no C compiler (cc or gcc) is installed")
-    common = [compiler, *_FLAGS, "-o", str(output), str(SOURCE)]
+    """Compile launcher.c to `output`: musl static, else static glibc, else dynamic."""
     errors = []
-    for extra in (["-static"], []):
-        try:
-            result = subprocess.run(
-                [*common, *extra],
-                env=_BUILD_ENV,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=_BUILD_TIMEOUT,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise LauncherUnavailable(f"running {compiler} failed: {exc}") from None
-        if result.returncode == 0:
-            return
-        errors.append(result.stderr.strip()[-300:])
-    raise LauncherUnavailable(f"{compiler} failed: {errors[-1]}")
+    with tempfile.TemporaryDirectory(prefix="agentflow-launch-build-") as scratch:
+        for name, extra in _TOOLCHAINS:
+            compiler = _which(name)
+            if compiler is None:
+                continue
+            headers = _kernel_headers(Path(scratch)) if name == "musl-gcc" else []
+            if name == "musl-gcc" and not headers:
+                continue
+            command = [compiler, *_FLAGS, *headers, *extra, "-o", str(output), str(SOURCE)]
+            try:
+                result = subprocess.run(
+                    command,
+                    env=_BUILD_ENV,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=_BUILD_TIMEOUT,
+                    check=False,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"running {compiler} failed: {exc}")
+                continue
+            if result.returncode == 0:
+                return
+            errors.append(f"{compiler} failed: {result.stderr.strip()[-300:]}")
+    if not errors:
+        raise LauncherUnavailable("no C compiler (musl-gcc, cc or gcc) is installed")
+    raise LauncherUnavailable(errors[-1])
 
 
 def _self_test(binary: Path) -> None:
