@@ -253,6 +253,24 @@ def cpu_ms(pid: int | None) -> float:
     return (times.user + times.system) * 1000
 
 
+def context_switches(pid: int | None) -> int:
+    """Context switches (voluntary and not) of every thread of a server process, or of this one.
+
+    Each is a thread going to sleep or being preempted; a handoff to another CPU costs a
+    wakeup through the hypervisor on a VM (~20 us here): why session setup stays off worker threads.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid or os.getpid()}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in status.splitlines():
+            if "ctxt_switches:" in line:
+                total += int(line.split(":")[1])
+    return total
+
+
 async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int, server_pid: int | None = None) -> None:
     """Temporary calls and create+destroy, back to back; with the server's CPU per operation,
     which a loaded machine inflates far less than wall-clock time. Back-to-back calls are
@@ -273,9 +291,11 @@ async def client_figures(sandbox: Sandbox, label: str, n: int, pool: int, server
     for name, fn in rows:
         state = await settle(sandbox.get_status, pool)
         out(f"  (pool: {state})")
-        cpu0 = cpu_ms(server_pid)
+        cpu0, switches0 = cpu_ms(server_pid), context_switches(server_pid)
         summarize(f"{label}, pool={pool}: {name}", await measure(fn, n, 3))
         out(f"{f'  {whose} CPU per call':<58} {(cpu_ms(server_pid) - cpu0) / (n + 3):8.2f} ms")
+        switches = (context_switches(server_pid) - switches0) / (n + 3)
+        out(f"{f'  {whose} context switches per call':<58} {switches:8.1f}")
     await settle(sandbox.get_status, pool)
     # A burst the pool can cover, spaced so the pool refills in between (what a pool is for).
     if pool:

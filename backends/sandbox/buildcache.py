@@ -191,6 +191,19 @@ class CachedBuild:
             self._refresh(root)
             return self._verified.path
 
+    def current(self) -> Path | None:
+        """The verified build if it is unchanged and no refresh is due (one `lstat`, never a
+        build, a prune or a self-test: safe on an event loop); None when `get` has work to do."""
+        if not self._lock.acquire(blocking=False):  # a build or check under way
+            return None
+        try:
+            verified = self._verified
+            if verified is None or time.monotonic() - self._refreshed >= REFRESH_EVERY:
+                return None
+            return verified.path if identity(verified.path) == verified.identity else None
+        finally:
+            self._lock.release()
+
     def _refresh(self, root: Path) -> None:
         self._refreshed = time.monotonic()
         touch(root / self.key)

@@ -189,8 +189,24 @@ class ServerLauncher:
                 )
                 return None
 
+    def settled(self) -> bool:
+        """Whether `path()` would answer at once: the build is adopted, unchanged and no
+        refresh is due, or the launcher was given up. False means it may compile or prune."""
+        # Never waits: a lock held means another session is building or checking it.
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            return self._unavailable or self._cache.current() is not None
+        finally:
+            self._lock.release()
+
 
 _server = ServerLauncher()
+
+
+def settled() -> bool:
+    """Whether `path()` answers at once now (no build, prune or self-test): see ServerLauncher.settled."""
+    return _server.settled()
 
 
 def path() -> str | None:

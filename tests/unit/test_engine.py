@@ -8,12 +8,14 @@ tool calls) run on the local engine only; each says so.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import anyio.lowlevel
 import pytest
 
 from backends.base import BackendKind
-from session.engine import Engine
+from session.engine import Engine, _remove_shallow
 from session.errors import ParameterError, ResourceTypeNotFound, ResourceUnavailable, SessionError
 from tests.executors import FAKES, TWO_FAKES, manifest_of
 from tests.fakes import FakeBackend, SharedFake
@@ -376,3 +378,30 @@ async def _none(views) -> bool:
 
 async def _equals(value, expected) -> bool:
     return await value == expected
+
+
+def test_a_shallow_scratch_is_removed_inline_and_a_deep_one_left_for_the_tree_walk(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the session's")
+    shallow = tmp_path / "shallow"
+    (shallow / "home").mkdir(parents=True)
+    (shallow / "link").symlink_to(outside)  # removed as a link, never followed
+    (shallow / "note").write_text("x")
+    assert _remove_shallow(shallow)
+    assert not shallow.exists()
+    assert (outside / "keep.txt").read_text() == "not the session's"
+
+    deep = tmp_path / "deep"
+    (deep / "profile" / "cache").mkdir(parents=True)
+    assert not _remove_shallow(deep)
+    assert (deep / "profile" / "cache").is_dir()
+
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    for i in range(9):
+        (crowded / f"f{i}").touch()
+    assert not _remove_shallow(crowded)
+    assert len(list(crowded.iterdir())) == 9  # untouched: the worker thread removes it
+
+    assert _remove_shallow(tmp_path / "never-made")
