@@ -35,6 +35,13 @@ USR_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 #: Files in /etc replaced by /dev/null: hashes are useless to a session and tempting to crack.
 HIDDEN_ETC = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
 TMP_INSIDE = "/tmp"
+#: The session's user and group name inside the sandbox (its uid is a leased one the host has
+#: no entry for). Without an entry a shell says "I have no name!", `whoami` and tools that ask
+#: for a user name fail, and every lookup of the uid (bash makes one at start) falls through
+#: /etc/passwd to the NSS modules: systemd's loads three libraries and searches the userdb
+#: directories, ~0.2-0.3 ms of CPU per start here (bench/bench_starts.py).
+SESSION_USER = "user"
+PASSWD, GROUP = Path("/etc/passwd"), Path("/etc/group")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -84,6 +91,60 @@ def _layout() -> list[str]:
     return args
 
 
+def identity_files(uid: int) -> dict[str, bytes]:
+    """/etc/passwd and /etc/group for a sandbox running as `uid` (path -> content): the host's,
+    with an entry `user` for `uid` added (and any host entry of that name left out, so the
+    name means the session). Empty when the host already has an entry for `uid` (a server
+    that is not root runs its sessions as itself)."""
+    passwd, group = _host_file(PASSWD), _host_file(GROUP)
+    if passwd is None or _has_id(passwd, uid):
+        return {}
+    files = {str(PASSWD): _with_entry(passwd, f"{SESSION_USER}:x:{uid}:{uid}::{HOME_INSIDE}:/bin/bash")}
+    if group is not None and not _has_id(group, uid):
+        files[str(GROUP)] = _with_entry(group, f"{SESSION_USER}:x:{uid}:")
+    return files
+
+
+def _host_file(path: Path) -> bytes | None:
+    """The host's copy, re-read only when it changed (one stat per call)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return _read_cached(path, info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path: Path, _mtime_ns: int, _size: int, _ino: int) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _has_id(table: bytes, uid: int) -> bool:
+    """Whether a passwd or group table has an entry whose id (third field) is `uid`."""
+    wanted = str(uid).encode()
+    return any(len(fields := line.split(b":")) > 2 and fields[2] == wanted for line in table.splitlines())
+
+
+def _with_entry(table: bytes, entry: str) -> bytes:
+    kept = [line for line in table.splitlines() if line.split(b":", 1)[0] != SESSION_USER.encode()]
+    return b"\n".join([*kept, entry.encode()]) + b"\n"
+
+
+def data_fd(content: bytes, name: str) -> int:
+    """A memfd holding `content`, at offset 0, for bwrap's `--ro-bind-data` (the caller closes it)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, content)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def bind_args(binds: Sequence[Bind], fds: list[int]) -> list[str]:
     """Binds by open descriptor: the unprivileged bwrap could not walk a root-only path (the
     server's 0700 scratch root) to reach them, and a descriptor also pins what was checked."""
@@ -107,10 +168,13 @@ def options(
     cwd: str,
     seccomp_fd: int,
     fds: list[int],
+    etc_files: Mapping[str, bytes] | None = None,
 ) -> list[str]:
     """Every bwrap option for one process of a session (the command goes after `--`).
 
-    Descriptors opened for binds are appended to `fds`; the caller passes them on and closes them.
+    `etc_files`: files shown read-only in place of the host's (see `identity_files`).
+    Descriptors opened for binds and files are appended to `fds`; the caller passes them on
+    and closes them.
     """
     args = [
         "--unshare-all",
@@ -123,6 +187,12 @@ def options(
         "--hostname",
         hostname,
         *base_layout(),
+    ]
+    for path, content in (etc_files or {}).items():
+        fd = data_fd(content, "agentflow-etc")
+        fds.append(fd)
+        args += ["--ro-bind-data", str(fd), path]
+    args += [
         "--proc",
         "/proc",
         "--dev",

@@ -158,6 +158,8 @@ class SessionSandbox:
         self._launcher: str | None = None
         #: pidfds of the killed pid-namespace inits (tier `sandbox`): readable once a namespace is empty.
         self._init_fds: list[int] = []
+        #: /etc files the sandbox shows in place of the host's (its user's entry; tier `sandbox`).
+        self._etc_files: dict[str, bytes] = {}
         self._wrappers_killed = False
 
     # -- construction ---------------------------------------------------------------
@@ -221,6 +223,8 @@ class SessionSandbox:
     def _setup(self) -> None:
         self._launcher = launcher.path()
         self._lease_uid()
+        if self.tier == "sandbox":
+            self._etc_files = bwrap.identity_files(self.uid)
         limits = self.spec.policy.limits
         host = cgroups.probe()
         if host.version is not None:
@@ -435,6 +439,7 @@ class SessionSandbox:
             cwd=cwd or HOME_INSIDE,
             seccomp_fd=seccomp_fd,
             fds=fds,
+            etc_files=self._etc_files,
         )
         args_fd = os.memfd_create("agentflow-bwrap-args", os.MFD_CLOEXEC)
         fds.append(args_fd)

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from backends.policy import Mount, Policy
-from backends.sandbox import Bind, SandboxSpec, SessionSandbox, cgroups, mechanisms
+from backends.sandbox import Bind, SandboxSpec, SessionSandbox, bwrap, cgroups, mechanisms
 from backends.sandbox.spec import HOME_INSIDE
 from session.errors import ConfigurationError, ParameterError
 from tests.sandbox.helpers import (
@@ -206,6 +206,37 @@ async def test_home_inside_is_fixed_and_private(make_box: BoxFactory) -> None:
     status, out = await run(box, 'echo "$HOME"; stat -c "%a %u" ~ /tmp')
     assert status == 0, out
     assert out.split() == [HOME_INSIDE, "700", str(box.uid), "700", str(box.uid)]
+
+
+def host_passwd() -> bytes:
+    return Path("/etc/passwd").read_bytes()
+
+
+async def test_the_session_user_has_a_name_and_lookups_stop_at_etc_passwd(make_box: BoxFactory) -> None:
+    box = await make_box("sandbox")
+    before = host_passwd()
+    status, out = await run(
+        box,
+        "whoami; id -un; id -gn; getent passwd $(id -u); grep -c '^root:' /etc/passwd; "
+        # bash looked its uid up at start: found in /etc/passwd, no NSS module was loaded for it.
+        "grep -c libnss_systemd /proc/$$/maps; echo 'evil:x:0:0::/:/bin/bash' >> /etc/passwd && echo written",
+    )
+    lines = out.splitlines()
+    assert lines[:4] == ["user", "user", "user", f"user:x:{box.uid}:{box.uid}::{HOME_INSIDE}:/bin/bash"], out
+    assert lines[4:6] == ["1", "0"], out  # the host's entries stay; no libnss_systemd in the shell
+    assert "written" not in out
+    assert "Read-only file system" in out
+    assert status != 0
+    assert host_passwd() == before
+
+
+def test_identity_files_add_the_user_only_for_a_uid_the_host_does_not_know() -> None:
+    assert bwrap.identity_files(os.geteuid()) == {}  # root (or the server's own uid): known already
+    files = bwrap.identity_files(2_000_000 - 1)
+    passwd = files["/etc/passwd"].decode().splitlines()
+    assert passwd[-1] == f"user:x:1999999:1999999::{HOME_INSIDE}:/bin/bash"
+    assert [line for line in passwd if line.startswith("user:")] == [passwd[-1]]
+    assert files["/etc/group"].decode().splitlines()[-1] == "user:x:1999999:"
 
 
 async def test_two_processes_of_one_session_share_home_and_tmp(make_box: BoxFactory) -> None:
