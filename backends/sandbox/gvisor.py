@@ -117,8 +117,13 @@ def write_bundle(
     binds: Sequence[Bind],
     hostname: str,
     host_network: bool = False,
+    etc_files: Mapping[str, bytes] | None = None,
 ) -> None:
-    """Write an OCI bundle (config.json + an empty read-only rootfs of mount points)."""
+    """Write an OCI bundle (config.json + an empty read-only rootfs of mount points).
+
+    `etc_files`: files shown read-only in place of the host's (bwrap.identity_files), written
+    into the bundle and bound from there.
+    """
     rootfs = bundle / "rootfs"
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -136,6 +141,13 @@ def write_bundle(
     for path in HIDDEN_ETC:
         if os.path.exists(path):
             mounts.append(_mount(path, "/dev/null", writable=False))
+    files = [*HIDDEN_ETC]
+    for index, (path, content) in enumerate((etc_files or {}).items()):
+        copy = bundle / f"etc-{index}"
+        copy.write_bytes(content)
+        copy.chmod(0o644)
+        mounts.append(_mount(path, str(copy), writable=False))
+        files.append(path)
     mounts += [
         _mount(HOME_INSIDE, str(home), writable=True),
         _mount("/tmp", str(tmp), writable=True),
@@ -143,7 +155,7 @@ def write_bundle(
     ]
     mounts += [_mount(b.inside, str(b.host), writable=b.writable) for b in binds]
     for mount in mounts:
-        if mount["type"] == "bind" and mount["destination"] not in HIDDEN_ETC:
+        if mount["type"] == "bind" and mount["destination"] not in files:
             (rootfs / mount["destination"].lstrip("/")).mkdir(parents=True, exist_ok=True)
     for name in ("proc", "dev"):
         (rootfs / name).mkdir(exist_ok=True)

@@ -158,7 +158,7 @@ class SessionSandbox:
         self._launcher: str | None = None
         #: pidfds of the killed pid-namespace inits (tier `sandbox`): readable once a namespace is empty.
         self._init_fds: list[int] = []
-        #: /etc files the sandbox shows in place of the host's (its user's entry; tier `sandbox`).
+        #: /etc files the sandbox shows in place of the host's (its user's entry; not tier `none`).
         self._etc_files: dict[str, bytes] = {}
         self._wrappers_killed = False
 
@@ -223,7 +223,7 @@ class SessionSandbox:
     def _setup(self) -> None:
         self._launcher = launcher.path()
         self._lease_uid()
-        if self.tier == "sandbox":
+        if self.tier != "none":  # tier none shares the host's /etc
             self._etc_files = bwrap.identity_files(self.uid)
         limits = self.spec.policy.limits
         host = cgroups.probe()
@@ -468,6 +468,7 @@ class SessionSandbox:
             binds=named.binds,
             hostname=self.spec.hostname,
             host_network=self.spec.policy.network == "host",
+            etc_files=self._etc_files,
         )
         self._containers.append(container_id)
         network = "host" if self.spec.policy.network == "host" else "none"
