@@ -198,11 +198,13 @@ class SessionSandbox:
         the busy event loop there. Measured (HTTP, back-to-back temporary calls): ~50 more
         context switches per session (cross-CPU wakeups, ~20 us each on a VM) and ~1.2 ms
         more server CPU per call than the work itself. Still in a thread: the launcher's
-        first build or hourly check, gVisor's state directories, and a home to seed (a copy
-        of whatever the caller put there, of any size).
+        first build or hourly check, gVisor's state directories, a home to seed (a copy
+        of whatever the caller put there, of any size), and a uid lease that needs a new batch.
         """
         if self.tier == "gvisor" or not launcher.settled():
             return False
+        if self.tier != "none" and os.geteuid() == 0 and not uids.spare_ready():
+            return False  # leasing a batch of uids scans /proc: as long as the host has processes
         try:
             with os.scandir(self.spec.home) as entries:
                 return next(entries, None) is None

@@ -107,6 +107,11 @@ def _lock_batch(limit: int) -> list[UidLease]:
     return leases
 
 
+def spare_ready() -> bool:
+    """Whether `allocate` would hand out a spare now, without locking a batch (a /proc scan)."""
+    return bool(_spare)
+
+
 def allocate() -> UidLease:
     """Lease a free uid from the reserved range. Raises OSError if none is free."""
     with _lock:

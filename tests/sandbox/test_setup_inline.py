@@ -9,6 +9,7 @@ gVisor's state tree) still goes to a thread, so the loop is never held for it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import anyio.to_thread
 import pytest
 
 from backends.policy import Policy
-from backends.sandbox import SandboxSpec, SessionSandbox, launcher
+from backends.sandbox import SandboxSpec, SessionSandbox, launcher, uids
 from tests.sandbox.helpers import RUN_SERVER_ID, require_tier, run
 
 
@@ -95,5 +96,19 @@ async def test_a_launcher_not_yet_checked_sends_the_setup_to_a_thread(
     monkeypatch.setattr(launcher, "settled", lambda: False)  # as before the first build, or at the hourly check
     hops.clear()
     box = await started(tmp_path / "home", "unsettled")
+    await box.aclose()
+    assert hops == ["_setup"]
+
+
+async def test_a_uid_lease_that_needs_a_new_batch_sends_the_setup_to_a_thread(
+    tmp_path: Path, hops: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_tier("sandbox")
+    if os.geteuid() != 0:
+        pytest.skip("sessions get their own uid only from a root server")
+    await warm_up(tmp_path)
+    monkeypatch.setattr(uids, "spare_ready", lambda: False)  # the next lease locks a batch: a /proc scan
+    hops.clear()
+    box = await started(tmp_path / "home", "no-spare")
     await box.aclose()
     assert hops == ["_setup"]
