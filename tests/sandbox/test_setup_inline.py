@@ -112,3 +112,18 @@ async def test_a_uid_lease_that_needs_a_new_batch_sends_the_setup_to_a_thread(
     box = await started(tmp_path / "home", "no-spare")
     await box.aclose()
     assert hops == ["_setup"]
+
+
+async def test_a_session_that_filled_its_tmpfs_is_released_in_a_thread(tmp_path: Path, hops: list[str]) -> None:
+    # The kernel frees a tmpfs page by page when the session's namespace closes (800 MB: ~46 ms
+    # here): never on the event loop.
+    require_tier("sandbox")
+    await warm_up(tmp_path)
+    box = await started(tmp_path / "home", "full")
+    try:
+        status, out = await run(box, "head -c 16M /dev/zero > ~/big && echo ok")
+        assert (status, out.strip()) == (0, "ok")
+    finally:
+        hops.clear()
+        await box.aclose()
+    assert hops == ["_release"]
