@@ -967,11 +967,16 @@ class Engine:
                 await self._wake_reaper.wait()
 
 
+#: Largest file `_remove_shallow` unlinks on the event loop.
+SHALLOW_FILE_BYTES = 1 << 20
+
+
 def _remove_shallow(directory: Path, most: int = 8) -> bool:
     """Remove `directory` here and now if it holds at most `most` entries, none of them a
-    non-empty directory (a sandboxed shell's scratch: its emptied home); False (nothing
-    or part removed) otherwise, for a tree walk in a worker thread. A worker-thread hop
-    costs more than these few calls: GIL handoffs with the busy loop (see SessionSandbox)."""
+    non-empty directory or a file over SHALLOW_FILE_BYTES (a sandboxed shell's scratch: its
+    emptied home); False (nothing or part removed) otherwise, for a tree walk in a worker
+    thread. A worker-thread hop costs more than these few calls: GIL handoffs with the busy
+    loop (see SessionSandbox._quick_setup)."""
     try:
         with os.scandir(directory) as scan:
             entries = list(itertools.islice(scan, most + 1))
@@ -980,8 +985,10 @@ def _remove_shallow(directory: Path, most: int = 8) -> bool:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 os.rmdir(entry.path)
-            else:
+            elif entry.is_symlink() or entry.stat(follow_symlinks=False).st_size <= SHALLOW_FILE_BYTES:
                 os.unlink(entry.path)
+            else:
+                return False  # freeing a large file's blocks: the tree walk, in a thread
         os.rmdir(directory)
     except FileNotFoundError:
         return not directory.exists()

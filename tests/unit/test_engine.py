@@ -397,6 +397,12 @@ def test_a_shallow_scratch_is_removed_inline_and_a_deep_one_left_for_the_tree_wa
     assert not _remove_shallow(deep)
     assert (deep / "profile" / "cache").is_dir()
 
+    large = tmp_path / "large"
+    large.mkdir()
+    (large / "framebuffer").write_bytes(b"\0" * (2 << 20))
+    assert not _remove_shallow(large)
+    assert (large / "framebuffer").stat().st_size == 2 << 20
+
     crowded = tmp_path / "crowded"
     crowded.mkdir()
     for i in range(9):
