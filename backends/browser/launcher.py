@@ -14,6 +14,7 @@ call starts what is missing (driver, browser) again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -210,6 +211,7 @@ class Launcher:
             before = await anyio.to_thread.run_sync(_driver_children)
             manager = async_playwright()
             self._playwright = await manager.start()
+            _observe_driver_error(manager)
             self._driver_generation += 1
             pid = _driver_pid(manager)
             if pid is None:  # Playwright changed its internals: the new run-driver child it is
@@ -454,11 +456,25 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _driver_transport(manager: Any) -> Any:
+    """Playwright's pipe to its driver, from its internals (no public API); None if they moved."""
+    return getattr(getattr(manager, "_client", None), "_transport", None)
+
+
 def _driver_pid(manager: Any) -> int | None:
-    """The driver's pid from Playwright's internals (no public API); None if they moved."""
-    transport = getattr(getattr(manager, "_client", None), "_transport", None)
-    pid = getattr(getattr(transport, "_proc", None), "pid", None)
+    """The driver's pid from Playwright's internals; None if they moved."""
+    pid = getattr(getattr(_driver_transport(manager), "_proc", None), "pid", None)
     return pid if isinstance(pid, int) else None
+
+
+def _observe_driver_error(manager: Any) -> None:
+    """Playwright awaits its driver pipe's error future only while starting: a driver that dies
+    later leaves "Connection closed while reading from the driver" in it unobserved, and asyncio
+    reports that as "Future exception was never retrieved" whenever the future is collected
+    (at the latest, at exit). Observe it; the death itself is noticed by `_driver_alive`."""
+    future = getattr(_driver_transport(manager), "on_error_future", None)
+    if isinstance(future, asyncio.Future):
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _driver_children() -> set[int]:
