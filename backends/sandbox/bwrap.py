@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from backends.sandbox.memfd import data_fd
 from backends.sandbox.spec import HOME_INSIDE, Bind
 from session.errors import ParameterError
 
@@ -131,18 +132,6 @@ def _has_id(table: bytes, uid: int) -> bool:
 def _with_entry(table: bytes, entry: str) -> bytes:
     kept = [line for line in table.splitlines() if line.split(b":", 1)[0] != SESSION_USER.encode()]
     return b"\n".join([*kept, entry.encode()]) + b"\n"
-
-
-def data_fd(content: bytes, name: str) -> int:
-    """A memfd holding `content`, at offset 0, for bwrap's `--ro-bind-data` (the caller closes it)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    try:
-        os.write(fd, content)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def bind_args(binds: Sequence[Bind], fds: list[int]) -> list[str]:

@@ -17,8 +17,9 @@ bubblewrap from a memfd (`--seccomp FD`).
 from __future__ import annotations
 
 import errno
-import os
 import struct
+
+from backends.sandbox.memfd import data_fd
 
 # BPF opcodes (linux/filter.h) and seccomp return values (linux/seccomp.h).
 _LD_W_ABS = 0x20
@@ -153,15 +154,5 @@ _FILTER = build_filter()
 
 
 def filter_fd() -> int:
-    """A fresh memfd holding the filter, positioned at 0; the caller passes it on and closes it.
-
-    Fresh per spawn: bubblewrap reads it to EOF, and a shared file offset would race.
-    """
-    fd = os.memfd_create("agentflow-seccomp", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, _FILTER)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    """A fresh memfd holding the filter, positioned at 0; the caller passes it on and closes it."""
+    return data_fd(_FILTER, "agentflow-seccomp")

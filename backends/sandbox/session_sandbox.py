@@ -37,6 +37,7 @@ from anyio.abc import Process
 
 from backends.sandbox import bwrap, cgroups, gvisor, hostfs, launcher, seccomp, uids
 from backends.sandbox.host import host_mechanisms
+from backends.sandbox.memfd import data_fd
 from backends.sandbox.network import check_network
 from backends.sandbox.spawn import spawn as spawn_process
 from backends.sandbox.spec import HOME_INSIDE, Bind, SandboxSpec, check_nice
@@ -458,10 +459,8 @@ class SessionSandbox:
             fds=fds,
             etc_files=self._etc_files,
         )
-        args_fd = os.memfd_create("agentflow-bwrap-args", os.MFD_CLOEXEC)
+        args_fd = data_fd(bwrap.encode_args(options), "agentflow-bwrap-args")
         fds.append(args_fd)
-        os.write(args_fd, bwrap.encode_args(options))
-        os.lseek(args_fd, 0, os.SEEK_SET)
         return [bwrap.bwrap_path(), "--args", str(args_fd), "--", *argv]
 
     def _gvisor_command(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
