@@ -141,13 +141,13 @@ def write_bundle(
     for path in HIDDEN_ETC:
         if os.path.exists(path):
             mounts.append(_mount(path, "/dev/null", writable=False))
-    files = [*HIDDEN_ETC]
+    file_destinations = [*HIDDEN_ETC]  # mounted onto files: no directory made for them
     for index, (path, content) in enumerate((etc_files or {}).items()):
         copy = bundle / f"etc-{index}"
         copy.write_bytes(content)
         copy.chmod(0o644)
         mounts.append(_mount(path, str(copy), writable=False))
-        files.append(path)
+        file_destinations.append(path)
     mounts += [
         _mount(HOME_INSIDE, str(home), writable=True),
         _mount("/tmp", str(tmp), writable=True),
@@ -155,7 +155,7 @@ def write_bundle(
     ]
     mounts += [_mount(b.inside, str(b.host), writable=b.writable) for b in binds]
     for mount in mounts:
-        if mount["type"] == "bind" and mount["destination"] not in files:
+        if mount["type"] == "bind" and mount["destination"] not in file_destinations:
             (rootfs / mount["destination"].lstrip("/")).mkdir(parents=True, exist_ok=True)
     for name in ("proc", "dev"):
         (rootfs / name).mkdir(exist_ok=True)

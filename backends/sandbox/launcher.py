@@ -212,6 +212,7 @@ def settled() -> bool:
 def path() -> str | None:
     """The launcher's path, built and self-tested once per server and re-verified by one lstat per call.
 
-    None (warned once) if unavailable. Call it off the event loop: it may compile.
+    None (warned once) if unavailable. Call it off the event loop (it may compile), unless
+    `settled()` has just said it answers at once.
     """
     return _server.path()
